@@ -1,0 +1,37 @@
+# The two commands a new user needs: `make serve` and `make test`. Both set everything up first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: serve test install system-deps lint bench clean
+
+serve: install
+	$(PY) -m app
+
+test: install system-deps
+	$(PY) -m pytest
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/torch-cpu.txt
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	@# No NVIDIA GPU: take the CPU build of torch first (see requirements/torch-cpu.txt).
+	command -v nvidia-smi >/dev/null 2>&1 || $(PIP) install -q -r requirements/torch-cpu.txt
+	$(PIP) install -q -e ".[dev]"
+	touch $(STAMP)
+
+# Debian packages some tests drive for real (kubectl, promtool, prometheus); idempotent, needs root.
+system-deps:
+	bash scripts/install-system-deps.sh
+
+lint: install
+	$(VENV)/bin/ruff check app tests benchmarks scripts
+	$(VENV)/bin/mypy app
+
+bench: install
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

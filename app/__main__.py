@@ -1,0 +1,72 @@
+"""`python -m app` / `paligemma-server`: serve on PALIGEMMA_HOST:PALIGEMMA_PORT.
+
+SIGTERM (or Ctrl-C) starts a drain: /readyz turns 503 and new requests get 503 at once, every admitted
+request still gets its answer (up to PALIGEMMA_DRAIN_TIMEOUT_S), then the process exits 0. A second
+signal exits at once. If the model cannot be loaded or the worker dies, the process exits 1 so the
+orchestrator restarts it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from types import FrameType
+
+import uvicorn
+
+from app.lifecycle import Lifecycle, Phase
+from app.settings import SettingsError, load_settings
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but the first exit signal drains the service before the sockets close."""
+
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, drain_timeout_s: float, app):
+        super().__init__(config)
+        self.lifecycle = lifecycle
+        self.drain_timeout_s = drain_timeout_s
+        self.app = app
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.lifecycle.phase is Phase.DRAINING:
+            super().handle_exit(sig, frame)  # a second signal: stop now
+            return
+        logging.getLogger("app").info("signal %d: draining (up to %.0f s)", sig, self.drain_timeout_s)
+        self.lifecycle.begin_drain(self.drain_timeout_s)
+        self.app.state.metrics.ready.set(0)
+
+    async def on_tick(self, counter: int) -> bool:
+        lifecycle = self.lifecycle
+        if lifecycle.phase is Phase.FAILED:
+            self.should_exit = True
+        elif lifecycle.phase is Phase.DRAINING and not self.should_exit:
+            service = self.app.state.service
+            idle = service is None or not service.busy
+            if idle or time.monotonic() >= (lifecycle.drain_deadline or 0):
+                self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def main() -> None:
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"paligemma-server: {exc}", file=sys.stderr)
+        sys.exit(2)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from app.main import create_app
+
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5)
+    server = DrainingServer(config, app.state.lifecycle, settings.drain_timeout_s, app)
+    server.run()
+    if app.state.lifecycle.phase is Phase.FAILED:
+        logging.getLogger("app").error("exiting: %s", app.state.lifecycle.failure)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

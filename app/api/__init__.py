@@ -1,0 +1,1 @@
+"""The HTTP layer: thin routes, dependencies, error envelope, request-size limits."""

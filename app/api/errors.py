@@ -1,0 +1,84 @@
+"""One error envelope for every failure: `{"error": {"type", "message", "param", "request_id"}}`."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from app.errors import ServiceError
+from app.schemas import ErrorResponse
+
+logger = logging.getLogger(__name__)
+
+_HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+               415: "unsupported_media_type", 400: "invalid_request"}
+
+
+def error_response(status: int, error_type: str, message: str, param: str | None = None,
+                   request_id: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"type": error_type, "message": message, "param": param, "request_id": request_id}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _request_id(request: Request) -> str | None:
+    return request.scope.get("state", {}).get("request_id")
+
+
+async def _service_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    return error_response(exc.status_code, exc.error_type, exc.message, exc.param, _request_id(request),
+                          exc.headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "header")]
+    param = location[0] if location else None
+    message = f"`{param}`: {first['msg']}" if param else str(first["msg"])
+    content_type = request.headers.get("content-type", "")
+    if request.method == "POST" and not content_type.startswith("multipart/form-data"):
+        message += (". Task endpoints take multipart/form-data with the image in a file field `image`, e.g. "
+                    "curl -F image=@photo.jpg -F language=en .../v1/caption")
+    return error_response(422, "validation_error", message, param, _request_id(request))
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    error_type = _HTTP_TYPES.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, error_type, str(exc.detail), None, _request_id(request),
+                          dict(exc.headers or {}))
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    request_id = _request_id(request)
+    logger.exception("unhandled error (request %s)", request_id, exc_info=exc)
+    return error_response(500, "internal_error", "the server failed on this request; quote the request_id "
+                          "when reporting it", None, request_id)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "A field is wrong, or the image cannot be decoded.",
+        401: "Missing or wrong API key (only when PALIGEMMA_API_KEYS is set).",
+        413: "The upload, or the image's pixel count, is over its limit.",
+        415: "The image is not JPEG, PNG or WebP.",
+        422: "The request does not match the schema, or max_new_tokens is over the cap.",
+        429: "The queue is full; retry after the Retry-After header's seconds.",
+        500: "The server failed on this request (never caused by the request's content).",
+        503: "The model is still loading, or the server is shutting down.",
+        504: "The request waited longer than PALIGEMMA_REQUEST_TIMEOUT_S.",
+    }.items()
+}

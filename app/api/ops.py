@@ -1,0 +1,57 @@
+"""Operational endpoints: health, readiness, metrics, the loaded model."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Security
+from fastapi.responses import JSONResponse, Response
+
+from app.api.auth import bearer_scheme
+from app.api.deps import LifecycleDep, MetricsDep, ServiceDep
+from app.api.errors import ERROR_RESPONSES
+from app.metrics import CONTENT_TYPE
+from app.model.loader import RANDOM_WEIGHTS_WARNING
+from app.schemas import Health, MaskDecoderInfo, ModelCard, ModelList
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", response_model=Health, summary="Liveness: 200 while the process runs")
+async def healthz() -> Health:
+    return Health(status="alive")
+
+
+@router.get("/readyz", response_model=Health, summary="Readiness: 200 once the model is loaded and warmed up",
+            responses={503: {"model": Health, "description": "Loading, draining or failed."}})
+async def readyz(lifecycle: LifecycleDep) -> JSONResponse:
+    status = 200 if lifecycle.ready else 503
+    return JSONResponse({"status": lifecycle.phase.value}, status_code=status)
+
+
+@router.get("/metrics", summary="Prometheus metrics (text format)", response_class=Response,
+            responses={200: {"content": {"text/plain": {}}}})
+async def metrics(metrics: MetricsDep) -> Response:
+    return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+
+@router.get("/v1/models", response_model=ModelList, summary="The loaded model",
+            responses=ERROR_RESPONSES, dependencies=[Security(bearer_scheme)])
+async def models(request: Request, service: ServiceDep) -> ModelList:
+    loaded = service.loaded
+    decoder = service.mask_decoder_info
+    card = ModelCard(
+        id=loaded.name,
+        random_weights=loaded.random_weights,
+        warning=RANDOM_WEIGHTS_WARNING.format(name=loaded.name) if loaded.random_weights else None,
+        image_size=loaded.image_size,
+        image_tokens=loaded.image_seq_length,
+        parameters=loaded.parameters,
+        dtype=str(loaded.dtype).removeprefix("torch."),
+        device=str(loaded.device),
+        masks=service.masks_enabled,
+        mask_decoder=MaskDecoderInfo(path=str(decoder.path), sha256=decoder.sha256,
+                                     matches_published=decoder.matches_published) if decoder else None,
+        max_batch_size=service.settings.max_batch_size,
+        max_new_tokens=service.settings.max_new_tokens,
+        default_max_new_tokens=service.settings.default_max_new_tokens,
+    )
+    return ModelList(data=[card])

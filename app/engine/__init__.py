@@ -1,0 +1,1 @@
+"""Admission, batching and the model worker thread."""

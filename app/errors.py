@@ -1,0 +1,83 @@
+"""Domain errors: one class per outcome a client can see, each knowing its HTTP status.
+
+Everything the service refuses is raised as a `ServiceError` subclass somewhere below the HTTP layer;
+`app.api.errors` turns them into the one JSON envelope `{"error": {"type", "message", "param"}}`.
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    status_code = 500
+    error_type = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+
+
+class InvalidRequest(ServiceError):
+    """A field the client sent is wrong (value, format, bounds)."""
+
+    status_code = 400
+    error_type = "invalid_request"
+
+
+class InvalidImage(InvalidRequest):
+    """The upload is not an image we can decode (corrupt, truncated, empty, too many pixels)."""
+
+    error_type = "invalid_image"
+
+    def __init__(self, message: str, *, param: str | None = "image", headers: dict[str, str] | None = None):
+        super().__init__(message, param=param, headers=headers)
+
+
+class Unauthorized(ServiceError):
+    status_code = 401
+    error_type = "unauthorized"
+
+
+class PayloadTooLarge(ServiceError):
+    status_code = 413
+    error_type = "payload_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status_code = 415
+    error_type = "unsupported_media_type"
+
+
+class ValidationFailed(ServiceError):
+    """The request does not match the schema (missing field, wrong type, value over a cap)."""
+
+    status_code = 422
+    error_type = "validation_error"
+
+
+class QueueFull(ServiceError):
+    status_code = 429
+    error_type = "queue_full"
+
+
+class NotReady(ServiceError):
+    status_code = 503
+    error_type = "not_ready"
+
+
+class ShuttingDown(ServiceError):
+    status_code = 503
+    error_type = "shutting_down"
+
+
+class DeadlineExceeded(ServiceError):
+    status_code = 504
+    error_type = "timeout"
+
+
+class InferenceFailed(ServiceError):
+    """The model worker raised on this request; the client did nothing wrong."""
+
+    status_code = 500
+    error_type = "internal_error"

@@ -1,0 +1,103 @@
+"""The app factory and its lifespan: load, warm up, start, mark ready; on the way down drain and release."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from app import __version__
+from app.api import ops, tasks
+from app.api.auth import ApiKeyMiddleware
+from app.api.errors import install_error_handlers
+from app.api.middleware import RequestContextMiddleware
+from app.engine.service import InferenceService
+from app.lifecycle import Lifecycle
+from app.metrics import Metrics
+from app.model.loader import load_model
+from app.settings import Settings, load_settings
+
+logger = logging.getLogger(__name__)
+
+DESCRIPTION = """Google's PaliGemma behind typed endpoints: captions, answers, OCR text, boxes in pixels and
+decoded masks, with requests batched onto one model worker."""
+
+
+def _load_mask_decoder(settings: Settings, device):
+    if settings.mask_decoder is None:
+        return None
+    from app.masks.decoder import load_mask_decoder
+
+    return load_mask_decoder(settings.mask_decoder, device)
+
+
+async def _bring_up(app: FastAPI) -> None:
+    """Load the model (off the event loop), warm it up with one real batch, then declare ready."""
+    settings: Settings = app.state.settings
+    lifecycle: Lifecycle = app.state.lifecycle
+    metrics: Metrics = app.state.metrics
+    try:
+        loaded = await asyncio.to_thread(load_model, settings)
+        decoder = await asyncio.to_thread(_load_mask_decoder, settings, loaded.device)
+        service = InferenceService(settings, loaded, metrics, decoder)
+        await service.start()
+        app.state.service = service
+        await service.warm_up()
+    except Exception as exc:
+        logger.exception("start-up failed")
+        lifecycle.fail(f"start-up failed: {exc}")
+        app.state.on_fatal()
+        return
+    metrics.model_info.labels(loaded.name, str(loaded.dtype).removeprefix("torch."), str(loaded.device),
+                              str(loaded.random_weights).lower(), str(service.masks_enabled).lower()).set(1)
+    lifecycle.mark_ready()
+    metrics.ready.set(1 if lifecycle.ready else 0)
+    logger.info("ready: serving %s", loaded.name)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    bring_up = asyncio.create_task(_bring_up(app), name="bring-up")
+    app.state.bring_up = bring_up
+    try:
+        yield
+    finally:
+        lifecycle: Lifecycle = app.state.lifecycle
+        lifecycle.begin_drain(app.state.settings.drain_timeout_s)
+        app.state.metrics.ready.set(0)
+        if not bring_up.done():
+            bring_up.cancel()
+            await asyncio.gather(bring_up, return_exceptions=True)
+        service: InferenceService | None = app.state.service
+        if service is not None:
+            await service.stop()
+        logger.info("stopped")
+
+
+def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] | None = None) -> FastAPI:
+    """Build the app. Nothing heavy happens here: the model loads in the lifespan."""
+    settings = settings or load_settings()
+    app = FastAPI(title="PaliGemma server", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.lifecycle = Lifecycle()
+    app.state.service = None
+    app.state.on_fatal = on_fatal or (lambda: None)
+
+    install_error_handlers(app)
+
+    @app.exception_handler(tasks.ClientDisconnected)
+    async def _client_left(request: Request, exc: Exception) -> Response:
+        return tasks.disconnected_response()
+
+    app.include_router(ops.router)
+    app.include_router(tasks.router)
+    # Outermost first at run time: request context (ids, metrics, size limit) wraps auth.
+    app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys, protect_metrics=settings.metrics_require_key)
+    app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics,
+                       body_limit=settings.request_body_limit)
+    return app

@@ -1,0 +1,1 @@
+"""The model layer: loading PaliGemma (a checkpoint or a random-weight preset) and running batches."""

@@ -1,0 +1,125 @@
+"""Loading the model and its processor: a built-in preset, a hub id or a local directory.
+
+Checkpoints go through `from_pretrained` (the hub library reads `HF_TOKEN` and honours `HF_HUB_OFFLINE`
+itself). Everything the rest of the service needs to know about the checkpoint is read from it here,
+never hard-coded: image size, image-token count, eos ids, dtype, device.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+
+from app.model import presets
+from app.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+RANDOM_WEIGHTS_WARNING = (
+    "model {name!r} has RANDOM weights: its outputs are meaningless. It exists to exercise the service; "
+    "set PALIGEMMA_MODEL to a checkpoint (e.g. google/paligemma2-3b-mix-224) for real answers."
+)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    name: str
+    model: PaliGemmaForConditionalGeneration
+    processor: PaliGemmaProcessor
+    device: torch.device
+    dtype: torch.dtype
+    random_weights: bool
+    image_size: int
+    image_seq_length: int
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    parameters: int
+    load_seconds: float
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"PALIGEMMA_DEVICE={setting} but no CUDA device is available; use cpu or auto")
+    return device
+
+
+def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting == "auto":
+        # bfloat16 is what PaliGemma was trained in and halves GPU memory; CPUs run float32 much faster.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, setting)
+
+
+def _eos_ids(model: PaliGemmaForConditionalGeneration, processor: PaliGemmaProcessor) -> tuple[int, ...]:
+    configured = model.generation_config.eos_token_id
+    if configured is None:
+        configured = processor.tokenizer.eos_token_id
+    ids = configured if isinstance(configured, list) else [configured]
+    return tuple(int(i) for i in ids)
+
+
+def _from_preset(preset: presets.Preset, device: torch.device, dtype: torch.dtype, seed: int):
+    processor = presets.build_processor(preset)
+    torch.manual_seed(seed)
+    # Build directly on the target device and dtype: the 3B preset would not fit twice in host memory.
+    previous = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype)
+        with device:
+            model = presets.build_model(preset, processor)
+    finally:
+        torch.set_default_dtype(previous)
+    return model, processor
+
+
+def _from_pretrained(source: str, revision: str | None, device: torch.device, dtype: torch.dtype):
+    processor = PaliGemmaProcessor.from_pretrained(source, revision=revision or "main")
+    model = PaliGemmaForConditionalGeneration.from_pretrained(
+        source, revision=revision or "main", dtype=dtype, attn_implementation="sdpa", device_map=str(device)
+    )
+    return model, processor
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    started = time.perf_counter()
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    preset = presets.PRESETS.get(settings.model)
+    if preset is not None:
+        model, processor = _from_preset(preset, device, dtype, settings.seed)
+    else:
+        model, processor = _from_pretrained(settings.model, settings.revision, device, dtype)
+    model.eval()
+    # Batched generation is only exact with left padding (right padding changes greedy outputs).
+    processor.tokenizer.padding_side = "left"
+
+    vision = model.config.vision_config
+    loaded = LoadedModel(
+        name=settings.model,
+        model=model,
+        processor=processor,
+        device=device,
+        dtype=dtype,
+        random_weights=preset is not None,
+        image_size=int(vision.image_size),
+        image_seq_length=int(processor.image_seq_length),
+        eos_token_ids=_eos_ids(model, processor),
+        pad_token_id=int(processor.tokenizer.pad_token_id),
+        parameters=sum(p.numel() for p in model.parameters()),
+        load_seconds=time.perf_counter() - started,
+    )
+    logger.info(
+        "loaded %s: %.1f M parameters, %s on %s, %d px, %d image tokens, in %.1f s",
+        loaded.name, loaded.parameters / 1e6, str(dtype).removeprefix("torch."), device, loaded.image_size,
+        loaded.image_seq_length, loaded.load_seconds,
+    )
+    if loaded.random_weights:
+        logger.warning(RANDOM_WEIGHTS_WARNING.format(name=loaded.name))
+    return loaded

@@ -1,0 +1,133 @@
+"""The public contract: every response body the API returns, as pydantic models."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class Box(BaseModel):
+    x_min: float = Field(description="Left edge.")
+    y_min: float = Field(description="Top edge.")
+    x_max: float = Field(description="Right edge.")
+    y_max: float = Field(description="Bottom edge.")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(description="Tokens in the prompt, the image tokens included.")
+    completion_tokens: int = Field(description="Tokens generated, the final <eos> included.")
+
+
+class ImageSize(BaseModel):
+    width: int = Field(description="Width of the uploaded image in pixels, after EXIF orientation.")
+    height: int = Field(description="Height of the uploaded image in pixels, after EXIF orientation.")
+
+
+class Timings(BaseModel):
+    prepare_ms: float = Field(description="Decoding and resizing the image.")
+    queue_and_inference_ms: float = Field(description="Waiting for a batch and running the model.")
+    postprocess_ms: float = Field(description="Turning the output into boxes and masks.")
+    total_ms: float
+
+
+class TaskResponse(BaseModel):
+    model: str = Field(description="The loaded model (preset name, hub id or directory).")
+    usage: Usage
+    image: ImageSize
+    finish_reason: Literal["stop", "length"] = Field(
+        description="`stop`: the model ended its answer; `length`: cut at max_new_tokens."
+    )
+    raw_text: str = Field(description="The model's output as generated, <loc>/<seg> tokens included.")
+    timings: Timings
+    warning: str | None = Field(None, description="Set when the weights are random (outputs meaningless).")
+
+
+class TextResponse(TaskResponse):
+    text: str = Field(description="The caption, or the text read from the image.")
+
+
+class AnswerResponse(TaskResponse):
+    answer: str
+
+
+class Detection(BaseModel):
+    label: str = Field(description="The object name as the model wrote it.")
+    box: Box = Field(description="In pixels of the uploaded image.")
+    box_normalized: Box = Field(description="In [0, 1] of the image's width and height.")
+
+
+class RLE(BaseModel):
+    size: list[int] = Field(description="[height, width] of the image.", min_length=2, max_length=2)
+    counts: str = Field(description="COCO compressed run-length counts, as pycocotools writes them.")
+
+
+class Segment(Detection):
+    mask: RLE | None = Field(
+        description="The decoded mask over the whole image; null when none could be made."
+    )
+    mask_area: int | None = Field(None, description="Pixels in the mask.")
+    mask_box: Box | None = Field(None, description="Pixel box around the mask's pixels.")
+    mask_tokens: list[int] | None = Field(
+        description="The <seg> codebook indices the model emitted (16 when valid)."
+    )
+    mask_error: str | None = Field(None, description="Why `mask` is null, when it is.")
+
+
+class DetectResponse(TaskResponse):
+    detections: list[Detection]
+    dropped: int = Field(description="Object-like fragments in the output that could not be parsed.")
+
+
+class SegmentResponse(TaskResponse):
+    segments: list[Segment]
+    dropped: int = Field(description="Object-like fragments in the output that could not be parsed.")
+
+
+class GenerateResponse(TaskResponse):
+    text: str = Field(description="The output without <loc>/<seg> tokens.")
+    detections: list[Detection] | None = Field(None, description="Present when the output holds boxes.")
+    segments: list[Segment] | None = Field(None, description="Present when the output holds <seg> tokens.")
+
+
+class MaskDecoderInfo(BaseModel):
+    path: str
+    sha256: str
+    matches_published: bool
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    random_weights: bool
+    warning: str | None
+    image_size: int = Field(description="Input resolution in pixels (square).")
+    image_tokens: int
+    parameters: int
+    dtype: str
+    device: str
+    masks: bool = Field(description="Whether /v1/segment returns decoded masks.")
+    mask_decoder: MaskDecoderInfo | None
+    max_batch_size: int
+    max_new_tokens: int
+    default_max_new_tokens: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: str
+
+
+class ErrorBody(BaseModel):
+    type: str = Field(description="Machine-readable kind, e.g. invalid_request, queue_full.")
+    message: str = Field(description="What was wrong and how to fix it.")
+    param: str | None = Field(None, description="The request field at fault, when there is one.")
+    request_id: str | None = Field(None, description="Quote it when reporting a server error.")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

@@ -1,0 +1,115 @@
+"""All configuration, read once from `PALIGEMMA_*` environment variables into one object.
+
+The object is built at start-up (or by a test) and passed down; nothing reads the environment later.
+A bad value stops start-up with a message that names the variable (`load_settings`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "PALIGEMMA_"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    # Model.
+    model: str = Field(
+        "tiny",
+        description="A built-in preset name (tiny, bench, paligemma-3b-224), a hub id or a local directory.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of `model`.")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    seed: int = Field(0, ge=0, description="Seed of the random weights of the built-in presets.")
+    mask_decoder: Path | None = Field(None, description="Path of vae-oid.npz; masks are off without it.")
+
+    # Batching.
+    max_batch_size: int = Field(16, ge=1, le=512)
+    max_batch_wait_ms: float = Field(5.0, ge=0, le=10_000)
+    max_queue: int = Field(256, ge=1, le=100_000)
+    request_timeout_s: float = Field(60.0, gt=0, le=3600)
+    prepare_workers: int = Field(2, ge=1, le=64, description="Threads that decode and resize images.")
+    feature_cache_size: int = Field(
+        64, ge=0, le=100_000, description="Image features kept for repeated images (0 turns it off)."
+    )
+
+    # Generation.
+    max_new_tokens: int = Field(256, ge=1, le=8192, description="Cap on a request's max_new_tokens.")
+    default_max_new_tokens: int = Field(64, ge=1, le=8192)
+
+    # Input bounds.
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_request_bytes: int = Field(
+        0, ge=0, description="Cap on a whole request body; 0 means max_image_bytes plus 1 MiB for fields."
+    )
+    max_image_pixels: int = Field(50_000_000, ge=1)
+    max_objects: int = Field(16, ge=1, le=256, description="Most objects in one detect/segment request.")
+    max_text_chars: int = Field(
+        1000, ge=1, le=100_000, description="Longest question, prompt or object name."
+    )
+
+    # Access and operation.
+    api_keys: Annotated[tuple[str, ...], NoDecode] = ()
+    metrics_require_key: bool = False
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=0, le=65535)
+    drain_timeout_s: float = Field(30.0, ge=0, le=3600)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(key.strip() for key in value.split(",") if key.strip())
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value in ("auto", "cpu", "cuda", "mps") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError(f"must be auto, cpu, cuda, cuda:N or mps. Given: {value!r}")
+
+    @field_validator("mask_decoder")
+    @classmethod
+    def _check_decoder_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no file at {value}; set it to the path of vae-oid.npz or unset it")
+        return value
+
+    @model_validator(mode="after")
+    def _check_token_caps(self) -> Settings:
+        if self.default_max_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"{ENV_PREFIX}DEFAULT_MAX_NEW_TOKENS ({self.default_max_new_tokens}) must be <= "
+                f"{ENV_PREFIX}MAX_NEW_TOKENS ({self.max_new_tokens})"
+            )
+        return self
+
+    @property
+    def request_body_limit(self) -> int:
+        return self.max_request_bytes or self.max_image_bytes + 1024 * 1024
+
+
+class SettingsError(Exception):
+    """Start-up configuration is wrong; the message names every offending variable."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment (plus `overrides`) or fail with a message naming each bad variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"])
+            name = f"{ENV_PREFIX}{field.upper()}" if field else "settings"
+            lines.append(f"{name}: {error['msg']}")
+        raise SettingsError("invalid configuration:\n  " + "\n  ".join(lines)) from None

@@ -1,0 +1,1 @@
+"""Pure task logic: prompts in, parsed results out. No torch, no HTTP."""

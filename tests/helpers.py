@@ -1,0 +1,74 @@
+"""Shared test helpers: images made on the fly, an app under a real ASGI client, readiness waits."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import time
+from collections.abc import Iterator
+
+import numpy as np
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app.main import create_app
+from app.settings import Settings
+
+
+def photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A smooth random picture: gradients plus noise, different for each seed."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([(x * rng.uniform(0.1, 1)) % 256, (y * rng.uniform(0.1, 1)) % 256,
+                     ((x + y) * rng.uniform(0.1, 1)) % 256], axis=-1)
+    noise = rng.integers(0, 40, (height, width, 3))
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+
+
+def encode(image: Image.Image, fmt: str = "JPEG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def jpeg(width: int = 320, height: int = 240, seed: int = 0) -> bytes:
+    return encode(photo(width, height, seed), "JPEG", quality=90)
+
+
+def wait_ready(client: TestClient, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if client.get("/readyz").status_code == 200:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"not ready after {timeout_s} s: {client.get('/readyz').json()}")
+
+
+@contextlib.contextmanager
+def serve(settings: Settings | None = None, ready: bool = True) -> Iterator[TestClient]:
+    """The real app (real model, real batcher) behind Starlette's ASGI test client, lifespan included."""
+    app = create_app(settings or Settings())
+    with TestClient(app, raise_server_exceptions=False) as client:
+        if ready:
+            wait_ready(client)
+        yield client
+
+
+def files(data: bytes, name: str = "image.jpg", content_type: str = "image/jpeg") -> dict:
+    return {"image": (name, data, content_type)}
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text output (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        sample, _, value = line.rpartition(" ")
+        metric, _, label_part = sample.partition("{")
+        if metric != name:
+            continue
+        got = ",".join(sorted(part for part in label_part.rstrip("}").split(",") if part))
+        if got == want:
+            return float(value)
+    return 0.0

@@ -1,0 +1,109 @@
+"""The PyTorch port against big_vision's Flax decoder (fixture: scripts/make_vae_fixture.py; no JAX here)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+
+from app.masks import decoder as decoder_module
+from app.masks.decoder import MaskDecoder, load_mask_decoder
+from app.masks.placement import normalize_loc_bins, place_mask
+
+ATOL = 1e-5
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "vae_reference.npz"
+
+
+def test_fixture_is_small_and_complete(reference: dict[str, np.ndarray]) -> None:
+    assert FIXTURE.stat().st_size < 300_000
+    assert reference["indices"].shape == (8, 16)
+    assert reference["masks"].shape == (8, 64, 64) and reference["masks"].dtype == np.float32
+    # The reference maps change sign, so thresholding at 0 is exercised, not trivially all-on/off.
+    assert 0.2 < (reference["masks"] > 0).mean() < 0.8
+
+
+def test_weight_layout_matches_big_vision_loader(vae_helper: ModuleType) -> None:
+    # The helper spells out big_vision's key names/shapes independently of app.masks.decoder.
+    assert MaskDecoder.expected_shapes() == vae_helper.LAYER_SHAPES
+
+
+Arrays = dict[str, np.ndarray]
+
+
+def test_port_matches_flax_reference(reference: Arrays, reference_decoder: MaskDecoder) -> None:
+    codes = torch.from_numpy(reference["indices"])
+    with torch.inference_mode():
+        out = reference_decoder(codes)
+    assert out.shape == (8, 64, 64) and out.dtype == torch.float32
+    diff = np.abs(out.numpy() - reference["masks"]).max()
+    print(f"max |torch - flax| = {diff:.3g}")
+    np.testing.assert_allclose(out.numpy(), reference["masks"], rtol=0, atol=ATOL)
+
+
+def test_batched_decoding_equals_one_by_one(reference: Arrays, reference_decoder: MaskDecoder) -> None:
+    codes = np.concatenate([reference["indices"], np.random.default_rng(7).integers(0, 128, (24, 16))])
+    batched = reference_decoder.decode(codes)
+    chunked = reference_decoder.decode(codes, max_batch=5)
+    with torch.inference_mode():
+        single = np.stack([reference_decoder(torch.from_numpy(c[None]))[0].numpy() for c in codes])
+    assert batched.shape == (32, 64, 64) and batched.dtype == np.float32
+    # oneDNN picks its convolution kernels by batch shape, so a batch agrees with single decodes to
+    # float32 rounding (measured ~6e-6 on maps of magnitude ~4), not bit for bit.
+    np.testing.assert_allclose(batched, single, rtol=0, atol=ATOL)
+    np.testing.assert_allclose(chunked, batched, rtol=0, atol=ATOL)
+    clear = np.abs(single) > ATOL  # pixels whose sign cannot be flipped by that rounding
+    assert np.array_equal((batched > 0)[clear], (single > 0)[clear])
+    np.testing.assert_allclose(batched[:8], reference["masks"], rtol=0, atol=ATOL)
+    assert reference_decoder.decode(np.zeros((0, 16), np.int64)).shape == (0, 64, 64)
+
+
+def test_placed_masks_match_big_vision(reference: Arrays, reference_decoder: MaskDecoder) -> None:
+    logits = reference_decoder.decode(reference["indices"])
+    for k, (index, y1, x1, y2, x2, height, width) in enumerate(reference["place_spec"].tolist()):
+        expected = np.unpackbits(reference[f"placed_{k}"], count=height * width).reshape(height, width)
+        placed = place_mask(logits[index], normalize_loc_bins(y1, x1, y2, x2), width, height)
+        assert placed.shape == (height, width)
+        assert np.array_equal(placed, expected.astype(bool)), f"placement {k} differs"
+        # The same from the exact Flax maps (placement alone, independent of the port's 1e-6 noise).
+        from_flax = place_mask(reference["masks"][index], normalize_loc_bins(y1, x1, y2, x2), width, height)
+        assert np.array_equal(from_flax, expected.astype(bool))
+
+
+def test_decode_rejects_bad_codes(reference_decoder: MaskDecoder) -> None:
+    with pytest.raises(ValueError, match=r"\[0, 128\)"):
+        reference_decoder(torch.full((1, 16), 128))
+    with pytest.raises(ValueError, match=r"\[0, 128\)"):
+        reference_decoder(torch.full((1, 16), -1))
+    with pytest.raises(ValueError, match="shape"):
+        reference_decoder(torch.zeros(1, 15, dtype=torch.long))
+    with pytest.raises(ValueError, match="integers"):
+        reference_decoder(torch.zeros(1, 16))
+
+
+def test_load_mask_decoder_warns_for_unpublished_weights(
+    reference_npz, reference: dict[str, np.ndarray], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger=decoder_module.__name__):
+        loaded = load_mask_decoder(reference_npz, "cpu")
+    assert not loaded.matches_published
+    assert len(loaded.sha256) == 64 and loaded.path == reference_npz
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "not the published vae-oid.npz" in warnings[0].getMessage()
+    with torch.inference_mode():
+        out = loaded.decoder(torch.from_numpy(reference["indices"][:2]))
+    np.testing.assert_allclose(out.numpy(), reference["masks"][:2], rtol=0, atol=ATOL)
+
+
+def test_load_mask_decoder_logs_info_for_published_digest(
+    reference_npz, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    digest, _ = decoder_module._file_digest(reference_npz)
+    monkeypatch.setattr(decoder_module, "PUBLISHED_SHA256", digest)
+    with caplog.at_level(logging.INFO, logger=decoder_module.__name__):
+        loaded = load_mask_decoder(reference_npz, torch.device("cpu"))
+    assert loaded.matches_published and loaded.sha256 == digest
+    assert [r.levelno for r in caplog.records] == [logging.INFO]
