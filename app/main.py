@@ -7,13 +7,14 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Security
 from fastapi.responses import Response
 
 from app import __version__
 from app.api import ops, tasks
-from app.api.auth import ApiKeyMiddleware
+from app.api.auth import ApiKeyMiddleware, bearer_scheme
 from app.api.errors import install_error_handlers
+from app.api.forms import use_strict_multipart
 from app.api.middleware import RequestContextMiddleware
 from app.engine.service import InferenceService
 from app.lifecycle import Lifecycle
@@ -43,7 +44,12 @@ async def _bring_up(app: FastAPI) -> None:
     try:
         loaded = await asyncio.to_thread(load_model, settings)
         decoder = await asyncio.to_thread(_load_mask_decoder, settings, loaded.device)
-        service = InferenceService(settings, loaded, metrics, decoder)
+        def worker_died(exc: BaseException) -> None:
+            lifecycle.fail(f"model worker failed: {exc!r}")
+            metrics.ready.set(0)
+            app.state.on_fatal()
+
+        service = InferenceService(settings, loaded, metrics, decoder, on_fatal=worker_died)
         await service.start()
         app.state.service = service
         await service.warm_up()
@@ -89,13 +95,18 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] | 
     app.state.on_fatal = on_fatal or (lambda: None)
 
     install_error_handlers(app)
+    use_strict_multipart()
 
     @app.exception_handler(tasks.ClientDisconnected)
     async def _client_left(request: Request, exc: Exception) -> Response:
         return tasks.disconnected_response()
 
+    # The OpenAPI document declares bearer auth only where the middleware enforces it.
+    protected = [Security(bearer_scheme)] if settings.api_keys else []
     app.include_router(ops.router)
-    app.include_router(tasks.router)
+    app.include_router(ops.metrics_router, dependencies=protected if settings.metrics_require_key else [])
+    app.include_router(ops.models_router, dependencies=protected)
+    app.include_router(tasks.router, dependencies=protected)
     # Outermost first at run time: request context (ids, metrics, size limit) wraps auth.
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys, protect_metrics=settings.metrics_require_key)
     app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics,

@@ -3,7 +3,7 @@
 # packages. Idempotent: a tool already on PATH is left alone, and nothing runs apt when all are there.
 #
 #   scripts/install-system-deps.sh               kubectl (kustomize rendering), promtool
-#   scripts/install-system-deps.sh --containers  also podman, runc, debootstrap (deploy/check.sh --build)
+#   scripts/install-system-deps.sh --containers  also podman, runc, debootstrap, curl (deploy/check.sh --build)
 #
 # kubectl: Debian bookworm has no `kubectl` package; its `kubernetes-client` (1.20) ships
 # /usr/bin/kubectl with an embedded kustomize that renders deploy/kubernetes. A `kubectl` package
@@ -31,6 +31,7 @@ if [ "$CONTAINERS" = 1 ]; then
     have podman || packages+=(podman)
     have runc || [ -x /usr/sbin/runc ] || packages+=(runc)
     have debootstrap || [ -x /usr/sbin/debootstrap ] || packages+=(debootstrap)
+    have curl || packages+=(curl ca-certificates)
 fi
 if [ "$need_kubectl" = 0 ] && [ ${#packages[@]} -eq 0 ]; then
     echo "install-system-deps: everything is installed"

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from app.engine.batcher import Batcher, BatcherConfig, BatchObserver
-from app.errors import DeadlineExceeded, InferenceFailed, QueueFull, ShuttingDown
+from app.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull, ShuttingDown
 
 
 class Recorder(BatchObserver):
@@ -236,3 +236,27 @@ def test_wrong_number_of_outputs_is_an_error_not_a_mixup():
 
     results = asyncio.run(main())
     assert all(isinstance(r, InferenceFailed) for r in results)
+
+
+def test_an_unrecoverable_error_fails_everything_and_reports_it_once():
+    class DeviceBroken(Exception):
+        pass
+
+    reported: list[BaseException] = []
+
+    def run(batch):
+        raise DeviceBroken("CUDA error: an illegal memory access was encountered")
+
+    async def main():
+        batcher, _ = make(run, max_batch=2, wait_s=0.2, is_fatal=lambda e: isinstance(e, DeviceBroken),
+                          on_fatal=reported.append)
+        batcher.start()
+        results = await asyncio.gather(*(submit(batcher, i) for i in range(3)), return_exceptions=True)
+        with pytest.raises(NotReady):
+            batcher.reserve()
+        await batcher.stop(1)
+        return results
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, NotReady) for r in results)
+    assert len(reported) == 1 and isinstance(reported[0], DeviceBroken)

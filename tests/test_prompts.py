@@ -31,6 +31,8 @@ def test_vqa_question_bounds():
         prompts.vqa_prompt("x" * 21, "en", LIMITS)
     with pytest.raises(InvalidRequest, match="control characters"):
         prompts.vqa_prompt("a\x00b", "en", LIMITS)
+    with pytest.raises(InvalidRequest, match="UTF-8"):
+        prompts.vqa_prompt("a\ufffdb", "en", LIMITS)
 
 
 def test_objects_from_repeated_fields_and_semicolons():

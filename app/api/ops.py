@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Security
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from app.api.auth import bearer_scheme
 from app.api.deps import LifecycleDep, MetricsDep, ServiceDep
 from app.api.errors import ERROR_RESPONSES
 from app.metrics import CONTENT_TYPE
 from app.model.loader import RANDOM_WEIGHTS_WARNING
 from app.schemas import Health, MaskDecoderInfo, ModelCard, ModelList
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(tags=["operations"])  # probes: never behind a key
+metrics_router = APIRouter(tags=["operations"])
+models_router = APIRouter(tags=["operations"])
 
 
 @router.get("/healthz", response_model=Health, summary="Liveness: 200 while the process runs")
@@ -27,14 +28,14 @@ async def readyz(lifecycle: LifecycleDep) -> JSONResponse:
     return JSONResponse({"status": lifecycle.phase.value}, status_code=status)
 
 
-@router.get("/metrics", summary="Prometheus metrics (text format)", response_class=Response,
+@metrics_router.get("/metrics", summary="Prometheus metrics (text format)", response_class=Response,
             responses={200: {"content": {"text/plain": {}}}})
 async def metrics(metrics: MetricsDep) -> Response:
     return Response(metrics.render(), media_type=CONTENT_TYPE)
 
 
-@router.get("/v1/models", response_model=ModelList, summary="The loaded model",
-            responses=ERROR_RESPONSES, dependencies=[Security(bearer_scheme)])
+@models_router.get("/v1/models", response_model=ModelList, summary="The loaded model",
+                   responses=ERROR_RESPONSES)
 async def models(request: Request, service: ServiceDep) -> ModelList:
     loaded = service.loaded
     decoder = service.mask_decoder_info

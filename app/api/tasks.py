@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Request, Security, UploadFile
+from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import Response
 
 from app.api import convert
-from app.api.auth import bearer_scheme
 from app.api.deps import ServiceDep
 from app.api.errors import ERROR_RESPONSES
 from app.engine.service import InferenceService, Job, JobResult
@@ -19,8 +18,7 @@ from app.tasks import prompts
 from app.tasks.parsing import strip_location_tokens
 from app.tasks.prompts import PromptLimits, Task
 
-router = APIRouter(prefix="/v1", tags=["tasks"], responses=ERROR_RESPONSES,
-                   dependencies=[Security(bearer_scheme)])
+router = APIRouter(prefix="/v1", tags=["tasks"], responses=ERROR_RESPONSES)
 
 ImageFile = Annotated[UploadFile, File(description="The image: JPEG, PNG or WebP.")]
 Language = Annotated[str, Form(max_length=16, description="Answer language, e.g. en, es, fr, de, ja.")]

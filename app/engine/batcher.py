@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from app.errors import DeadlineExceeded, InferenceFailed, QueueFull, ShuttingDown
+from app.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull, ShuttingDown
 
 logger = logging.getLogger(__name__)
 
@@ -80,11 +80,15 @@ class Batcher(Generic[In, Out]):
         config: BatcherConfig,
         observer: BatchObserver | None = None,
         is_oom: Callable[[BaseException], bool] = lambda exc: False,
+        is_fatal: Callable[[BaseException], bool] = lambda exc: False,
+        on_fatal: Callable[[BaseException], None] = lambda exc: None,
     ):
         self._run_batch = run_batch
         self.config = config
         self._observer = observer or BatchObserver()
         self._is_oom = is_oom
+        self._is_fatal = is_fatal
+        self._on_fatal = on_fatal
         self._queue: collections.deque[_Item[In, Out]] = collections.deque()
         self._wakeup = asyncio.Event()
         self._slots_taken = 0
@@ -98,6 +102,9 @@ class Batcher(Generic[In, Out]):
 
     # Admission -----------------------------------------------------------------------------------
     def reserve(self) -> Slot:
+        if self.fatal_error is not None:
+            raise NotReady("the model worker has failed and the process is restarting; retry shortly",
+                           headers={"Retry-After": "5"})
         if not self._accepting:
             self._observer.rejected("shutting_down")
             raise ShuttingDown("the server is shutting down; retry on another replica")
@@ -214,14 +221,17 @@ class Batcher(Generic[In, Out]):
             batch = await self._next_batch()
             if not batch:
                 continue
-            now = time.monotonic()
-            self._observer.batch_started(len(batch), [now - item.enqueued_at for item in batch])
             self._observer.queue_depth(self.depth)
-            await self._run(loop, batch)
+            await self._run(loop, batch, first_attempt=True)
             if self.fatal_error is not None:
                 return
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Item[In, Out]]) -> None:
+    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Item[In, Out]],
+                   first_attempt: bool = False) -> None:
+        now = time.monotonic()
+        # Retries are batches too (the histogram shows them) but their requests did not queue again.
+        waits = [now - item.enqueued_at for item in batch] if first_attempt else []
+        self._observer.batch_started(len(batch), waits)
         started = time.perf_counter()
         self._running = batch
         try:
@@ -241,6 +251,11 @@ class Batcher(Generic[In, Out]):
 
     async def _recover(self, loop: asyncio.AbstractEventLoop, batch: list[_Item[In, Out]],
                        exc: Exception) -> None:
+        if self.fatal_error is not None:
+            return
+        if self._is_fatal(exc):
+            self._die(batch, exc)
+            return
         if self._is_oom(exc) and len(batch) > 1:
             self.batch_size_in_effect = max(1, len(batch) // 2)
             logger.warning("out of memory on a batch of %d; batch size now %d", len(batch),
@@ -258,3 +273,16 @@ class Batcher(Generic[In, Out]):
         logger.error("inference failed for one request", exc_info=exc)
         if not item.future.done():
             item.future.set_exception(InferenceFailed("the model failed on this request"))
+
+    def _die(self, batch: list[_Item[In, Out]], exc: BaseException) -> None:
+        """The worker cannot run any more (e.g. a CUDA context error): fail everything, report it."""
+        logger.critical("the model worker failed and cannot recover: %r", exc)
+        self.fatal_error = exc
+        self._accepting = False
+        for item in (*batch, *self._queue):
+            if not item.future.done():
+                item.future.set_exception(
+                    NotReady("the model worker failed; the process is restarting, retry shortly",
+                             headers={"Retry-After": "5"}))
+        self._queue.clear()
+        self._on_fatal(exc)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -71,7 +72,8 @@ class JobResult:
 
 class InferenceService:
     def __init__(self, settings: Settings, loaded: LoadedModel, metrics: Metrics,
-                 mask_decoder: LoadedMaskDecoder | None = None):
+                 mask_decoder: LoadedMaskDecoder | None = None,
+                 on_fatal: Callable[[BaseException], None] = lambda exc: None):
         self.settings = settings
         self.loaded = loaded
         self.metrics = metrics
@@ -86,6 +88,8 @@ class InferenceService:
             BatcherConfig(settings.max_batch_size, settings.max_batch_wait_ms / 1000, settings.max_queue),
             observer=metrics,
             is_oom=_is_out_of_memory,
+            is_fatal=_is_unrecoverable,
+            on_fatal=on_fatal,
         )
 
     @property
@@ -200,6 +204,19 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     import torch
 
     return isinstance(exc, torch.OutOfMemoryError)
+
+
+def _is_unrecoverable(exc: BaseException) -> bool:
+    """Errors after which the device cannot be trusted: CUDA leaves its context broken (device-side
+    asserts, illegal memory accesses), so every later call would fail too; only a restart helps."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    return "CUDA error" in str(exc)
 
 
 def require_ready(service: InferenceService | None) -> InferenceService:

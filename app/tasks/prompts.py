@@ -28,6 +28,7 @@ class Task(str, Enum):
 # some other language; refusing malformed codes early is the only help we can give.
 _LANGUAGE = re.compile(r"^[a-z]{2,3}(-[A-Za-z]{2,4})?$")
 _SEPARATOR = ";"
+_REPLACEMENT = "\ufffd"
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,10 @@ def _clean_text(value: str, param: str, limits: PromptLimits) -> str:
         )
     if any(ord(ch) < 32 for ch in text):
         raise InvalidRequest(f"`{param}` must not contain control characters.", param=param)
+    if _REPLACEMENT in text:
+        # The multipart parser replaces undecodable bytes with U+FFFD: the client sent something that
+        # is not UTF-8, and guessing what was meant would put noise into the prompt.
+        raise InvalidRequest(f"`{param}` must be UTF-8 text.", param=param)
     return text
 
 

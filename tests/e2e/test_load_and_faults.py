@@ -1,0 +1,133 @@
+"""A real server under bursts, faults, disconnects and SIGTERM: every admitted request is answered."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from urllib.parse import urlparse
+
+import httpx
+from PIL import Image
+
+from tests.helpers import encode, jpeg, metric_value
+from tests.served import served
+
+BLUE = encode(Image.new("RGB", (40, 30), (0, 0, 255)), "PNG")  # the launcher makes its batch slow
+BLACK = encode(Image.new("RGB", (40, 30), (0, 0, 0)), "PNG")  # the launcher makes its batch fail
+
+
+async def _post(client: httpx.AsyncClient, url: str, image: bytes, **data: str) -> httpx.Response:
+    return await client.post(f"{url}/v1/caption", files={"image": ("i.png", image, "image/png")},
+                             data={"max_new_tokens": "4", **data})
+
+
+async def _many(url: str, images: list[bytes], delay_first_s: float = 0.0) -> list[httpx.Response | Exception]:
+    limits = httpx.Limits(max_connections=len(images) + 5, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        first = asyncio.create_task(_post(client, url, images[0]))
+        await asyncio.sleep(delay_first_s)
+        rest = [asyncio.create_task(_post(client, url, image)) for image in images[1:]]
+        return await asyncio.gather(first, *rest, return_exceptions=True)
+
+
+def _metrics(url: str) -> str:
+    return httpx.get(f"{url}/metrics", timeout=10).text
+
+
+def test_a_burst_of_eight_times_the_queue_is_answered_exactly_once_each(tmp_path):
+    env = {"PALIGEMMA_MAX_QUEUE": "8", "PALIGEMMA_MAX_BATCH_SIZE": "4", "FAULT_SLOW_S": "1.5"}
+    with served(tmp_path, env=env, faults=True) as server:
+        images = [BLUE] + [jpeg(64, 48, seed=i) for i in range(64)]
+        responses = asyncio.run(_many(server.url, images, delay_first_s=0.3))
+        assert not [r for r in responses if isinstance(r, Exception)], responses
+        statuses = [r.status_code for r in responses if isinstance(r, httpx.Response)]
+        ok, full = statuses.count(200), statuses.count(429)
+        assert ok + full == len(images), statuses
+        assert full > 0 and ok >= 9  # the slow one, plus at least a full queue behind it
+        assert all(r.headers.get("retry-after") for r in responses
+                   if isinstance(r, httpx.Response) and r.status_code == 429)
+        metrics = _metrics(server.url)
+        assert metric_value(metrics, "paligemma_rejections_total", reason="queue_full") == full
+        assert metric_value(metrics, "paligemma_requests_total", endpoint="/v1/caption", status="200") == ok
+        assert httpx.get(f"{server.url}/readyz").status_code == 200
+
+
+def test_a_failing_request_does_not_fail_its_batch_neighbours(tmp_path):
+    env = {"PALIGEMMA_MAX_BATCH_WAIT_MS": "500", "PALIGEMMA_MAX_BATCH_SIZE": "8"}
+    with served(tmp_path, env=env, faults=True) as server:
+        images = [jpeg(64, 48, seed=1), jpeg(80, 60, seed=2), BLACK, jpeg(50, 50, seed=3), jpeg(70, 40, seed=4)]
+        responses = asyncio.run(_many(server.url, images))
+        statuses = [r.status_code for r in responses if isinstance(r, httpx.Response)]
+        assert statuses == [200, 200, 500, 200, 200], statuses
+        error = responses[2].json()["error"]
+        assert error["type"] == "internal_error" and error["request_id"]
+        assert "Traceback" not in responses[2].text
+        metrics = _metrics(server.url)
+        # One failed batch of five, then five retries of one: the neighbours were recomputed alone.
+        assert metric_value(metrics, "paligemma_batch_size_bucket", le="1.0") >= 5
+        assert httpx.get(f"{server.url}/readyz").status_code == 200
+        assert httpx.post(f"{server.url}/v1/ocr", files={"image": ("a.jpg", jpeg(), "image/jpeg")},
+                          data={"max_new_tokens": "2"}).status_code == 200
+
+
+def test_a_client_that_hangs_up_while_queued_is_not_computed(tmp_path):
+    with served(tmp_path, env={"FAULT_SLOW_S": "2"}, faults=True) as server:
+        async def scenario() -> httpx.Response:
+            async with httpx.AsyncClient(timeout=60) as client:
+                blocker = asyncio.create_task(_post(client, server.url, BLUE))
+                await asyncio.sleep(0.4)  # the worker is now busy for two seconds
+                body, boundary = _multipart_caption(jpeg(64, 48, seed=9))
+                parsed = urlparse(server.url)
+                with socket.create_connection((parsed.hostname, parsed.port)) as sock:
+                    sock.sendall(b"POST /v1/caption HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+                                 b"boundary=" + boundary + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+                    await asyncio.sleep(0.3)  # admitted and queued behind the slow batch
+                return await blocker
+
+        assert asyncio.run(scenario()).status_code == 200
+        time.sleep(0.5)
+        metrics = _metrics(server.url)
+        assert metric_value(metrics, "paligemma_rejections_total", reason="disconnected") == 1
+        # Batches ran: the warm-up and the slow one; the abandoned request never reached the model.
+        assert metric_value(metrics, "paligemma_batch_size_sum") == 2
+        assert metric_value(metrics, "paligemma_requests_total", endpoint="/v1/caption", status="499") == 1
+
+
+def _multipart_caption(image: bytes) -> tuple[bytes, bytes]:
+    boundary = b"hangup"
+    body = (b"--hangup\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.jpg\"\r\n"
+            b"Content-Type: image/jpeg\r\n\r\n" + image + b"\r\n--hangup--\r\n")
+    return body, boundary
+
+
+def test_sigterm_under_load_answers_every_admitted_request_then_exits_zero(tmp_path):
+    env = {"FAULT_SLOW_S": "1.5", "PALIGEMMA_MAX_BATCH_SIZE": "4"}
+    with served(tmp_path, env=env, faults=True) as server:
+        async def scenario():
+            limits = httpx.Limits(max_connections=50, max_keepalive_connections=0)
+            async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+                admitted = [asyncio.create_task(_post(client, server.url, BLUE))]
+                await asyncio.sleep(0.3)
+                admitted += [asyncio.create_task(_post(client, server.url, jpeg(64, 48, seed=i))) for i in range(12)]
+                await asyncio.sleep(0.5)  # all admitted and queued behind the slow batch
+                server.process.send_signal(15)
+                await asyncio.sleep(0.2)
+                late = []
+                for _ in range(3):
+                    try:
+                        late.append((await _post(client, server.url, jpeg())).status_code)
+                    except httpx.HTTPError:
+                        late.append("refused")
+                ready = None
+                try:
+                    ready = (await client.get(f"{server.url}/readyz")).status_code
+                except httpx.HTTPError:
+                    ready = "refused"
+                return await asyncio.gather(*admitted, return_exceptions=True), late, ready
+
+        admitted, late, ready = asyncio.run(scenario())
+        assert [getattr(r, "status_code", r) for r in admitted] == [200] * 13
+        assert all(status in (503, "refused") for status in late), late
+        assert ready in (503, "refused")
+        assert server.process.wait(timeout=60) == 0
