@@ -7,7 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from app.engine.batcher import BatchObserver
@@ -20,6 +27,8 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 class Metrics(BatchObserver):
     def __init__(self) -> None:
+        # `*_created` timestamps double the output and no dashboard reads them.
+        disable_created_metrics()
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("paligemma_requests", "HTTP requests by endpoint and status code.",

@@ -157,6 +157,8 @@ def test_metrics_count_what_was_sent():
     assert metric_value(text, "paligemma_prompt_tokens_total", endpoint="/v1/caption") > 3 * 256
     assert metric_value(text, "paligemma_queue_depth") == 0
     assert metric_value(text, "paligemma_ready") == 1
+    # The four successful requests sent the same picture: only the first one encoded it.
+    assert metric_value(text, "paligemma_feature_cache_hits_total") == 3
     assert metric_value(text, "paligemma_model_info", model="tiny", dtype="float32", device="cpu",
                         random_weights="true", masks="false") == 1
 

@@ -8,6 +8,7 @@ model worker only ever sees ready tensors.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from PIL import Image
 
 from app.engine.batcher import Batcher, BatcherConfig
@@ -81,7 +83,7 @@ class InferenceService:
         self._active = 0  # requests inside run(), for draining
         self.transform = ImageTransform.from_processor(loaded.processor)
         self.encoder = PromptEncoder.from_processor(loaded.processor)
-        self.runner = ModelRunner(loaded)
+        self.runner = ModelRunner(loaded, settings.feature_cache_size)
         self._prep = ThreadPoolExecutor(settings.prepare_workers, thread_name_prefix="prepare")
         self.batcher: Batcher[WorkRequest, WorkResult] = Batcher(
             BatchWork(self.runner, self.encoder, mask_decoder.decoder if mask_decoder else None),
@@ -134,15 +136,18 @@ class InferenceService:
         loop = asyncio.get_running_loop()
         slot = self.batcher.reserve()  # 429 / 503 before any work is spent on the image
         try:
-            width, height, pixels = await loop.run_in_executor(self._prep, self._prepare_image, image_bytes)
+            width, height, pixels, image_key = await loop.run_in_executor(self._prep, self._prepare_image,
+                                                                           image_bytes)
             input_ids = self.encoder.encode(job.prefix)
         except BaseException:
             slot.release()
             raise
         prepared = time.perf_counter()
-        work = WorkRequest(job.task, ModelInput(input_ids, pixels, job.max_new_tokens))
+        work = WorkRequest(job.task, ModelInput(input_ids, pixels, job.max_new_tokens, image_key))
         result = await self.batcher.submit(slot, work, self.settings.request_timeout_s)
         generated = time.perf_counter()
+        if result.generation.cached_features:
+            self.metrics.feature_cache_hits.inc()
         objects = None
         if result.parsed is not None:
             objects = await loop.run_in_executor(self._prep, self._objects, result, width, height)
@@ -164,10 +169,12 @@ class InferenceService:
             },
         )
 
-    def _prepare_image(self, data: bytes):
+    def _prepare_image(self, data: bytes) -> tuple[int, int, torch.Tensor, str]:
         decoded = decode_image(data, max_pixels=self.settings.max_image_pixels,
                                min_side=self.transform.min_side)
-        return decoded.width, decoded.height, self.transform(decoded.image)
+        # The same bytes always give the same pixels, hence the same features: key the cache on them.
+        image_key = hashlib.blake2b(data, digest_size=16).hexdigest()
+        return decoded.width, decoded.height, self.transform(decoded.image), image_key
 
     def _objects(self, result: WorkResult, width: int, height: int) -> list[ObjectResult]:
         assert result.parsed is not None
