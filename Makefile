@@ -27,7 +27,7 @@ system-deps:
 	bash scripts/install-system-deps.sh
 
 lint: install
-	$(VENV)/bin/ruff check app tests benchmarks scripts
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy app
 
 bench: install

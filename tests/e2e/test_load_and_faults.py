@@ -54,7 +54,7 @@ def test_a_burst_of_eight_times_the_queue_is_answered_exactly_once_each(tmp_path
 
 
 def test_a_failing_request_does_not_fail_its_batch_neighbours(tmp_path):
-    env = {"PALIGEMMA_MAX_BATCH_WAIT_MS": "500", "PALIGEMMA_MAX_BATCH_SIZE": "8"}
+    env = {"PALIGEMMA_MAX_BATCH_WAIT_MS": "1500", "PALIGEMMA_MAX_BATCH_SIZE": "8"}
     with served(tmp_path, env=env, faults=True) as server:
         images = [jpeg(64, 48, seed=1), jpeg(80, 60, seed=2), BLACK, jpeg(50, 50, seed=3), jpeg(70, 40, seed=4)]
         responses = asyncio.run(_many(server.url, images))
