@@ -1,0 +1,74 @@
+"""A real Prometheus scrapes a real server process and its queries see what was sent."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from tests.helpers import jpeg
+from tests.served import free_port, served
+
+
+@pytest.fixture
+def prometheus_binary() -> str:
+    path = shutil.which("prometheus")
+    if path is None:
+        pytest.fail("prometheus is not installed: run `sudo scripts/install-system-deps.sh` (Debian package "
+                    "`prometheus`)")
+    return path
+
+
+def _query(url: str, expression: str) -> list[dict]:
+    response = httpx.get(f"{url}/api/v1/query", params={"query": expression}, timeout=10)
+    response.raise_for_status()
+    return response.json()["data"]["result"]
+
+
+def test_prometheus_scrapes_the_server(tmp_path, prometheus_binary):
+    with served(tmp_path, env={"PALIGEMMA_DEFAULT_MAX_NEW_TOKENS": "3"}) as server:
+        for seed in range(3):
+            response = httpx.post(f"{server.url}/v1/caption",
+                                  files={"image": ("a.jpg", jpeg(64, 48, seed=seed), "image/jpeg")}, timeout=60)
+            assert response.status_code == 200
+        assert httpx.post(f"{server.url}/v1/vqa", files={"image": ("a.jpg", jpeg(), "image/jpeg")},
+                          timeout=60).status_code == 422
+
+        target = server.url.removeprefix("http://")
+        config = tmp_path / "prometheus.yml"
+        config.write_text("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: paligemma\n"
+                          f"    static_configs:\n      - targets: ['{target}']\n")
+        port = free_port()
+        log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115 - closed in finally
+        process = subprocess.Popen(
+            [prometheus_binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 60
+            results: list[dict] = []
+            while time.monotonic() < deadline:
+                try:
+                    results = _query(url, 'paligemma_requests_total{endpoint="/v1/caption",status="200"}')
+                except httpx.HTTPError:
+                    results = []
+                if results:
+                    break
+                time.sleep(0.5)
+            assert results, (tmp_path / "prometheus.log").read_text()
+            assert float(results[0]["value"][1]) == 3
+            [up] = _query(url, 'up{job="paligemma"}')
+            assert up["value"][1] == "1"
+            [rejected] = _query(url, 'paligemma_requests_total{endpoint="/v1/vqa",status="422"}')
+            assert float(rejected["value"][1]) == 1
+            [info] = _query(url, "paligemma_model_info")
+            assert info["metric"]["model"] == "tiny" and info["metric"]["random_weights"] == "true"
+            [batches] = _query(url, "paligemma_batch_size_count")
+            assert float(batches["value"][1]) == 4  # the warm-up and three captions
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+            log.close()
