@@ -46,6 +46,19 @@ def make(run, max_batch=4, wait_s=0.05, queue=100, **kw):
     return Batcher(run, BatcherConfig(max_batch, wait_s, queue), observer=recorder, **kw), recorder
 
 
+def gated_runner():
+    """A runner that records what it computes and holds the worker until the gate opens."""
+    gate = threading.Event()
+    seen: list[int] = []
+
+    def run(batch):
+        seen.extend(batch)
+        gate.wait(5)
+        return batch
+
+    return gate, seen, run
+
+
 async def submit(batcher, value, timeout_s=5.0):
     return await batcher.submit(batcher.reserve(), value, timeout_s)
 
@@ -120,14 +133,7 @@ def test_queue_capacity_is_enforced_at_admission():
 
 def test_a_request_past_its_deadline_is_answered_504_and_not_computed():
     async def main():
-        gate = threading.Event()
-        seen: list[int] = []
-
-        def run(batch):
-            seen.extend(batch)
-            gate.wait(5)
-            return batch
-
+        gate, seen, run = gated_runner()
         batcher, rec = make(run, max_batch=1, wait_s=0)
         batcher.start()
         blocker = asyncio.create_task(submit(batcher, 1))
@@ -147,14 +153,7 @@ def test_a_request_past_its_deadline_is_answered_504_and_not_computed():
 
 def test_a_cancelled_caller_is_skipped_and_does_not_break_the_loop():
     async def main():
-        gate = threading.Event()
-        seen: list[int] = []
-
-        def run(batch):
-            seen.extend(batch)
-            gate.wait(5)
-            return batch
-
+        gate, seen, run = gated_runner()
         batcher, rec = make(run, max_batch=1, wait_s=0)
         batcher.start()
         blocker = asyncio.create_task(submit(batcher, 1))
