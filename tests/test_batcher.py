@@ -78,10 +78,10 @@ def test_results_come_back_to_their_own_callers_in_full_batches():
     assert sorted(x for c in calls for x in c) == list(range(8))
 
 
-def test_a_lone_request_waits_at_most_max_wait():
+def test_a_lone_request_does_not_wait_for_company_that_is_not_coming():
     async def main():
         run, _ = doubler()
-        batcher, _ = make(run, max_batch=8, wait_s=0.05)
+        batcher, _ = make(run, max_batch=8, wait_s=30)
         batcher.start()
         started = time.monotonic()
         assert await submit(batcher, 1) == 2
@@ -89,7 +89,32 @@ def test_a_lone_request_waits_at_most_max_wait():
         await batcher.stop(1)
         return elapsed
 
-    assert asyncio.run(main()) < 1.0
+    assert asyncio.run(main()) < 5
+
+
+def test_a_request_waits_for_admitted_requests_still_being_prepared_but_at_most_max_wait():
+    async def main():
+        run, calls = doubler()
+        batcher, _ = make(run, max_batch=8, wait_s=0.5)
+        batcher.start()
+        late_slot = batcher.reserve()  # admitted; its image is "being decoded"
+        first = asyncio.create_task(batcher.submit(batcher.reserve(), 1, 5))
+        await asyncio.sleep(0.1)
+        second = asyncio.create_task(batcher.submit(late_slot, 2, 5))
+        results = await asyncio.gather(first, second)
+        abandoned = batcher.reserve()  # admitted, then given up before queueing (e.g. a bad image)
+        started = time.monotonic()
+        third = await batcher.submit(batcher.reserve(), 3, 5)
+        waited = time.monotonic() - started
+        abandoned.release()
+        await batcher.stop(1)
+        return results, calls, third, waited
+
+    results, calls, third, waited = asyncio.run(main())
+    assert results == [2, 4]
+    assert calls[0] == [1, 2]  # the first waited for the one being prepared
+    assert third == 6 and calls[1] == [3]
+    assert 0.4 < waited < 3  # waited for the abandoned one, but no longer than max_wait
 
 
 def test_requests_queued_behind_a_busy_worker_are_batched_at_once():
@@ -259,3 +284,37 @@ def test_an_unrecoverable_error_fails_everything_and_reports_it_once():
     results = asyncio.run(main())
     assert all(isinstance(r, NotReady) for r in results)
     assert len(reported) == 1 and isinstance(reported[0], DeviceBroken)
+
+
+def test_when_more_wait_than_fit_requests_with_similar_budgets_ride_together():
+    async def main():
+        gate, _, run = gated_runner()
+        calls: list[list[int]] = []
+
+        def recording(batch):
+            calls.append(list(batch))
+            return run(batch)
+
+        batcher, _ = make(recording, max_batch=3, wait_s=0, group_key=lambda value: value % 100)
+        batcher.start()
+        blocker = asyncio.create_task(submit(batcher, 0))
+        await asyncio.sleep(0.05)
+        # Budgets (value % 100): 16, 64, 16, 64, 16, 64, 64 — queued in this order behind the blocker.
+        values = [116, 264, 316, 464, 516, 664, 764]
+        tasks = []
+        for value in values:
+            tasks.append(asyncio.create_task(submit(batcher, value)))
+            await asyncio.sleep(0.005)
+        gate.set()
+        results = await asyncio.gather(*tasks)
+        await blocker
+        await batcher.stop(1)
+        return calls, results
+
+    calls, results = asyncio.run(main())
+    assert results == [116, 264, 316, 464, 516, 664, 764]
+    assert calls[0] == [0]
+    # The oldest (116) leaves first with the other 16-token requests; then the 64s, oldest first.
+    assert calls[1] == [116, 316, 516]
+    assert calls[2] == [264, 464, 664]
+    assert calls[3] == [764]

@@ -92,6 +92,7 @@ class InferenceService:
             is_oom=_is_out_of_memory,
             is_fatal=_is_unrecoverable,
             on_fatal=on_fatal,
+            group_key=lambda work: work.model_input.max_new_tokens,
         )
 
     @property
