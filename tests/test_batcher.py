@@ -78,43 +78,24 @@ def test_results_come_back_to_their_own_callers_in_full_batches():
     assert sorted(x for c in calls for x in c) == list(range(8))
 
 
-def test_a_lone_request_does_not_wait_for_company_that_is_not_coming():
-    async def main():
-        run, _ = doubler()
-        batcher, _ = make(run, max_batch=8, wait_s=30)
-        batcher.start()
-        started = time.monotonic()
-        assert await submit(batcher, 1) == 2
-        elapsed = time.monotonic() - started
-        await batcher.stop(1)
-        return elapsed
-
-    assert asyncio.run(main()) < 5
-
-
-def test_a_request_waits_for_admitted_requests_still_being_prepared_but_at_most_max_wait():
+def test_a_lone_request_waits_for_company_at_most_max_wait():
     async def main():
         run, calls = doubler()
-        batcher, _ = make(run, max_batch=8, wait_s=0.5)
+        batcher, _ = make(run, max_batch=8, wait_s=0.3)
         batcher.start()
-        late_slot = batcher.reserve()  # admitted; its image is "being decoded"
-        first = asyncio.create_task(batcher.submit(batcher.reserve(), 1, 5))
-        await asyncio.sleep(0.1)
-        second = asyncio.create_task(batcher.submit(late_slot, 2, 5))
-        results = await asyncio.gather(first, second)
-        abandoned = batcher.reserve()  # admitted, then given up before queueing (e.g. a bad image)
         started = time.monotonic()
-        third = await batcher.submit(batcher.reserve(), 3, 5)
+        first = asyncio.create_task(submit(batcher, 1))
+        await asyncio.sleep(0.1)
+        second = await submit(batcher, 2)  # arrives within the first one's wait: same batch
+        results = [await first, second]
         waited = time.monotonic() - started
-        abandoned.release()
         await batcher.stop(1)
-        return results, calls, third, waited
+        return results, calls, waited
 
-    results, calls, third, waited = asyncio.run(main())
+    results, calls, waited = asyncio.run(main())
     assert results == [2, 4]
-    assert calls[0] == [1, 2]  # the first waited for the one being prepared
-    assert third == 6 and calls[1] == [3]
-    assert 0.4 < waited < 3  # waited for the abandoned one, but no longer than max_wait
+    assert calls == [[1, 2]]
+    assert 0.25 < waited < 3
 
 
 def test_requests_queued_behind_a_busy_worker_are_batched_at_once():
