@@ -30,7 +30,9 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy app
 
+# The benchmark against the peers (benchmarks/RESULTS.md says what it measures; ~25 min on 2 cores).
 bench: install
+	$(PIP) install -q -r benchmarks/requirements.txt
 	$(PY) -m benchmarks.run
 
 clean:

@@ -1,0 +1,43 @@
+"""The tutorial server: FastAPI + uvicorn, one `model.generate` per request through `PaliGemmaProcessor`.
+
+This is how the model cards and most blog posts serve PaliGemma: read the upload with Pillow, run the
+processor, call `generate`, decode; inline in `async def` handlers, so one request at a time.
+
+    python -m benchmarks.peers.tutorial --port 8101 --model bench
+"""
+
+from __future__ import annotations
+
+import torch
+import uvicorn
+from fastapi import FastAPI
+
+from benchmarks.peers.common import add_task_routes, first_eos, load, open_image, parse_args
+
+
+def create_app(model_name: str, seed: int) -> FastAPI:
+    loaded = load(model_name, seed)
+    model, processor = loaded.model, loaded.processor
+    eos = set(loaded.eos_token_ids)
+
+    def run(data: bytes, text: str, max_new_tokens: int) -> dict[str, object]:
+        inputs = processor(text=text, images=open_image(data), return_tensors="pt")
+        inputs.pop("labels", None)  # the processor adds training labels; generate does not take them
+        length = inputs["input_ids"].shape[-1]
+        with torch.inference_mode():
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        tokens = first_eos(output[0, length:].tolist(), eos)
+        return {"text": processor.decode(tokens, skip_special_tokens=True), "completion_tokens": len(tokens)}
+
+    app = FastAPI(title="PaliGemma tutorial server")
+    add_task_routes(app, run)
+    return app
+
+
+def main() -> None:
+    args = parse_args(__doc__.split("\n\n")[0])
+    uvicorn.run(create_app(args.model, args.seed), host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    main()
