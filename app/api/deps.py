@@ -10,11 +10,6 @@ from app.engine.service import InferenceService
 from app.errors import NotReady, ShuttingDown
 from app.lifecycle import Lifecycle, Phase
 from app.metrics import Metrics
-from app.settings import Settings
-
-
-def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
 
 
 def get_metrics(request: Request) -> Metrics:
@@ -40,7 +35,6 @@ def get_service(request: Request) -> InferenceService:
     return service
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 LifecycleDep = Annotated[Lifecycle, Depends(get_lifecycle)]
 ServiceDep = Annotated[InferenceService, Depends(get_service)]

@@ -129,10 +129,8 @@ async def detect(request: Request, service: ServiceDep, image: ImageFile, object
                  max_new_tokens: MaxNewTokens = None) -> DetectResponse:
     prefix = prompts.detect_prompt(objects, _limits(service))
     result = await _execute(request, service, Task.DETECT, prefix, image, max_new_tokens)
-    found = [o for o in result.objects or [] if not o.box_normalized.is_empty]
-    return DetectResponse(detections=[convert.detection(o) for o in found],
-                          dropped=result.dropped_objects + len(result.objects or []) - len(found),
-                          **convert.common_fields(result, service))
+    return DetectResponse(detections=[convert.detection(o) for o in result.objects or []],
+                          dropped=result.dropped_objects, **convert.common_fields(result, service))
 
 
 @router.post("/segment", response_model=SegmentResponse, summary="Segment objects: boxes and masks")

@@ -21,9 +21,9 @@ from PIL import Image
 
 from app.engine.batcher import Batcher, BatcherConfig
 from app.engine.work import BatchWork, WorkRequest, WorkResult
-from app.errors import NotReady
 from app.images import decode_image
 from app.masks.decoder import LoadedMaskDecoder
+from app.masks.placement import encode_rle, mask_area, mask_bbox, place_mask
 from app.metrics import Metrics
 from app.model.inputs import ImageTransform, PromptEncoder
 from app.model.loader import LoadedModel
@@ -190,8 +190,6 @@ def _object_result(obj: ParsedObject, logits: np.ndarray | None, width: int, hei
     mask = None
     problem = obj.mask_problem
     if logits is not None:
-        from app.masks.placement import encode_rle, mask_area, mask_bbox, place_mask
-
         b = obj.box
         rle = encode_rle(place_mask(logits, (b.x_min, b.y_min, b.x_max, b.y_max), width, height))
         bbox = mask_bbox(rle)
@@ -226,9 +224,3 @@ def _is_unrecoverable(exc: BaseException) -> bool:
         return True
     return "CUDA error" in str(exc)
 
-
-def require_ready(service: InferenceService | None) -> InferenceService:
-    if service is None:
-        raise NotReady("the model is still loading; retry when /readyz answers 200",
-                       headers={"Retry-After": "5"})
-    return service

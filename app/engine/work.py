@@ -14,7 +14,7 @@ import torch
 
 from app.model.inputs import PromptEncoder
 from app.model.runner import Generation, ModelInput, ModelRunner
-from app.tasks.parsing import ParsedOutput, parse_objects
+from app.tasks.parsing import ParsedOutput, parse_detections, parse_objects
 from app.tasks.prompts import Task
 
 # Tasks whose output is read for <loc>/<seg> tokens.
@@ -36,6 +36,12 @@ class WorkResult:
     mask_logits: list[np.ndarray | None]
 
 
+def _parse(task: Task, text: str) -> ParsedOutput | None:
+    if task is Task.DETECT:
+        return parse_detections(text)  # boxes only: empty boxes are dropped
+    return parse_objects(text) if task in _LOCATING_TASKS else None
+
+
 class BatchWork:
     """The callable the batcher hands each batch to (in the worker thread)."""
 
@@ -47,10 +53,7 @@ class BatchWork:
     def __call__(self, batch: list[WorkRequest]) -> list[WorkResult]:
         generations = self.runner.generate([request.model_input for request in batch])
         texts = [self.encoder.decode(g.token_ids) for g in generations]
-        parsed = [
-            parse_objects(text) if request.task in _LOCATING_TASKS else None
-            for request, text in zip(batch, texts, strict=True)
-        ]
+        parsed = [_parse(request.task, text) for request, text in zip(batch, texts, strict=True)]
         masks = self._decode_masks(parsed)
         return [
             WorkResult(generation, text, parse, mask)

@@ -68,10 +68,6 @@ class ParsedOutput:
     objects: list[ParsedObject]
     dropped: int  # object-like fragments that could not be parsed (empty box, bad bins)
 
-    @property
-    def has_locations(self) -> bool:
-        return bool(self.objects) or self.dropped > 0
-
 
 def decode_box(bins: list[int]) -> Box:
     """Four bins in PaliGemma's order (y_min, x_min, y_max, x_max) -> a normalised (x, y, x, y) box."""
@@ -131,6 +127,3 @@ def strip_location_tokens(text: str) -> str:
     """The text of an output with loc/seg tokens removed, for endpoints that return plain text."""
     return " ".join(_ANY_LOC_OR_SEG.sub(" ", text).split())
 
-
-def clean_text(text: str) -> str:
-    return text.strip()
