@@ -118,7 +118,13 @@ def main() -> None:
     parser.add_argument("--prepare-workers", type=int, default=2, help="our PALIGEMMA_PREPARE_WORKERS")
     parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md",
                         help="Markdown file whose `image_prep` section to rewrite ('-' for none)")
+    parser.add_argument("--quiet-wait", type=float, default=120.0, help="first wait up to this many s for "
+                        "other processes to use < 0.3 cores (the machine may be shared)")
     args = parser.parse_args()
+    if args.quiet_wait > 0:
+        from benchmarks.procs import wait_until_quiet
+
+        wait_until_quiet(args.quiet_wait)
     result = run(args.model, args.batch_size, args.repeats)
     markdown = render(result, args.model, args.prepare_workers)
     print(markdown)
