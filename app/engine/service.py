@@ -207,16 +207,12 @@ def _object_result(obj: ParsedObject, logits: np.ndarray | None, width: int, hei
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
-    import torch
-
     return isinstance(exc, torch.OutOfMemoryError)
 
 
 def _is_unrecoverable(exc: BaseException) -> bool:
     """Errors after which the device cannot be trusted: CUDA leaves its context broken (device-side
     asserts, illegal memory accesses), so every later call would fail too; only a restart helps."""
-    import torch
-
     if isinstance(exc, torch.OutOfMemoryError):
         return False
     accelerator_error = getattr(torch, "AcceleratorError", None)

@@ -70,6 +70,21 @@ def first_eos(tokens: list[int], eos: set[int]) -> list[int]:
 Runner = Callable[[bytes, str, int], dict[str, object]]
 
 
+def task_app(title: str, run: Runner) -> FastAPI:
+    """A FastAPI app serving the task paths with `run`."""
+    app = FastAPI(title=title)
+    add_task_routes(app, run)
+    return app
+
+
+def serve(create_app: Callable[[str, int], FastAPI], doc: str | None) -> None:
+    """The peers' command line: parse the shared arguments, build the app, serve it."""
+    import uvicorn
+
+    args = parse_args((doc or "").split("\n\n")[0])
+    uvicorn.run(create_app(args.model, args.seed), host=args.host, port=args.port)
+
+
 def add_task_routes(app: FastAPI, run: Runner) -> None:
     """The four task endpoints plus GET /healthz on a FastAPI app, each calling `run` inline.
 

@@ -8,11 +8,10 @@ weights). It batches only lists handed to one call, so behind a web server it ru
 
 from __future__ import annotations
 
-import uvicorn
 from fastapi import FastAPI
 from transformers import pipeline
 
-from benchmarks.peers.common import add_task_routes, load, open_image, parse_args
+from benchmarks.peers.common import load, open_image, serve, task_app
 
 
 def create_app(model_name: str, seed: int) -> FastAPI:
@@ -26,15 +25,8 @@ def create_app(model_name: str, seed: int) -> FastAPI:
         # no `completion_tokens`, so the load generator cannot check this peer's output length.
         return {"text": result["generated_text"]}
 
-    app = FastAPI(title="PaliGemma pipeline server")
-    add_task_routes(app, run)
-    return app
-
-
-def main() -> None:
-    args = parse_args(__doc__.split("\n\n")[0])
-    uvicorn.run(create_app(args.model, args.seed), host=args.host, port=args.port)
+    return task_app("PaliGemma pipeline server", run)
 
 
 if __name__ == "__main__":
-    main()
+    serve(create_app, __doc__)

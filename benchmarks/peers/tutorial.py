@@ -9,10 +9,9 @@ processor, call `generate`, decode; inline in `async def` handlers, so one reque
 from __future__ import annotations
 
 import torch
-import uvicorn
 from fastapi import FastAPI
 
-from benchmarks.peers.common import add_task_routes, first_eos, load, open_image, parse_args
+from benchmarks.peers.common import first_eos, load, open_image, serve, task_app
 
 
 def create_app(model_name: str, seed: int) -> FastAPI:
@@ -29,15 +28,8 @@ def create_app(model_name: str, seed: int) -> FastAPI:
         tokens = first_eos(output[0, length:].tolist(), eos)
         return {"text": processor.decode(tokens, skip_special_tokens=True), "completion_tokens": len(tokens)}
 
-    app = FastAPI(title="PaliGemma tutorial server")
-    add_task_routes(app, run)
-    return app
-
-
-def main() -> None:
-    args = parse_args(__doc__.split("\n\n")[0])
-    uvicorn.run(create_app(args.model, args.seed), host=args.host, port=args.port)
+    return task_app("PaliGemma tutorial server", run)
 
 
 if __name__ == "__main__":
-    main()
+    serve(create_app, __doc__)
