@@ -1,22 +1,31 @@
 """`python -m app` / `paligemma-server`: serve on PALIGEMMA_HOST:PALIGEMMA_PORT.
 
 SIGTERM (or Ctrl-C) starts a drain: /readyz turns 503 and new requests get 503 at once, every admitted
-request still gets its answer (up to PALIGEMMA_DRAIN_TIMEOUT_S), then the process exits 0. A second
-signal exits at once. If the model cannot be loaded or the worker dies, the process exits 1 so the
+request still gets its answer until PALIGEMMA_DRAIN_TIMEOUT_S; at that deadline whatever is unfinished is
+answered 503 (the JSON envelope), and the process exits 0 within a few seconds more. A second signal
+exits at once. If the model cannot be loaded or the worker dies, the process exits 1 so the
 orchestrator restarts it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from app.lifecycle import Lifecycle, Phase
-from app.settings import SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from app.engine.service import RunnerFactory
+from app.settings import SettingsError, load_settings, removed_variables
+
+# Seconds between the drain deadline and the process's exit at most: answers already decided are sent.
+EXIT_GRACE_S = 3
 
 
 class DrainingServer(uvicorn.Server):
@@ -35,6 +44,9 @@ class DrainingServer(uvicorn.Server):
         logging.getLogger("app").info("signal %d: draining (up to %.0f s)", sig, self.drain_timeout_s)
         self.lifecycle.begin_drain(self.drain_timeout_s)
         self.app.state.metrics.ready.set(0)
+        service = self.app.state.service
+        if service is not None:
+            service.begin_drain()
 
     async def on_tick(self, counter: int) -> bool:
         lifecycle = self.lifecycle
@@ -42,13 +54,18 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
         elif lifecycle.phase is Phase.DRAINING and not self.should_exit:
             service = self.app.state.service
-            idle = service is None or not service.busy
-            if idle or time.monotonic() >= (lifecycle.drain_deadline or 0):
+            if service is None or not service.busy:
+                self.should_exit = True
+            elif time.monotonic() >= (lifecycle.drain_deadline or 0):
+                # Answer everything still open now, so no client is cut off mid-response when the
+                # sockets close (and no orchestrator's SIGKILL lands on a request).
+                service.abort_unfinished()
                 self.should_exit = True
         return await super().on_tick(counter)
 
 
-def main() -> None:
+def main(runner_factory: RunnerFactory | None = None) -> None:
+    """Serve until a signal; `runner_factory` replaces the engine's model side (fault-injection tests)."""
     try:
         settings = load_settings()
     except SettingsError as exc:
@@ -56,11 +73,15 @@ def main() -> None:
         sys.exit(2)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for line in removed_variables(os.environ):
+        logging.getLogger("app").warning(line)
     from app.main import create_app
 
-    app = create_app(settings)
+    app = create_app(settings, runner_factory=runner_factory)
+    # By the time uvicorn closes, every request has its answer (see on_tick); the grace period only
+    # covers sending those answers.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5)
+                            timeout_graceful_shutdown=EXIT_GRACE_S)
     server = DrainingServer(config, app.state.lifecycle, settings.drain_timeout_s, app)
     server.run()
     if app.state.lifecycle.phase is Phase.FAILED:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -16,7 +17,7 @@ from app.api.auth import ApiKeyMiddleware, bearer_scheme
 from app.api.errors import install_error_handlers
 from app.api.forms import use_strict_multipart
 from app.api.middleware import RequestContextMiddleware
-from app.engine.service import InferenceService
+from app.engine.service import InferenceService, RunnerFactory
 from app.lifecycle import Lifecycle
 from app.metrics import Metrics
 from app.model.loader import load_model
@@ -49,7 +50,9 @@ async def _bring_up(app: FastAPI) -> None:
             metrics.ready.set(0)
             app.state.on_fatal()
 
-        service = InferenceService(settings, loaded, metrics, decoder, on_fatal=worker_died)
+        service = InferenceService(settings, loaded, metrics, decoder, on_fatal=worker_died,
+                                   **({"runner_factory": app.state.runner_factory}
+                                      if app.state.runner_factory else {}))
         await service.start()
         app.state.service = service
         await service.warm_up()
@@ -80,12 +83,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await asyncio.gather(bring_up, return_exceptions=True)
         service: InferenceService | None = app.state.service
         if service is not None:
-            await service.stop()
+            # Whatever is left of the drain: the signal handler usually spent it already.
+            remaining = max(0.0, (lifecycle.drain_deadline or 0) - time.monotonic())
+            await service.stop(remaining)
         logger.info("stopped")
 
 
-def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] | None = None) -> FastAPI:
-    """Build the app. Nothing heavy happens here: the model loads in the lifespan."""
+def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] | None = None,
+               runner_factory: RunnerFactory | None = None) -> FastAPI:
+    """Build the app. Nothing heavy happens here: the model loads in the lifespan.
+
+    `runner_factory` replaces the model side of the engine (tests hand in fakes and fault injectors).
+    """
     settings = settings or load_settings()
     app = FastAPI(title="PaliGemma server", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
@@ -93,6 +102,7 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] | 
     app.state.lifecycle = Lifecycle()
     app.state.service = None
     app.state.on_fatal = on_fatal or (lambda: None)
+    app.state.runner_factory = runner_factory
 
     install_error_handlers(app)
     use_strict_multipart()

@@ -1,11 +1,16 @@
 """Prometheus metrics, all prefixed `paligemma_`, in a registry owned by one app instance.
 
+`CONTRACT` is the one list of what the server exports: the collectors are built from it, and the README's
+metrics table, the Grafana dashboard, the alert rules and the autoscaler are checked against it in both
+directions (tests/test_metric_contract.py), so none of them can name a metric the server lacks, nor the
+server add one they do not show.
+
 A registry per app (not the process-global default) lets tests build several apps in one process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
 
 from prometheus_client import (
     CollectorRegistry,
@@ -17,61 +22,119 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from app.engine.batcher import BatchObserver
-
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-_BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256)
-
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_STEP_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+_ROW_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512)
 
-class Metrics(BatchObserver):
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str  # the family name; counters are exposed with `_total`, histograms with _bucket/_sum/_count
+    kind: str  # counter, gauge or histogram
+    help: str
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = ()
+
+    @property
+    def samples(self) -> tuple[str, ...]:
+        """The sample names this metric appears under in the exposition format."""
+        if self.kind == "counter":
+            return (f"{self.name}_total",)
+        if self.kind == "histogram":
+            return tuple(f"{self.name}_{suffix}" for suffix in ("bucket", "sum", "count"))
+        return (self.name,)
+
+
+CONTRACT: tuple[MetricSpec, ...] = (
+    MetricSpec("paligemma_requests", "counter", "HTTP requests to /v1/*, by endpoint and status code.",
+               ("endpoint", "status")),
+    MetricSpec("paligemma_request_duration_seconds", "histogram",
+               "Time from a task request's arrival to its response (successful requests).", ("endpoint",),
+               _LATENCY_BUCKETS),
+    MetricSpec("paligemma_queue_wait_seconds", "histogram",
+               "Time from a request reaching the engine to getting a KV-cache row.", (), _LATENCY_BUCKETS),
+    MetricSpec("paligemma_time_to_first_token_seconds", "histogram",
+               "Time from a request reaching the engine to its first generated token.", (), _LATENCY_BUCKETS),
+    MetricSpec("paligemma_step_duration_seconds", "histogram",
+               "Time of one model step: `prefill` (newcomers' prompts) or `decode` (one token per row).",
+               ("phase",), _STEP_BUCKETS),
+    MetricSpec("paligemma_step_rows", "histogram",
+               "Rows in one model step: newcomers in a prefill, running requests in a decode.", ("phase",),
+               _ROW_BUCKETS),
+    MetricSpec("paligemma_queue_depth", "gauge",
+               "Requests admitted and not running yet (being prepared, or waiting for a row)."),
+    MetricSpec("paligemma_running_requests", "gauge", "Requests holding a KV-cache row (generating)."),
+    MetricSpec("paligemma_generated_tokens", "counter",
+               "Tokens generated, counted as each step computes them (cancelled requests' tokens too).",
+               ("endpoint",)),
+    MetricSpec("paligemma_prompt_tokens", "counter", "Prompt tokens of answered requests (image tokens "
+               "included).", ("endpoint",)),
+    MetricSpec("paligemma_rejections", "counter",
+               "Requests refused, dropped or cancelled before their answer, by reason: queue_full, "
+               "shutting_down, timeout, disconnected.", ("reason",)),
+    MetricSpec("paligemma_model_info", "gauge", "The loaded model (value is always 1).",
+               ("model", "dtype", "device", "random_weights", "masks")),
+    MetricSpec("paligemma_ready", "gauge", "1 when the model is loaded and warmed up and not draining."),
+    MetricSpec("paligemma_feature_cache_hits", "counter",
+               "Prefills whose image features came from the cache."),
+)
+
+_KINDS = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
+
+
+class Metrics:
+    """The server's collectors, and the engine's `EngineObserver` (app.engine.observer) over them."""
+
     def __init__(self) -> None:
         # `*_created` timestamps double the output and no dashboard reads them.
         disable_created_metrics()
         self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter("paligemma_requests", "HTTP requests by endpoint and status code.",
-                                ["endpoint", "status"], registry=r)
-        self.request_duration = Histogram("paligemma_request_duration_seconds",
-                                          "Time from a task request's arrival to its response.", ["endpoint"],
-                                          buckets=_LATENCY_BUCKETS, registry=r)
-        self.queue_wait = Histogram("paligemma_queue_wait_seconds",
-                                    "Time a request waited in the queue before its batch started.",
-                                    buckets=_LATENCY_BUCKETS, registry=r)
-        self.inference = Histogram("paligemma_inference_duration_seconds",
-                                   "Time the model worker spent on one batch.", buckets=_LATENCY_BUCKETS,
-                                   registry=r)
-        self.batch_size = Histogram("paligemma_batch_size", "Requests per batch run by the model.",
-                                    buckets=_BATCH_BUCKETS, registry=r)
-        self.queue_depth_gauge = Gauge("paligemma_queue_depth",
-                                       "Requests admitted and waiting for the model (prepared or queued).",
-                                       registry=r)
-        self.generated_tokens = Counter("paligemma_generated_tokens", "Tokens generated, by endpoint.",
-                                        ["endpoint"], registry=r)
-        self.prompt_tokens = Counter("paligemma_prompt_tokens", "Prompt tokens (image tokens included).",
-                                     ["endpoint"], registry=r)
-        self.rejections = Counter("paligemma_rejections",
-                                  "Requests refused or dropped before the model ran, by reason.", ["reason"],
-                                  registry=r)
-        self.model_info = Gauge("paligemma_model_info", "The loaded model (value is always 1).",
-                                ["model", "dtype", "device", "random_weights", "masks"], registry=r)
-        self.ready = Gauge("paligemma_ready", "1 when the model is loaded and warmed up and not draining.",
-                           registry=r)
-        self.feature_cache_hits = Counter("paligemma_feature_cache_hits",
-                                          "Requests whose image features came from the cache.", registry=r)
+        self.collectors = {spec.name: self._build(spec) for spec in CONTRACT}
+        c = self.collectors
+        self.requests = c["paligemma_requests"]
+        self.request_duration = c["paligemma_request_duration_seconds"]
+        self.queue_wait_seconds = c["paligemma_queue_wait_seconds"]
+        self.time_to_first_token = c["paligemma_time_to_first_token_seconds"]
+        self.step_duration = c["paligemma_step_duration_seconds"]
+        self.step_rows = c["paligemma_step_rows"]
+        self.queue_depth_gauge = c["paligemma_queue_depth"]
+        self.running_requests = c["paligemma_running_requests"]
+        self.generated_tokens = c["paligemma_generated_tokens"]
+        self.prompt_tokens = c["paligemma_prompt_tokens"]
+        self.rejections = c["paligemma_rejections"]
+        self.model_info = c["paligemma_model_info"]
+        self.ready = c["paligemma_ready"]
+        self.feature_cache_hit_count = c["paligemma_feature_cache_hits"]
 
-    # BatchObserver
+    def _build(self, spec: MetricSpec):  # -> Counter | Gauge | Histogram
+        extra = {"buckets": spec.buckets} if spec.kind == "histogram" else {}
+        return _KINDS[spec.kind](spec.name, spec.help, spec.labels, registry=self.registry, **extra)
+
+    # EngineObserver --------------------------------------------------------------------------------
     def queue_depth(self, depth: int) -> None:
         self.queue_depth_gauge.set(depth)
 
-    def batch_started(self, size: int, queue_waits: Sequence[float]) -> None:
-        self.batch_size.observe(size)
-        for wait in queue_waits:
-            self.queue_wait.observe(wait)
+    def queue_wait(self, seconds: float) -> None:
+        self.queue_wait_seconds.observe(seconds)
 
-    def batch_finished(self, size: int, seconds: float) -> None:
-        self.inference.observe(seconds)
+    def running(self, rows: int) -> None:
+        self.running_requests.set(rows)
+
+    def step(self, phase: str, rows: int, seconds: float) -> None:
+        self.step_duration.labels(phase).observe(seconds)
+        self.step_rows.labels(phase).observe(rows)
+
+    def first_token(self, seconds: float) -> None:
+        self.time_to_first_token.observe(seconds)
+
+    def tokens(self, label: str, count: int) -> None:
+        self.generated_tokens.labels(label).inc(count)
+
+    def feature_cache_hits(self, count: int) -> None:
+        if count:
+            self.feature_cache_hit_count.inc(count)
 
     def dropped(self, reason: str) -> None:
         self.rejections.labels(reason).inc()

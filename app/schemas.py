@@ -108,7 +108,11 @@ class ModelCard(BaseModel):
     device: str
     masks: bool = Field(description="Whether /v1/segment returns decoded masks.")
     mask_decoder: MaskDecoderInfo | None
-    max_batch_size: int
+    max_batch_size: int = Field(description="Requests generating together (rows of the KV cache).")
+    max_prompt_tokens: int = Field(description="Most text tokens in a prompt, after the image tokens.")
+    decode_graphs: list[int] = Field(
+        description="Row counts whose decode step was captured as a CUDA graph (empty: decoding eagerly)."
+    )
     max_new_tokens: int
     default_max_new_tokens: int
 

@@ -6,6 +6,7 @@ A bad value stops start-up with a message that names the variable (`load_setting
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -29,11 +30,22 @@ class Settings(BaseSettings):
     seed: int = Field(0, ge=0, description="Seed of the random weights of the built-in presets.")
     mask_decoder: Path | None = Field(None, description="Path of vae-oid.npz; masks are off without it.")
 
-    # Batching.
-    max_batch_size: int = Field(16, ge=1, le=512)
-    max_batch_wait_ms: float = Field(5.0, ge=0, le=10_000)
+    # Engine.
+    max_batch_size: int = Field(
+        32, ge=1, le=1024,
+        description="Rows of the KV cache: the most requests generating together, one token each per step.",
+    )
     max_queue: int = Field(256, ge=1, le=100_000)
     request_timeout_s: float = Field(60.0, gt=0, le=3600)
+    prefill_tokens: int = Field(
+        8192, ge=1, le=1_000_000,
+        description="Most prompt tokens prefilled in one step (newcomers beyond it join at the next step).",
+    )
+    cuda_graphs: bool = Field(True, description="On CUDA, capture decode steps as CUDA graphs at start-up.")
+    liveness_stall_s: float = Field(
+        120.0, gt=0, le=86_400,
+        description="/healthz fails when one model step has been running longer than this.",
+    )
     prepare_workers: int = Field(2, ge=1, le=64, description="Threads that decode and resize images.")
     feature_cache_size: int = Field(
         64, ge=0, le=100_000, description="Image features kept for repeated images (0 turns it off)."
@@ -42,6 +54,10 @@ class Settings(BaseSettings):
     # Generation.
     max_new_tokens: int = Field(256, ge=1, le=8192, description="Cap on a request's max_new_tokens.")
     default_max_new_tokens: int = Field(64, ge=1, le=8192)
+    max_prompt_tokens: int = Field(
+        256, ge=8, le=32_768,
+        description="Most text tokens in a prompt (after the image tokens); sizes the KV cache rows.",
+    )
 
     # Input bounds.
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024)
@@ -96,6 +112,18 @@ class Settings(BaseSettings):
     @property
     def request_body_limit(self) -> int:
         return self.max_request_bytes or self.max_image_bytes + 1024 * 1024
+
+
+# Variables earlier versions read; setting one now has no effect, so start-up says so.
+REMOVED_VARIABLES = {
+    f"{ENV_PREFIX}MAX_BATCH_WAIT_MS": "requests join a running batch at the next model step; nothing waits",
+}
+
+
+def removed_variables(environ: Mapping[str, str]) -> list[str]:
+    """One line per removed variable that is set in `environ`."""
+    return [f"{name} is no longer used ({why}); unset it" for name, why in REMOVED_VARIABLES.items()
+            if name in environ]
 
 
 class SettingsError(Exception):

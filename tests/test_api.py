@@ -1,4 +1,4 @@
-"""The API through the real app: a real tiny PaliGemma, the real batcher, every endpoint and error."""
+"""The API through the real app: a real tiny PaliGemma, the real engine, every endpoint and error."""
 
 from __future__ import annotations
 
@@ -149,11 +149,13 @@ def test_metrics_count_what_was_sent():
     assert metric_value(text, "paligemma_requests_total", endpoint="/v1/vqa", status="422") == 1
     assert metric_value(text, "paligemma_requests_total", endpoint="/v1/detect", status="200") == 1
     assert metric_value(text, "paligemma_request_duration_seconds_count", endpoint="/v1/caption") == 3
-    # The warm-up batch plus one per request (sent one at a time).
-    assert metric_value(text, "paligemma_batch_size_count") == 5
-    assert metric_value(text, "paligemma_queue_wait_seconds_count") == 5
-    assert metric_value(text, "paligemma_inference_duration_seconds_count") == 5
+    # The warm-up's six requests (one per task path) plus the four answered ones each got a row.
+    assert metric_value(text, "paligemma_queue_wait_seconds_count") == 10
+    assert metric_value(text, "paligemma_time_to_first_token_seconds_count") == 10
+    assert metric_value(text, "paligemma_step_rows_sum", phase="prefill") == 10
+    assert metric_value(text, "paligemma_step_duration_seconds_count", phase="decode") >= 3
     assert 3 <= metric_value(text, "paligemma_generated_tokens_total", endpoint="/v1/caption") <= 12
+    assert metric_value(text, "paligemma_running_requests") == 0
     assert metric_value(text, "paligemma_prompt_tokens_total", endpoint="/v1/caption") > 3 * 256
     assert metric_value(text, "paligemma_queue_depth") == 0
     assert metric_value(text, "paligemma_ready") == 1

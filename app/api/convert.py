@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.engine.service import InferenceService, JobResult, ObjectResult
+from app.engine.jobs import JobResult, ObjectResult
+from app.engine.service import InferenceService
 from app.model.loader import RANDOM_WEIGHTS_WARNING
 from app.schemas import RLE, Box, Detection, ImageSize, Segment, Timings, Usage
 from app.tasks.parsing import Box as InternalBox

@@ -16,9 +16,15 @@ metrics_router = APIRouter(tags=["operations"])
 models_router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz", response_model=Health, summary="Liveness: 200 while the process runs")
-async def healthz() -> Health:
-    return Health(status="alive")
+@router.get("/healthz", response_model=Health, summary="Liveness: 200 unless the model worker is stuck",
+            responses={503: {"model": Health, "description": "One model step has run longer than "
+                                                             "PALIGEMMA_LIVENESS_STALL_S: restart me."}})
+async def healthz(request: Request) -> JSONResponse:
+    service = request.app.state.service
+    limit = request.app.state.settings.liveness_stall_s
+    if service is not None and service.stalled_for() > limit:
+        return JSONResponse({"status": "stalled"}, status_code=503)
+    return JSONResponse({"status": "alive"})
 
 
 @router.get("/readyz", response_model=Health, summary="Readiness: 200 once the model is loaded and warmed up",
@@ -38,7 +44,7 @@ async def metrics(metrics: MetricsDep) -> Response:
                    responses=ERROR_RESPONSES)
 async def models(request: Request, service: ServiceDep) -> ModelList:
     loaded = service.loaded
-    decoder = service.mask_decoder_info
+    decoder = service.mask_decoder
     card = ModelCard(
         id=loaded.name,
         random_weights=loaded.random_weights,
@@ -52,6 +58,8 @@ async def models(request: Request, service: ServiceDep) -> ModelList:
         mask_decoder=MaskDecoderInfo(path=str(decoder.path), sha256=decoder.sha256,
                                      matches_published=decoder.matches_published) if decoder else None,
         max_batch_size=service.settings.max_batch_size,
+        max_prompt_tokens=service.settings.max_prompt_tokens,
+        decode_graphs=service.decode_graphs,
         max_new_tokens=service.settings.max_new_tokens,
         default_max_new_tokens=service.settings.default_max_new_tokens,
     )

@@ -11,7 +11,8 @@ from fastapi.responses import Response
 from app.api import convert
 from app.api.deps import ServiceDep
 from app.api.errors import ERROR_RESPONSES
-from app.engine.service import InferenceService, Job, JobResult
+from app.engine.jobs import Job, JobResult
+from app.engine.service import InferenceService
 from app.errors import InvalidImage, PayloadTooLarge, ValidationFailed
 from app.schemas import AnswerResponse, DetectResponse, GenerateResponse, SegmentResponse, TextResponse
 from app.tasks import prompts
@@ -77,7 +78,7 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 async def _execute(request: Request, service: InferenceService, task: Task, prefix: str,
                    image: UploadFile, max_new_tokens: int | None) -> JobResult:
-    job = Job(task, prefix, _max_new_tokens(max_new_tokens, service))
+    job = Job(task, prefix, _max_new_tokens(max_new_tokens, service), label=request.url.path)
     data = await _read_image(image, service.settings.max_image_bytes)
     work = asyncio.ensure_future(service.run(job, data))
     watcher = asyncio.ensure_future(_wait_for_disconnect(request))
@@ -89,9 +90,7 @@ async def _execute(request: Request, service: InferenceService, task: Task, pref
         work.cancel()  # abandons the request if it is still queued (counted as `disconnected`)
         raise ClientDisconnected
     result = work.result()
-    endpoint = request.url.path
-    service.metrics.generated_tokens.labels(endpoint).inc(result.completion_tokens)
-    service.metrics.prompt_tokens.labels(endpoint).inc(result.prompt_tokens)
+    request.app.state.metrics.prompt_tokens.labels(request.url.path).inc(result.prompt_tokens)
     return result
 
 

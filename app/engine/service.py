@@ -1,98 +1,83 @@
-"""The inference service: admission -> image preparation -> batching queue -> results.
+"""The inference service: admission -> image preparation -> the step engine -> results.
 
-No HTTP here: routes hand in a `Job` and the upload's bytes and get a `JobResult` (plain dataclasses)
-or a `ServiceError`. Image decoding, resizing and mask placement run in a small thread pool so the
-model worker only ever sees ready tensors.
+No HTTP here: routes hand in a `Job` and the upload's bytes and get a `JobResult` or a `ServiceError`.
+Image decoding, resizing and mask placement run in a small thread pool, so the model worker only ever
+sees ready tensors and the event loop never blocks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image
 
-from app.engine.batcher import Batcher, BatcherConfig
-from app.engine.work import BatchWork, WorkRequest, WorkResult
+from app.engine.engine import Completion, Engine, EngineConfig, EngineRequest, TokenCallback
+from app.engine.faults import is_out_of_memory, is_unrecoverable
+from app.engine.finishing import FinishedOutput, OutputFinisher
+from app.engine.jobs import Job, JobResult
+from app.engine.loop import StepRunner
+from app.engine.observer import EngineObserver
+from app.engine.results import object_results
+from app.engine.runner import ModelStepRunner, RowInput, RunnerConfig
+from app.errors import InvalidRequest, ShuttingDown
 from app.images import decode_image
 from app.masks.decoder import LoadedMaskDecoder
-from app.masks.placement import encode_rle, mask_area, mask_bbox, place_mask
-from app.metrics import Metrics
+from app.masks.placement import encode_rle, place_mask
 from app.model.inputs import ImageTransform, PromptEncoder
 from app.model.loader import LoadedModel
-from app.model.runner import ModelInput, ModelRunner
 from app.settings import Settings
-from app.tasks.parsing import Box, ParsedObject
 from app.tasks.prompts import Task
 
 logger = logging.getLogger(__name__)
 
+# Builds the model side of the engine; tests hand in fakes or wrappers through `create_app`.
+RunnerFactory = Callable[[LoadedModel, RunnerConfig], StepRunner]
 
-@dataclass(frozen=True)
-class Job:
-    task: Task
-    prefix: str
-    max_new_tokens: int
-
-
-@dataclass(frozen=True)
-class MaskResult:
-    rle: dict[str, object]
-    area: int
-    box: Box | None  # pixel box of the mask itself (None when empty)
+# One request per task path, run before the server says it is ready.
+_WARM_UP_JOBS = (
+    Job(Task.CAPTION, "caption en", 2), Job(Task.VQA, "answer en what is this?", 2), Job(Task.OCR, "ocr", 2),
+    Job(Task.DETECT, "detect warm up", 2), Job(Task.SEGMENT, "segment warm up", 2),
+    Job(Task.GENERATE, "caption es", 2),
+)
 
 
-@dataclass(frozen=True)
-class ObjectResult:
-    label: str
-    box: Box  # pixels
-    box_normalized: Box
-    mask_tokens: tuple[int, ...] | None
-    mask: MaskResult | None
-    mask_problem: str | None
-
-
-@dataclass(frozen=True)
-class JobResult:
-    text: str  # the model's output as decoded (loc/seg tokens included)
-    width: int
-    height: int
-    prompt_tokens: int
-    completion_tokens: int
-    finished: bool
-    objects: list[ObjectResult] | None  # None for tasks that do not locate
-    dropped_objects: int
-    timings: dict[str, float] = field(default_factory=dict)
+def runner_config(settings: Settings) -> RunnerConfig:
+    return RunnerConfig(rows=settings.max_batch_size, max_prompt_tokens=settings.max_prompt_tokens,
+                        max_new_tokens=settings.max_new_tokens,
+                        feature_cache_size=settings.feature_cache_size, cuda_graphs=settings.cuda_graphs)
 
 
 class InferenceService:
-    def __init__(self, settings: Settings, loaded: LoadedModel, metrics: Metrics,
+    def __init__(self, settings: Settings, loaded: LoadedModel, observer: EngineObserver,
                  mask_decoder: LoadedMaskDecoder | None = None,
-                 on_fatal: Callable[[BaseException], None] = lambda exc: None):
+                 on_fatal: Callable[[BaseException], None] = lambda exc: None,
+                 runner_factory: RunnerFactory = ModelStepRunner):
         self.settings = settings
         self.loaded = loaded
-        self.metrics = metrics
-        self.mask_decoder = mask_decoder  # a LoadedMaskDecoder, or None
+        self.mask_decoder = mask_decoder
         self._active = 0  # requests inside run(), for draining
         self.transform = ImageTransform.from_processor(loaded.processor)
         self.encoder = PromptEncoder.from_processor(loaded.processor)
-        self.runner = ModelRunner(loaded, settings.feature_cache_size)
+        self.runner = runner_factory(loaded, runner_config(settings))
         self._prep = ThreadPoolExecutor(settings.prepare_workers, thread_name_prefix="prepare")
-        self.batcher: Batcher[WorkRequest, WorkResult] = Batcher(
-            BatchWork(self.runner, self.encoder, mask_decoder.decoder if mask_decoder else None),
-            BatcherConfig(settings.max_batch_size, settings.max_batch_wait_ms / 1000, settings.max_queue),
-            observer=metrics,
-            is_oom=_is_out_of_memory,
-            is_fatal=_is_unrecoverable,
+        self.engine = Engine(
+            self.runner,
+            OutputFinisher(self.encoder, mask_decoder.decoder if mask_decoder else None),
+            rows=settings.max_batch_size,
+            stop_tokens=frozenset(loaded.eos_token_ids),
+            config=EngineConfig(settings.max_queue, settings.prefill_tokens),
+            observer=observer,
+            is_oom=is_out_of_memory,
+            is_fatal=is_unrecoverable,
             on_fatal=on_fatal,
-            group_key=lambda work: work.model_input.max_new_tokens,
         )
 
     @property
@@ -100,123 +85,120 @@ class InferenceService:
         return self.mask_decoder is not None
 
     @property
-    def mask_decoder_info(self) -> LoadedMaskDecoder | None:
-        return self.mask_decoder
-
-    @property
     def busy(self) -> bool:
         """Whether any request is anywhere between admission and its answer."""
-        return self._active > 0 or self.batcher.busy
+        return self._active > 0 or self.engine.busy
 
+    @property
+    def decode_graphs(self) -> list[int]:
+        graphs = getattr(self.runner, "graphs", None)
+        return graphs.captured if graphs is not None else []
+
+    def stalled_for(self) -> float:
+        """Seconds the model worker has been inside its current step (0 between steps)."""
+        return self.engine.stalled_for()
+
+    # Life ------------------------------------------------------------------------------------------
     async def start(self) -> None:
-        self.batcher.start()
+        self.engine.start()
 
     async def warm_up(self) -> None:
-        """One real batch through the batcher and the worker, so the first client pays no lazy set-up.
+        """Capture the decode graphs, then run every task path and the mask decoder once, so the first
+        clients pay no lazy set-up. Client-facing limits (pixels, bytes) are not applied here: they must
+        not stop start-up."""
+        started = time.perf_counter()
+        capture = getattr(self.runner, "capture_graphs", None)
+        if capture is not None:
+            await asyncio.to_thread(capture)
+        image = io.BytesIO()
+        Image.new("RGB", (48, 32), (127, 127, 127)).save(image, format="PNG")
+        await asyncio.gather(*(self._run(job, image.getvalue(), None, max_pixels=48 * 32)
+                               for job in _WARM_UP_JOBS))
+        if self.mask_decoder is not None:
+            await asyncio.to_thread(self._warm_masks)
+        logger.info("warm-up: every task path ran in %.1f s", time.perf_counter() - started)
 
-        It skips image decoding on purpose: client-facing limits (pixels, bytes) must not stop start-up.
-        """
-        image = Image.new("RGB", (self.transform.width, self.transform.height), (127, 127, 127))
-        work = WorkRequest(Task.SEGMENT, ModelInput(self.encoder.encode("segment warm up"),
-                                                    self.transform(image), 2))
-        await self.batcher.submit(self.batcher.reserve(), work, self.settings.request_timeout_s)
+    def _warm_masks(self) -> None:
+        assert self.mask_decoder is not None
+        logits = self.mask_decoder.decoder.decode(np.zeros((1, 16), dtype=np.int64))
+        encode_rle(place_mask(logits[0], (0.25, 0.25, 0.75, 0.75), 48, 32))
 
-    async def stop(self) -> None:
-        await self.batcher.stop(self.settings.drain_timeout_s)
+    def begin_drain(self) -> None:
+        self.engine.stop_intake()
+
+    def abort_unfinished(self) -> None:
+        """The drain deadline passed: answer every admitted request 503 now."""
+        self.engine.abort(ShuttingDown("the server shut down before this request finished; retry on another "
+                                       "replica", headers={"Retry-After": "1"}))
+
+    async def stop(self, drain_timeout_s: float) -> None:
+        await self.engine.stop(drain_timeout_s)
         self._prep.shutdown(wait=False, cancel_futures=True)
 
-    async def run(self, job: Job, image_bytes: bytes) -> JobResult:
+    # Requests --------------------------------------------------------------------------------------
+    async def run(self, job: Job, image_bytes: bytes, on_tokens: TokenCallback | None = None) -> JobResult:
         self._active += 1
         try:
-            return await self._run(job, image_bytes)
+            return await self._run(job, image_bytes, on_tokens, self.settings.max_image_pixels)
         finally:
             self._active -= 1
 
-    async def _run(self, job: Job, image_bytes: bytes) -> JobResult:
+    async def _run(self, job: Job, image_bytes: bytes, on_tokens: TokenCallback | None,
+                   max_pixels: int) -> JobResult:
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        slot = self.batcher.reserve()  # 429 / 503 before any work is spent on the image
+        slot = self.engine.reserve()  # 429 / 503 before any work is spent on the image
         try:
-            width, height, pixels, image_key = await loop.run_in_executor(self._prep, self._prepare_image,
-                                                                           image_bytes)
-            input_ids = self.encoder.encode(job.prefix)
+            input_ids = self._encode(job.prefix)
+            width, height, pixels, image_key = await loop.run_in_executor(
+                self._prep, self._prepare_image, image_bytes, max_pixels)
         except BaseException:
             slot.release()
             raise
         prepared = time.perf_counter()
-        work = WorkRequest(job.task, ModelInput(input_ids, pixels, job.max_new_tokens, image_key))
-        result = await self.batcher.submit(slot, work, self.settings.request_timeout_s)
+        request = EngineRequest(len(input_ids), job.max_new_tokens,
+                                RowInput(input_ids, pixels, image_key, job.sampling), job.task, job.label)
+        completion = await self.engine.submit(slot, request, self.settings.request_timeout_s, on_tokens)
         generated = time.perf_counter()
-        if result.generation.cached_features:
-            self.metrics.feature_cache_hits.inc()
         objects = None
-        if result.parsed is not None:
-            objects = await loop.run_in_executor(self._prep, self._objects, result, width, height)
+        output: FinishedOutput = completion.output
+        if output.parsed is not None:
+            objects = await loop.run_in_executor(self._prep, object_results, output, width, height,
+                                                 self.masks_enabled)
         finished = time.perf_counter()
-        return JobResult(
-            text=result.text,
-            width=width,
-            height=height,
-            prompt_tokens=result.generation.prompt_tokens,
-            completion_tokens=result.generation.completion_tokens,
-            finished=result.generation.finished,
-            objects=objects,
-            dropped_objects=result.parsed.dropped if result.parsed else 0,
-            timings={
-                "prepare_ms": round((prepared - started) * 1000, 2),
-                "queue_and_inference_ms": round((generated - prepared) * 1000, 2),
-                "postprocess_ms": round((finished - generated) * 1000, 2),
-                "total_ms": round((finished - started) * 1000, 2),
-            },
-        )
+        return _job_result(completion, output, width, height, objects, {
+            "prepare_ms": round((prepared - started) * 1000, 2),
+            "queue_and_inference_ms": round((generated - prepared) * 1000, 2),
+            "postprocess_ms": round((finished - generated) * 1000, 2),
+            "total_ms": round((finished - started) * 1000, 2),
+        })
 
-    def _prepare_image(self, data: bytes) -> tuple[int, int, torch.Tensor, str]:
-        decoded = decode_image(data, max_pixels=self.settings.max_image_pixels,
-                               min_side=self.transform.min_side)
+    def _encode(self, prefix: str) -> list[int]:
+        input_ids = self.encoder.encode(prefix)
+        text_tokens = len(input_ids) - self.encoder.image_seq_length
+        if text_tokens > self.settings.max_prompt_tokens:
+            raise InvalidRequest(
+                f"the prompt is {text_tokens} tokens long; at most {self.settings.max_prompt_tokens} are "
+                "allowed (PALIGEMMA_MAX_PROMPT_TOKENS): shorten the question, prompt or object names")
+        return input_ids
+
+    def _prepare_image(self, data: bytes, max_pixels: int) -> tuple[int, int, torch.Tensor, str]:
+        decoded = decode_image(data, max_pixels=max_pixels, min_side=self.transform.min_side)
         # The same bytes always give the same pixels, hence the same features: key the cache on them.
         image_key = hashlib.blake2b(data, digest_size=16).hexdigest()
         return decoded.width, decoded.height, self.transform(decoded.image), image_key
 
-    def _objects(self, result: WorkResult, width: int, height: int) -> list[ObjectResult]:
-        assert result.parsed is not None
-        return [
-            _object_result(obj, logits, width, height, self.masks_enabled)
-            for obj, logits in zip(result.parsed.objects, result.mask_logits, strict=True)
-        ]
 
-
-def _object_result(obj: ParsedObject, logits: np.ndarray | None, width: int, height: int,
-                   masks_enabled: bool) -> ObjectResult:
-    mask = None
-    problem = obj.mask_problem
-    if logits is not None:
-        b = obj.box
-        rle = encode_rle(place_mask(logits, (b.x_min, b.y_min, b.x_max, b.y_max), width, height))
-        bbox = mask_bbox(rle)
-        mask = MaskResult(rle, mask_area(rle), Box(*bbox) if bbox else None)
-    elif problem is None and obj.mask_tokens is not None and not masks_enabled:
-        problem = "no mask decoder is loaded (set PALIGEMMA_MASK_DECODER)"
-    return ObjectResult(
-        label=obj.label,
-        box=obj.box.to_pixels(width, height),
-        box_normalized=obj.box,
-        mask_tokens=obj.mask_tokens,
-        mask=mask,
-        mask_problem=problem,
+def _job_result(completion: Completion, output: FinishedOutput, width: int, height: int, objects,
+                timings: dict[str, float]) -> JobResult:
+    return JobResult(
+        text=output.text,
+        width=width,
+        height=height,
+        prompt_tokens=completion.prompt_tokens,
+        completion_tokens=completion.computed,
+        finished=completion.finish_reason == "stop",
+        objects=objects,
+        dropped_objects=output.parsed.dropped if output.parsed else 0,
+        timings=timings,
     )
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError)
-
-
-def _is_unrecoverable(exc: BaseException) -> bool:
-    """Errors after which the device cannot be trusted: CUDA leaves its context broken (device-side
-    asserts, illegal memory accesses), so every later call would fail too; only a restart helps."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return False
-    accelerator_error = getattr(torch, "AcceleratorError", None)
-    if accelerator_error is not None and isinstance(exc, accelerator_error):
-        return True
-    return "CUDA error" in str(exc)
-

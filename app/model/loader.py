@@ -81,8 +81,11 @@ def _from_preset(preset: presets.Preset, device: torch.device, dtype: torch.dtyp
 
 def _from_pretrained(source: str, revision: str | None, device: torch.device, dtype: torch.dtype):
     processor = PaliGemmaProcessor.from_pretrained(source, revision=revision or "main")
+    # No attn_implementation: transformers then takes sdpa wherever the architecture supports it and
+    # eager for PaliGemma 2's Gemma 2 layers, whose soft-capped attention sdpa cannot compute (asking for
+    # sdpa there is an error at load time).
     model = PaliGemmaForConditionalGeneration.from_pretrained(
-        source, revision=revision or "main", dtype=dtype, attn_implementation="sdpa", device_map=str(device)
+        source, revision=revision or "main", dtype=dtype, device_map=str(device)
     )
     return model, processor
 

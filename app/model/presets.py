@@ -4,6 +4,9 @@ They exist so a fresh checkout serves at once and every code path runs on a real
 `PaliGemmaForConditionalGeneration`. Their outputs are meaningless; everything that shows them says so.
 
 - `tiny`: a 2-layer, 64-wide model (about 0.3 M parameters): the default, for tests and a first run.
+- `tiny-448`: `tiny` at PaliGemma's 448 px layout (1024 image tokens), so longer cache rows get exercised.
+- `tiny-gemma2`: `tiny` with PaliGemma 2's language model (Gemma 2: sliding-window and full layers,
+  soft-capping, eager attention); its window is short (32) so decoding crosses it.
 - `bench`: about 36 M parameters, large enough that its forward pass dominates a request's cost on a CPU.
 - `paligemma-3b-224`: the exact PaliGemma-3B 224 px architecture (SigLIP So400m + Gemma 2B), for GPU
   measurements; 2.9 B parameters, so build it in bfloat16 on a GPU.
@@ -59,6 +62,9 @@ class Preset:
     # every batching test vacuous; the small presets untie it and draw weights at unit scale so that greedy
     # outputs depend on the image and the prompt.
     varied_outputs: bool = True
+    # "gemma" (PaliGemma) or "gemma2" (PaliGemma 2).
+    text_model: str = "gemma"
+    sliding_window: int = 4096
 
     @property
     def image_seq_length(self) -> int:
@@ -70,6 +76,10 @@ PRESETS: dict[str, Preset] = {
     for p in (
         Preset("tiny", "2-layer 64-wide PaliGemma, random weights", 224, 14, 64, 2, 4, 128, 64, 2, 4, 1, 16,
                128),
+        Preset("tiny-448", "2-layer 64-wide PaliGemma at 448 px (1024 image tokens), random weights", 448,
+               14, 64, 2, 4, 128, 64, 2, 4, 1, 16, 128),
+        Preset("tiny-gemma2", "2-layer 64-wide PaliGemma 2 (Gemma 2 language model), random weights", 224,
+               14, 64, 2, 4, 128, 64, 2, 4, 1, 16, 128, text_model="gemma2", sliding_window=32),
         Preset("bench", "6-layer PaliGemma of about 36 M parameters, random weights", 224, 14, 384, 6, 6,
                1536, 512, 6, 8, 1, 64, 2048),
         Preset("paligemma-3b-224", "PaliGemma-3B 224 px architecture (SigLIP So400m + Gemma 2B), random "
@@ -139,7 +149,7 @@ def build_config(preset: Preset, tokenizer: PreTrainedTokenizerFast) -> PaliGemm
             "vision_use_head": False,
         },
         text_config={
-            "model_type": "gemma",
+            "model_type": preset.text_model,
             "hidden_size": preset.text_hidden,
             "intermediate_size": preset.text_intermediate,
             "num_hidden_layers": preset.text_layers,
@@ -150,6 +160,7 @@ def build_config(preset: Preset, tokenizer: PreTrainedTokenizerFast) -> PaliGemm
             "pad_token_id": tokenizer.pad_token_id,
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
+            **(_gemma2_text_config(preset) if preset.text_model == "gemma2" else {}),
         },
         image_token_index=image_token_id,
         vocab_size=vocab_size,
@@ -162,10 +173,23 @@ def build_config(preset: Preset, tokenizer: PreTrainedTokenizerFast) -> PaliGemm
     )
 
 
+def _gemma2_text_config(preset: Preset) -> dict[str, object]:
+    """What PaliGemma 2's checkpoints set on top of Gemma's: alternating sliding and full layers."""
+    return {
+        "query_pre_attn_scalar": preset.text_head_dim,
+        "sliding_window": preset.sliding_window,
+        "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention"
+                        for i in range(preset.text_layers)],
+        "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+    }
+
+
 def build_model(preset: Preset, processor: PaliGemmaProcessor) -> PaliGemmaForConditionalGeneration:
     """Random weights from the caller's torch seed and default dtype/device (set them around this call)."""
     config = build_config(preset, processor.tokenizer)
-    config._attn_implementation = "sdpa"
+    # No attention implementation is forced: transformers takes sdpa, or eager for Gemma 2, whose
+    # soft-capped attention sdpa cannot compute.
     model = PaliGemmaForConditionalGeneration(config)
     if preset.varied_outputs:
         with torch.no_grad():

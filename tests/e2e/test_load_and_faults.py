@@ -8,13 +8,15 @@ import time
 from urllib.parse import urlparse
 
 import httpx
+import pytest
 from PIL import Image
 
 from tests.helpers import encode, jpeg, metric_value
 from tests.served import served
 
-BLUE = encode(Image.new("RGB", (40, 30), (0, 0, 255)), "PNG")  # the launcher makes its batch slow
-BLACK = encode(Image.new("RGB", (40, 30), (0, 0, 0)), "PNG")  # the launcher makes its batch fail
+BLUE = encode(Image.new("RGB", (40, 30), (0, 0, 255)), "PNG")  # the launcher makes its prefill slow
+GREEN = encode(Image.new("RGB", (40, 30), (0, 255, 0)), "PNG")  # ... and each of its decode steps
+BLACK = encode(Image.new("RGB", (40, 30), (0, 0, 0)), "PNG")  # ... and its prefill fail
 
 
 async def _post(client: httpx.AsyncClient, url: str, image: bytes, **data: str) -> httpx.Response:
@@ -56,7 +58,7 @@ def test_a_burst_of_eight_times_the_queue_is_answered_exactly_once_each(tmp_path
 def test_a_failing_request_does_not_fail_its_batch_neighbours(tmp_path):
     env = {"PALIGEMMA_MAX_BATCH_SIZE": "8", "FAULT_SLOW_S": "1.5"}
     with served(tmp_path, env=env, faults=True) as server:
-        # The slow request holds the worker while the other five queue up, so they share one batch.
+        # The slow request holds the worker while the other five queue up, so they share one prefill.
         images = [BLUE, jpeg(64, 48, seed=1), jpeg(80, 60, seed=2), BLACK, jpeg(50, 50, seed=3), jpeg(70, 40, seed=4)]
         responses = asyncio.run(_many(server.url, images, delay_first_s=0.3))
         statuses = [r.status_code for r in responses if isinstance(r, httpx.Response)]
@@ -65,10 +67,10 @@ def test_a_failing_request_does_not_fail_its_batch_neighbours(tmp_path):
         assert error["type"] == "internal_error" and error["request_id"]
         assert "Traceback" not in responses[3].text
         metrics = _metrics(server.url)
-        # Warm-up, the slow one, one failed batch of five, then five retries of one: the neighbours
-        # were recomputed alone.
-        assert metric_value(metrics, "paligemma_batch_size_count") == 8
-        assert metric_value(metrics, "paligemma_batch_size_bucket", le="4.0") == 7
+        # The five were prefilled together, failed, and were retried one at a time: the slow one and
+        # the four neighbours each ran a prefill of one.
+        assert "a prefill of 5 requests failed" in server.log()
+        assert metric_value(metrics, "paligemma_step_rows_bucket", phase="prefill", le="1.0") == 5
         assert httpx.get(f"{server.url}/readyz").status_code == 200
         assert httpx.post(f"{server.url}/v1/ocr", files={"image": ("a.jpg", jpeg(), "image/jpeg")},
                           data={"max_new_tokens": "2"}).status_code == 200
@@ -92,9 +94,33 @@ def test_a_client_that_hangs_up_while_queued_is_not_computed(tmp_path):
         time.sleep(0.5)
         metrics = _metrics(server.url)
         assert metric_value(metrics, "paligemma_rejections_total", reason="disconnected") == 1
-        # Batches ran: the warm-up and the slow one; the abandoned request never reached the model.
-        assert metric_value(metrics, "paligemma_batch_size_sum") == 2
+        # Prefills ran for the warm-up's requests and the slow one; the abandoned request never
+        # reached the model.
+        assert metric_value(metrics, "paligemma_step_rows_sum", phase="prefill") == 6 + 1
         assert metric_value(metrics, "paligemma_requests_total", endpoint="/v1/caption", status="499") == 1
+
+
+def test_a_client_that_leaves_mid_generation_stops_its_rows_work(tmp_path):
+    with served(tmp_path, env={"FAULT_STEP_S": "0.02"}, faults=True) as server:
+        tokens = "paligemma_generated_tokens_total"
+        before = metric_value(_metrics(server.url), tokens, endpoint="/v1/caption")
+        # Control: left alone, this request generates every token it asked for (no early <eos>).
+        whole = httpx.post(f"{server.url}/v1/caption", files={"image": ("g.png", GREEN, "image/png")},
+                           data={"max_new_tokens": "60"}, timeout=60)
+        assert whole.json()["usage"]["completion_tokens"] == 60
+        after_whole = metric_value(_metrics(server.url), tokens, endpoint="/v1/caption")
+        assert after_whole - before == 60
+
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up after 0.5 s of a 5 s generation
+            httpx.post(f"{server.url}/v1/caption", files={"image": ("g.png", GREEN, "image/png")},
+                       data={"max_new_tokens": "250"}, timeout=httpx.Timeout(30, read=0.5))
+        time.sleep(1.0)
+        metrics = _metrics(server.url)
+        spent = metric_value(metrics, tokens, endpoint="/v1/caption") - after_whole
+        assert 5 < spent < 100, spent  # it generated until the client left, then its row stopped
+        assert metric_value(metrics, "paligemma_rejections_total", reason="disconnected") == 1
+        assert metric_value(metrics, "paligemma_running_requests") == 0
+        assert httpx.get(f"{server.url}/readyz").status_code == 200
 
 
 def _multipart_caption(image: bytes) -> tuple[bytes, bytes]:

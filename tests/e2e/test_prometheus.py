@@ -66,8 +66,8 @@ def test_prometheus_scrapes_the_server(tmp_path, prometheus_binary):
             assert float(rejected["value"][1]) == 1
             [info] = _query(url, "paligemma_model_info")
             assert info["metric"]["model"] == "tiny" and info["metric"]["random_weights"] == "true"
-            [batches] = _query(url, "paligemma_batch_size_count")
-            assert float(batches["value"][1]) == 4  # the warm-up and three captions
+            [prefilled] = _query(url, 'paligemma_step_rows_sum{phase="prefill"}')
+            assert float(prefilled["value"][1]) == 6 + 3  # the warm-up's task paths and three captions
         finally:
             process.terminate()
             process.wait(timeout=30)

@@ -1,0 +1,51 @@
+"""What a route hands the service (`Job`) and what it gets back (`JobResult`): plain dataclasses.
+
+The public wire types live in `app.schemas`; `app.api.convert` turns these into them at the edge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from app.engine.sampling import GREEDY, SamplingParams
+from app.tasks.parsing import Box
+from app.tasks.prompts import Task
+
+
+@dataclass(frozen=True)
+class Job:
+    task: Task
+    prefix: str
+    max_new_tokens: int
+    sampling: SamplingParams = GREEDY
+    label: str = ""  # the endpoint, for metrics
+
+
+@dataclass(frozen=True)
+class MaskResult:
+    rle: dict[str, object]
+    area: int
+    box: Box | None  # pixel box of the mask itself (None when empty)
+
+
+@dataclass(frozen=True)
+class ObjectResult:
+    label: str
+    box: Box  # pixels
+    box_normalized: Box
+    mask_tokens: tuple[int, ...] | None
+    mask: MaskResult | None
+    mask_problem: str | None
+
+
+@dataclass(frozen=True)
+class JobResult:
+    text: str  # the model's output as decoded (loc/seg tokens included)
+    width: int
+    height: int
+    prompt_tokens: int
+    completion_tokens: int
+    finished: bool  # ended with <eos> (False: cut at max_new_tokens)
+    objects: list[ObjectResult] | None  # None for tasks that do not locate
+    dropped_objects: int
+    timings: dict[str, float] = field(default_factory=dict)

@@ -1,0 +1,301 @@
+"""The model worker thread: one model step at a time, forever.
+
+Each step: take new and cancelled requests from a thread-safe inbox, let the scheduler plan, prefill the
+newcomers, decode one token for every running row, retire rows whose output ended and finish their
+results (text, parse, mask logits), then post everything that happened to the event loop in one call.
+
+Faults stay with their request: a step that raises is retried one request at a time, so only the
+request that fails alone is failed; out of memory on a prefill puts the newcomers back in line and
+prefills fewer per step from then on; an error that leaves the device unusable stops the loop and fails
+every request (the process then exits so the orchestrator restarts it).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from app.engine.observer import EngineObserver
+from app.engine.scheduler import Scheduler, Sequence
+from app.errors import InferenceFailed
+
+logger = logging.getLogger(__name__)
+
+
+class StepRunner(Protocol):
+    """The model side of a step (`app.engine.runner.ModelStepRunner`, or a fake in tests)."""
+
+    feature_cache_hits: int  # a running count, read after each prefill
+
+    def prefill(self, seqs: list[Sequence]) -> list[int]: ...
+    def decode(self, seqs: list[Sequence], width: int) -> list[int]: ...
+    def decode_alone(self, seq: Sequence) -> int: ...
+    def release(self, seq: Sequence) -> None: ...
+    def recover_memory(self) -> None: ...
+
+
+# Finishes the requests that ended this step, in the worker thread: one output per request.
+Finisher = Callable[[list[Sequence]], list[Any]]
+
+
+@dataclass
+class StepEvents:
+    """What one step did, posted to the event loop in one call."""
+
+    started: list[Sequence] = field(default_factory=list)
+    tokens: list[tuple[Sequence, list[int]]] = field(default_factory=list)
+    finished: list[tuple[Sequence, Any]] = field(default_factory=list)
+    failed: list[tuple[Sequence, BaseException]] = field(default_factory=list)
+    fatal: BaseException | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.started or self.tokens or self.finished or self.failed or self.fatal)
+
+
+class _Fatal(Exception):
+    pass
+
+
+_WAKE = object()
+_STOP = object()
+_ABORT = object()
+
+
+class EngineLoop:
+    def __init__(self, scheduler: Scheduler, runner: StepRunner, finish: Finisher,
+                 post: Callable[[StepEvents], None], observer: EngineObserver,
+                 is_oom: Callable[[BaseException], bool], is_fatal: Callable[[BaseException], bool]):
+        self.scheduler = scheduler
+        self.runner = runner
+        self.finish = finish
+        self.post = post
+        self.observer = observer
+        self.is_oom = is_oom
+        self.is_fatal = is_fatal
+        self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
+        # When the worker last finished a step or went idle: a stuck worker stops moving it.
+        self.last_progress = time.monotonic()
+        self.working = False
+        self._events = StepEvents()
+
+    # Called from other threads ---------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, seq: Sequence) -> None:
+        self._inbox.put(seq)
+
+    def wake(self) -> None:
+        """Look at cancellations now (they are flags on the requests, read when a step is planned)."""
+        self._inbox.put(_WAKE)
+
+    def abort(self) -> None:
+        """Drop every request (their callers were answered already) and keep running."""
+        self._inbox.put(_ABORT)
+
+    def stop(self, timeout_s: float) -> None:
+        self._inbox.put(_STOP)
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def run_until_idle(self, max_steps: int = 1_000_000) -> int:
+        """Take what is in the inbox and step until nothing is left, in the calling thread; the number
+        of steps. For deterministic drivers (tests, in-process benchmarks) that never `start()`."""
+        steps = 0
+        while steps < max_steps:
+            self._drain_inbox()
+            if self.scheduler.idle or not self._guarded_step():
+                break
+            steps += 1
+        return steps
+
+    def step_once(self) -> bool:
+        """One step in the calling thread (see `run_until_idle`); False once the device failed."""
+        self._drain_inbox()
+        return self.scheduler.idle or self._guarded_step()
+
+    def stalled_for(self) -> float:
+        """Seconds the worker has spent in its current step (0 when idle or between steps)."""
+        return time.monotonic() - self.last_progress if self.working else 0.0
+
+    # The worker thread -----------------------------------------------------------------------------
+    def _drain_inbox(self, block: bool = False) -> bool:
+        """Take every waiting message (blocking for the first one if asked); False on a stop."""
+        try:
+            item = self._inbox.get(block=block)
+        except queue.Empty:
+            return True
+        while True:
+            if item is _STOP:
+                return False
+            self._take(item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _run(self) -> None:
+        while True:
+            if not self._drain_inbox(block=self.scheduler.idle):
+                return
+            if not self.scheduler.idle and not self._guarded_step():
+                return
+
+    def _guarded_step(self) -> bool:
+        self.working = True
+        self.last_progress = time.monotonic()
+        try:
+            self._step()
+        except _Fatal as fatal:
+            self._fail_everything(fatal.__cause__ or fatal)
+            return False
+        finally:
+            self.working = False
+            self.last_progress = time.monotonic()
+        return True
+
+    def _take(self, item: object) -> None:
+        if isinstance(item, Sequence):
+            self.scheduler.add(item)
+        elif item is _ABORT:
+            for seq in self.scheduler.all_requests():
+                self.scheduler.fail(seq)
+                self.runner.release(seq)
+
+    def _step(self) -> None:
+        plan = self.scheduler.plan()
+        for seq in plan.dropped:
+            self.runner.release(seq)
+        finished: list[Sequence] = []
+        if plan.admitted:
+            # They hold a row now: their queue slots go back before the (possibly long) prefill runs.
+            self.post(StepEvents(started=list(plan.admitted)))
+            self._prefill(plan.admitted, finished)
+        if plan.decode:
+            self._decode(plan.decode, finished)
+        if finished:
+            self._finish(finished)
+        self.observer.running(len(self.scheduler.running))
+        events, self._events = self._events, StepEvents()
+        if events:
+            self.post(events)
+
+    def _guard(self, exc: BaseException) -> None:
+        if self.is_fatal(exc):
+            raise _Fatal from exc
+
+    def _record(self, seqs: list[Sequence], tokens: list[int], finished: list[Sequence]) -> None:
+        by_label: dict[str, int] = {}
+        for seq, token in zip(seqs, tokens, strict=True):
+            if self.scheduler.record(seq, token):
+                finished.append(seq)
+                self.runner.release(seq)
+            elif seq.cancel_reason is None:
+                self._events.tokens.append((seq, [token]))
+            by_label[seq.label] = by_label.get(seq.label, 0) + 1
+        for label, count in by_label.items():
+            self.observer.tokens(label, count)
+
+    def _prefill(self, seqs: list[Sequence], finished: list[Sequence]) -> None:
+        started = time.perf_counter()
+        hits = self.runner.feature_cache_hits
+        try:
+            tokens = self.runner.prefill(seqs)
+            if len(tokens) != len(seqs):
+                raise RuntimeError(f"the runner returned {len(tokens)} tokens for {len(seqs)} requests")
+        except Exception as exc:
+            self._guard(exc)
+            self._prefill_failed(seqs, exc, finished)
+            return
+        now = time.monotonic()
+        self.observer.step("prefill", len(seqs), time.perf_counter() - started)
+        self.observer.feature_cache_hits(self.runner.feature_cache_hits - hits)
+        for seq in seqs:
+            self.observer.first_token(now - seq.submitted_at)
+        self._record(seqs, tokens, finished)
+
+    def _prefill_failed(self, seqs: list[Sequence], exc: Exception, finished: list[Sequence]) -> None:
+        if self.is_oom(exc):
+            self.runner.recover_memory()
+            if len(seqs) > 1:
+                budget = max(1, sum(seq.prompt_length for seq in seqs) // 2)
+                self.scheduler.prefill_token_budget = min(self.scheduler.prefill_token_budget, budget)
+                self.scheduler.requeue(seqs)
+                logger.warning("out of memory prefilling %d requests; at most %d prompt tokens per step now",
+                               len(seqs), self.scheduler.prefill_token_budget)
+                return
+            self._fail(seqs[0], exc, "the model ran out of memory on this request alone")
+            return
+        if len(seqs) > 1:
+            logger.warning("a prefill of %d requests failed (%r); retrying one at a time", len(seqs), exc)
+            for seq in seqs:
+                self._prefill([seq], finished)
+            return
+        self._fail(seqs[0], exc, "the model failed on this request")
+
+    def _decode(self, seqs: list[Sequence], finished: list[Sequence]) -> None:
+        started = time.perf_counter()
+        try:
+            tokens = self.runner.decode(seqs, self.scheduler.decode_width)
+            if len(tokens) != len(seqs):
+                raise RuntimeError(f"the runner returned {len(tokens)} tokens for {len(seqs)} requests")
+        except Exception as exc:
+            self._guard(exc)
+            self._decode_apart(seqs, exc, finished)
+            return
+        self.observer.step("decode", len(seqs), time.perf_counter() - started)
+        self._record(seqs, tokens, finished)
+
+    def _decode_apart(self, seqs: list[Sequence], exc: Exception, finished: list[Sequence]) -> None:
+        """A decode step failed: run each row alone, fail only the rows that fail alone."""
+        logger.warning("a decode step over %d rows failed (%r); running its rows one at a time",
+                       len(seqs), exc)
+        if self.is_oom(exc):
+            self.runner.recover_memory()
+            self.scheduler.shrink(max(1, len(seqs) // 2))
+            logger.warning("out of memory decoding %d rows; at most %d rows from now on", len(seqs),
+                           self.scheduler.rows_in_effect)
+        for seq in seqs:
+            try:
+                token = self.runner.decode_alone(seq)
+            except Exception as alone:
+                self._guard(alone)
+                self._fail(seq, alone, "the model failed on this request")
+                continue
+            self._record([seq], [token], finished)
+
+    def _finish(self, seqs: list[Sequence]) -> None:
+        try:
+            outputs = self.finish(seqs)
+            if len(outputs) != len(seqs):
+                raise RuntimeError(f"{len(outputs)} outputs for {len(seqs)} requests")
+        except Exception as exc:
+            self._guard(exc)
+            if len(seqs) > 1:
+                for seq in seqs:
+                    self._finish([seq])
+                return
+            logger.error("finishing the output failed for one request", exc_info=exc)
+            self._events.failed.append((seqs[0], InferenceFailed("the server failed finishing this output")))
+            return
+        self._events.finished.extend(zip(seqs, outputs, strict=True))
+
+    def _fail(self, seq: Sequence, exc: BaseException, message: str) -> None:
+        logger.error("%s (request %d)", message, seq.request_id, exc_info=exc)
+        self.scheduler.fail(seq)
+        self.runner.release(seq)
+        self._events.failed.append((seq, InferenceFailed(message)))
+
+    def _fail_everything(self, exc: BaseException) -> None:
+        logger.critical("the model worker failed and cannot recover: %r", exc)
+        for seq in self.scheduler.all_requests():
+            self.scheduler.fail(seq)
+        self._events.fatal = exc
+        events, self._events = self._events, StepEvents()
+        self.post(events)

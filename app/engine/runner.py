@@ -1,0 +1,181 @@
+"""The model side of a step: prefill newcomers into their cache rows, decode one token for running rows.
+
+Runs only in the engine's worker thread. It owns the preallocated KV cache, the step model, the decode
+graphs, the image-feature cache and each sampled request's random generator. The scheduler decides;
+this computes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from app.engine.graphs import DecodeGraphs, graph_buckets
+from app.engine.kv_cache import CacheShape, SlotKVCache
+from app.engine.sampling import GREEDY, SamplingParams, new_generator, select_tokens
+from app.engine.scheduler import Sequence
+from app.engine.step_model import StepModel
+from app.model.features import FeatureCache
+from app.model.loader import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RowInput:
+    """What the model needs of one request, prepared outside the worker."""
+
+    input_ids: list[int]
+    pixel_values: torch.Tensor  # (3, H, W) float32 on the CPU, already normalised
+    image_key: str | None = None  # identifies the image's content, for the feature cache
+    sampling: SamplingParams = GREEDY
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    rows: int
+    max_prompt_tokens: int  # text tokens after the image tokens: <bos>, the prefix and its newline
+    max_new_tokens: int
+    feature_cache_size: int = 0
+    cuda_graphs: bool = True
+
+
+def cache_shape(loaded: LoadedModel, config: RunnerConfig) -> CacheShape:
+    text = loaded.model.config.text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return CacheShape(
+        layers=text.num_hidden_layers,
+        rows=config.rows,
+        kv_heads=text.num_key_value_heads,
+        length=loaded.image_seq_length + config.max_prompt_tokens + config.max_new_tokens,
+        head_dim=head_dim,
+    )
+
+
+class ModelStepRunner:
+    def __init__(self, loaded: LoadedModel, config: RunnerConfig):
+        self.loaded = loaded
+        self.config = config
+        self.device = loaded.device
+        self.shape = cache_shape(loaded, config)
+        self.cache = SlotKVCache(self.shape, loaded.dtype, loaded.device)
+        self.step = StepModel(loaded.model, self.cache)
+        self.graphs = DecodeGraphs(self.step, loaded.pad_token_id)
+        self.features = FeatureCache(config.feature_cache_size)
+        self._generators: dict[int, torch.Generator | None] = {}
+        self.feature_cache_hits = 0  # read by the engine for its metrics
+
+    @property
+    def rows(self) -> int:
+        return self.shape.rows
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.shape.bytes(self.loaded.dtype)
+
+    # Warm-up ---------------------------------------------------------------------------------------
+    def capture_graphs(self) -> None:
+        """On CUDA (unless turned off), capture the decode step for every bucket, logging progress."""
+        if self.device.type != "cuda" or not self.config.cuda_graphs:
+            return
+        buckets = graph_buckets(self.rows)
+
+        def progress(done: int, total: int, seconds: float) -> None:
+            logger.info("capturing decode graphs: %d/%d batch sizes, %.0f s", done, total, seconds)
+
+        try:
+            with torch.inference_mode():
+                self.graphs.capture(buckets, progress)
+        except Exception:
+            # Serving eagerly is slower but correct; the log says so loudly.
+            logger.exception("capturing decode graphs failed; decoding eagerly instead")
+            self.graphs.discard()
+
+    # Steps -----------------------------------------------------------------------------------------
+    def _to_device(self, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if self.device.type == "cuda":
+            # Pinned host memory lets the copy overlap with work already queued on the GPU.
+            return tensor.pin_memory().to(self.device, dtype, non_blocking=True)
+        return tensor.to(self.device, dtype)
+
+    def _image_features(self, inputs: list[RowInput]) -> torch.Tensor:
+        """(batch, image tokens, hidden); each distinct image not in the cache is encoded once."""
+        found: dict[str | int, torch.Tensor] = {}
+        to_encode: dict[str | int, torch.Tensor] = {}
+        for index, item in enumerate(inputs):
+            key: str | int = item.image_key if item.image_key is not None else index
+            if key in found or key in to_encode:
+                continue
+            cached = self.features.get(item.image_key)
+            if cached is not None:
+                found[key] = cached
+                self.feature_cache_hits += 1
+            else:
+                to_encode[key] = item.pixel_values
+        if to_encode:
+            pixels = self._to_device(torch.stack(list(to_encode.values())), self.loaded.dtype)
+            encoded = self.loaded.model.get_image_features(pixels).pooler_output
+            for key, features in zip(to_encode, encoded, strict=True):
+                found[key] = features
+                if isinstance(key, str):
+                    self.features.put(key, features)
+        return torch.stack([found[item.image_key if item.image_key is not None else index]
+                            for index, item in enumerate(inputs)])
+
+    @torch.inference_mode()
+    def prefill(self, seqs: list[Sequence]) -> list[int]:
+        """Write each newcomer's prompt into its row; each one's first generated token."""
+        inputs: list[RowInput] = [seq.payload for seq in seqs]
+        longest = max(len(item.input_ids) for item in inputs)
+        if longest > self.shape.length:
+            raise ValueError(f"a prompt of {longest} tokens does not fit a cache row of "
+                             f"{self.shape.length}")
+        input_ids = torch.full((len(inputs), longest), self.loaded.pad_token_id, dtype=torch.long)
+        for i, item in enumerate(inputs):
+            input_ids[i, : len(item.input_ids)] = torch.tensor(item.input_ids, dtype=torch.long)
+        lengths = torch.tensor([len(item.input_ids) for item in inputs], dtype=torch.long)
+        rows = torch.tensor([seq.row for seq in seqs], dtype=torch.long)
+        logits = self.step.prefill(self._to_device(rows), self._to_device(input_ids), self._to_device(lengths),
+                                   self._image_features(inputs))
+        for seq, item in zip(seqs, inputs, strict=True):
+            self._generators[seq.request_id] = new_generator(item.sampling, self.device)
+        return self._select(seqs, logits)
+
+    @torch.inference_mode()
+    def decode(self, seqs: list[Sequence], width: int) -> list[int]:
+        """One token for each running row; the step covers rows 0..width-1 (idle ones at scratch)."""
+        tokens = [self.loaded.pad_token_id] * width
+        positions = [self.shape.scratch] * width
+        for seq in seqs:
+            assert seq.row is not None
+            tokens[seq.row] = seq.computed[-1]
+            positions[seq.row] = seq.next_position
+        logits = self.graphs.run(tokens, positions)
+        return self._select(seqs, logits[[seq.row for seq in seqs]])
+
+    @torch.inference_mode()
+    def decode_alone(self, seq: Sequence) -> int:
+        """The same step for one row by itself, eagerly: used to find which row makes a step fail."""
+        assert seq.row is not None
+        logits = self.step.decode(
+            torch.tensor([seq.computed[-1]], device=self.device),
+            torch.tensor([seq.next_position], device=self.device),
+            rows=torch.tensor([seq.row], device=self.device),
+        )
+        return self._select([seq], logits)[0]
+
+    def recover_memory(self) -> None:
+        """After an out-of-memory error: hand cached blocks back so a smaller step can fit."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def release(self, seq: Sequence) -> None:
+        """Forget a finished or dropped request's per-row state."""
+        self._generators.pop(seq.request_id, None)
+
+    def _select(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        params = [seq.payload.sampling for seq in seqs]
+        generators = [self._generators.get(seq.request_id) for seq in seqs]
+        return select_tokens(logits, params, generators)
