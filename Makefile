@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test install system-deps lint bench clean
+.PHONY: serve test install lock system-deps lint bench clean
 
 serve: install
 	$(PY) -m app
@@ -15,12 +15,19 @@ test: install system-deps
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/torch-cpu.txt
+# The locked set (requirements/*.lock, hash-checked): torch's CPU build, or its CUDA build where
+# nvidia-smi exists, then everything else, then the project itself (editable). It stops, naming the
+# differences, when pyproject.toml has changed since the locks were made: run `make lock` then.
+$(STAMP): pyproject.toml requirements/torch.in $(wildcard requirements/*.lock)
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	@# No NVIDIA GPU: take the CPU build of torch first (see requirements/torch-cpu.txt).
-	command -v nvidia-smi >/dev/null 2>&1 || $(PIP) install -q -r requirements/torch-cpu.txt
-	$(PIP) install -q -e ".[dev]"
+	$(PY) scripts/lock.py install
 	touch $(STAMP)
+
+# Regenerate requirements/*.lock from pyproject.toml and requirements/torch.in: after adding, removing or
+# bumping a dependency, and after merging branches that did. Needs PyPI; takes seconds.
+lock:
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) scripts/lock.py lock
 
 # Debian packages some tests drive for real (kubectl, promtool, prometheus); idempotent, needs root.
 system-deps:

