@@ -39,6 +39,9 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the metric contract is the server's own (app/metrics.py)
+from app.metrics import CONTRACT  # noqa: E402
+
 DOCKERFILE = ROOT / "docker/Dockerfile"
 PROMETHEUS_DOCKERFILE = ROOT / "docker/prometheus/Dockerfile"
 COMPOSE = ROOT / "compose.yaml"
@@ -64,24 +67,14 @@ SHELL_SCRIPTS = [ROOT / "deploy/check.sh", ROOT / "docker/entrypoint.sh", ROOT /
 # The oldest Kubernetes release the manifests promise to work on, and kubernetes-validate's newest.
 K8S_VERSIONS = ("1.30.0", "1.37.0")
 
-# The server's metric contract (app/metrics.py), as Prometheus sees it: name -> type.
-METRICS: dict[str, str] = {
-    "paligemma_requests_total": "counter",
-    "paligemma_request_duration_seconds": "histogram",
-    "paligemma_queue_wait_seconds": "histogram",
-    "paligemma_inference_duration_seconds": "histogram",
-    "paligemma_batch_size": "histogram",
-    "paligemma_queue_depth": "gauge",
-    "paligemma_generated_tokens_total": "counter",
-    "paligemma_prompt_tokens_total": "counter",
-    "paligemma_rejections_total": "counter",
-    "paligemma_model_info": "gauge",
-    "paligemma_ready": "gauge",
-}
+# The server's metric contract, from its one source (app/metrics.py), as Prometheus sees it:
+# name -> type (counters under their `_total` name).
+METRICS: dict[str, str] = {spec.samples[0] if spec.kind == "counter" else spec.name: spec.kind
+                           for spec in CONTRACT}
 # Labels a query may group by or match on: the metrics' own, histogram buckets, and the target labels
 # Prometheus adds.
-KNOWN_LABELS = {"endpoint", "status", "reason", "model", "dtype", "device", "random_weights", "masks",
-                "le", "instance", "job", "namespace", "pod"}
+KNOWN_LABELS = {label for spec in CONTRACT for label in spec.labels} | {"le", "instance", "job", "namespace",
+                                                                        "pod"}
 # Series Prometheus makes itself that rules may use.
 BUILTIN_SERIES = {"up"}
 # Grafana's variables, replaced by plausible values so that promtool can parse the queries.
