@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import astuple
 from pathlib import Path
 from types import ModuleType
 
@@ -12,7 +13,8 @@ import torch
 
 from app.masks import decoder as decoder_module
 from app.masks.decoder import MaskDecoder, load_mask_decoder
-from app.masks.placement import normalize_loc_bins, place_mask
+from app.masks.placement import place_mask
+from app.tasks.parsing import decode_box
 
 ATOL = 1e-5
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "vae_reference.npz"
@@ -65,11 +67,11 @@ def test_placed_masks_match_big_vision(reference: Arrays, reference_decoder: Mas
     logits = reference_decoder.decode(reference["indices"])
     for k, (index, y1, x1, y2, x2, height, width) in enumerate(reference["place_spec"].tolist()):
         expected = np.unpackbits(reference[f"placed_{k}"], count=height * width).reshape(height, width)
-        placed = place_mask(logits[index], normalize_loc_bins(y1, x1, y2, x2), width, height)
+        placed = place_mask(logits[index], astuple(decode_box([y1, x1, y2, x2])), width, height)
         assert placed.shape == (height, width)
         assert np.array_equal(placed, expected.astype(bool)), f"placement {k} differs"
         # The same from the exact Flax maps (placement alone, independent of the port's 1e-6 noise).
-        from_flax = place_mask(reference["masks"][index], normalize_loc_bins(y1, x1, y2, x2), width, height)
+        from_flax = place_mask(reference["masks"][index], astuple(decode_box([y1, x1, y2, x2])), width, height)
         assert np.array_equal(from_flax, expected.astype(bool))
 
 
