@@ -14,15 +14,11 @@ from __future__ import annotations
 
 import argparse
 import io
-import statistics
 import struct
-import time
 import warnings
 from collections import Counter
-from collections.abc import Callable
 from datetime import datetime, timezone
 from functools import partial
-from pathlib import Path
 
 from PIL import Image, ImageOps
 
@@ -107,15 +103,6 @@ def compare(uploads: list[bytes]) -> dict[str, float]:
     return {**counts, "pillow_warning_texts": len(texts)}
 
 
-def _median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000
-
 
 def timings(repeats: int) -> list[tuple[str, float, float]]:
     from app.images import decode_image
@@ -123,8 +110,8 @@ def timings(repeats: int) -> list[tuple[str, float, float]]:
     rows = []
     for size in ((640, 480), (4000, 3000)):
         data = _jpeg(size, _exif_block(6))
-        ours = _median_ms(partial(decode_image, data, max_pixels=10**8), repeats)
-        pillows = _median_ms(partial(pillow_path, data), repeats)
+        ours = report.median_ms(partial(decode_image, data, max_pixels=10**8), repeats)
+        pillows = report.median_ms(partial(pillow_path, data), repeats)
         rows.append((f"{size[0]}x{size[1]}", ours, pillows))
     return rows
 
@@ -172,16 +159,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--uploads", type=int, default=5000)
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md",
-                        help="Markdown file whose `exif` section to rewrite ('-' for none)")
+    report.add_section_arguments(parser, "exif", quiet_wait_s=60.0)
     args = parser.parse_args()
+    report.wait_if_asked(args)
     from tests.badinputs import corrupt_exif_jpegs
 
     result = {**compare(corrupt_exif_jpegs(args.uploads)), **distinct_tags(args.uploads)}
-    markdown = render(result, timings(args.repeats))
-    print(markdown)
-    if str(args.results) != "-":
-        report.update_section(args.results, "exif", markdown)
+    report.publish(args, "exif", render(result, timings(args.repeats)))
 
 
 if __name__ == "__main__":

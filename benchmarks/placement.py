@@ -12,14 +12,10 @@ is timed beside `pycocotools.mask.decode` for the record.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 
@@ -29,15 +25,6 @@ SIZES = ((200, 150), (1500, 1000), (4000, 3000))
 BoxXYXY = tuple[float, float, float, float]
 BOXES: dict[str, BoxXYXY] = {"whole image": (0.0, 0.0, 1.0, 1.0), "40 % box": (0.3, 0.3, 0.7, 0.7)}
 
-
-def _median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000
 
 
 @dataclass(frozen=True)
@@ -71,15 +58,15 @@ def run(repeats: int) -> tuple[list[Row], list[Row]]:
             # Bit for bit when run in the installed Pillow's pass order.
             same = np.array_equal(new(), resize_reference.place_mask(m64, box, width, height,
                                                                      pillow13_order=True))
-            old_ms, new_ms = _median_ms(old, repeats), _median_ms(new, repeats)
+            old_ms, new_ms = report.median_ms(old, repeats), report.median_ms(new, repeats)
             placed.append(Row(name, (width, height), old_ms, new_ms, same))
         rle = encode_rle(place_mask(m64, BOXES["40 % box"], width, height))
         coco = {"size": rle["size"], "counts": rle["counts"].encode()}
         with warnings.catch_warnings():  # pycocotools warns on every decode under numpy 2
             warnings.simplefilter("ignore", DeprecationWarning)
             same = np.array_equal(mask_utils.decode(coco).astype(bool), decode_rle(rle))
-            coco_ms = _median_ms(partial(mask_utils.decode, coco), repeats)
-        ours_ms = _median_ms(partial(decode_rle, rle), repeats)
+            coco_ms = report.median_ms(partial(mask_utils.decode, coco), repeats)
+        ours_ms = report.median_ms(partial(decode_rle, rle), repeats)
         decoded.append(Row("mask of the 40 % box", (width, height), ours_ms, coco_ms, same))
     return placed, decoded
 
@@ -119,21 +106,14 @@ def render(placed: list[Row], decoded: list[Row], other_cores: float, repeats: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md",
-                        help="Markdown file whose `placement` section to rewrite ('-' for none)")
-    parser.add_argument("--quiet-wait", type=float, default=60.0, help="first wait up to this many s for "
-                        "other processes to use < 0.3 cores (the machine may be shared)")
+    report.add_section_arguments(parser, "placement", quiet_wait_s=60.0)
     args = parser.parse_args()
-    from benchmarks.procs import CpuMeter, wait_until_quiet
+    report.wait_if_asked(args)
+    from benchmarks.procs import CpuMeter
 
-    if args.quiet_wait > 0:
-        wait_until_quiet(args.quiet_wait)
     meter = CpuMeter()
     placed, decoded = run(args.repeats)
-    markdown = render(placed, decoded, meter.stop()["other_cores"], args.repeats)
-    print(markdown)
-    if str(args.results) != "-":
-        report.update_section(args.results, "placement", markdown)
+    report.publish(args, "placement", render(placed, decoded, meter.stop()["other_cores"], args.repeats))
 
 
 if __name__ == "__main__":
