@@ -23,6 +23,7 @@ and turns the `app.errors` it raises into responses. What the HTTP layer can rel
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import re
@@ -75,6 +76,12 @@ class DecodedImage:
     width: int
     height: int
     format: str
+
+
+def upload_key(data: bytes) -> str:
+    """The name of an upload's pixels for caches (image features): the same bytes always decode to the
+    same image, so a digest of the bytes is the key. 32 hex characters (BLAKE2b, 16-byte digest)."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,10 +233,12 @@ class _JpegImageFile(JpegImagePlugin.JpegImageFile):
     """Pillow's JPEG reader without the EXIF parse it runs at open to find a DPI we never use.
 
     That parse (`Image.getexif`) emits a UserWarning with client-controlled text for every corrupt
-    EXIF block and lets some exceptions through, turning a photo with odd metadata into a 400.
-    Orientation is read by `_orientation` instead. tests/test_images.py runs every bad input with
-    warnings as errors, so a Pillow that renames this hook fails loudly there.
+    EXIF block and lets some exceptions through, turning a photo with odd metadata into a 400
+    (`python -m benchmarks.exif`). Orientation is read by `_orientation` instead.
     """
+
+    # Private hook, kept because Pillow has no public switch for that parse (`Image.open` runs it too);
+    # test_jpeg_open_skips_pillows_exif_parse fails if Pillow renames or moves it.
 
     def _read_dpi_from_exif(self) -> None:
         return
@@ -301,10 +310,10 @@ _XMP_ORIENTATION = re.compile(rb'tiff:Orientation(?:="|>)([0-9])')
 def _orientation(info: dict) -> int:
     """EXIF orientation 1..8 from the decoded file's metadata; 1 when absent, invalid or unreadable.
 
-    A small bounded reader of IFD0 rather than `Image.getexif()`: Pillow's EXIF parser emits a
-    UserWarning with client-controlled text for every corrupt block (log noise, and an ever-growing
-    warnings registry). Like `getexif()`, XMP `tiff:Orientation` is used when EXIF has no tag.
+    Like `getexif()`, XMP `tiff:Orientation` is used when EXIF has no tag.
     """
+    # Hand-written rather than `ImageOps.exif_transpose`: on corrupt EXIF Pillow's parser warns with
+    # text from the file (a registry entry per text) and sometimes raises (`python -m benchmarks.exif`).
     value = _exif_orientation(_exif_bytes(info))
     if value is None:
         value = _xmp_orientation(info)
@@ -326,8 +335,8 @@ def _exif_bytes(info: dict) -> bytes:
 
 def _exif_orientation(exif: bytes) -> int | None:
     """The Orientation tag of IFD0 in a raw EXIF/TIFF block, or None if absent or unreadable."""
-    if exif.startswith(b"Exif\x00\x00"):
-        exif = exif[6:]
+    for _ in range(2):  # the APP1 header, written twice by some tools (Pillow accepts that too)
+        exif = exif.removeprefix(b"Exif\x00\x00")
     if len(exif) < 8 or exif[:2] not in (b"II", b"MM"):
         return None
     endian = "<" if exif[:2] == b"II" else ">"

@@ -15,7 +15,6 @@ from app import __version__
 from app.api import ops, tasks
 from app.api.auth import ApiKeyMiddleware, bearer_scheme
 from app.api.errors import install_error_handlers
-from app.api.forms import use_strict_multipart
 from app.api.middleware import RequestContextMiddleware
 from app.engine.service import InferenceService, RunnerFactory
 from app.lifecycle import Lifecycle
@@ -105,7 +104,6 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] | 
     app.state.runner_factory = runner_factory
 
     install_error_handlers(app)
-    use_strict_multipart()
 
     @app.exception_handler(tasks.ClientDisconnected)
     async def _client_left(request: Request, exc: Exception) -> Response:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import inspect
 import json
 import statistics
@@ -52,9 +51,9 @@ def _runner_reuses_features() -> bool:
 def prepare(loaded, mix: list[Request], keyed: bool = False):
     """ModelInputs for the whole mix, through the server's image and prompt path (not timed).
 
-    keyed: give each input the key the server gives it (blake2b of the upload's bytes).
+    keyed: give each input the key the server gives it (`app.images.upload_key` of the upload).
     """
-    from app.images import decode_image
+    from app.images import decode_image, upload_key
     from app.model.inputs import ImageTransform, PromptEncoder
     from app.model.runner import ModelInput
     from app.settings import Settings
@@ -70,8 +69,7 @@ def prepare(loaded, mix: list[Request], keyed: bool = False):
             pixels[request.image_key] = transform(decoded.image)
         item = ModelInput(encoder.encode(request.prefix), pixels[request.image_key], request.max_new_tokens)
         if keyed:
-            key = hashlib.blake2b(request.jpeg, digest_size=16).hexdigest()  # as app.engine.service does
-            item = dataclasses.replace(item, image_key=key)
+            item = dataclasses.replace(item, image_key=upload_key(request.jpeg))
         inputs.append(item)
     return inputs
 

@@ -132,7 +132,7 @@ def _in_process(plan: Plan) -> dict[str, Any]:
         row.pop("cpu", None)
         # One batch generating a single token is (almost) all prefill: what is left is decode steps.
         first = [dataclasses.replace(item, max_new_tokens=1) for item in inputs[:batch_size]]
-        row["prefill_ms"] = _median_ms(lambda batch=first: runner.generate(batch), 3)
+        row["prefill_ms"] = report.median_ms(lambda batch=first: runner.generate(batch), 3)
         row["decode_step_ms"] = (row["batch_ms_median"] - row["prefill_ms"]) / (NEW_TOKENS - 1)
         seq = prompt_tokens + NEW_TOKENS // 2  # the KV cache's mean length over the decode steps
         row["min_decode_step_ms"] = ((limits["decode_weight_bytes"] + batch_size * seq
@@ -147,15 +147,6 @@ def _in_process(plan: Plan) -> dict[str, Any]:
             "gpu": torch.cuda.get_device_name() if plan.device == "cuda" else None,
             "max_memory_allocated_gb": memory, "limits": limits, "rows": rows}
 
-
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return sorted(times)[len(times) // 2] * 1000
 
 
 def served(plan: Plan) -> list[dict[str, Any]]:

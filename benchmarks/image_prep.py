@@ -12,24 +12,10 @@ tutorial path (Pillow decodes at full size, then `PaliGemmaProcessor`'s image pr
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 from datetime import datetime, timezone
-from pathlib import Path
 
 from benchmarks import report
 from benchmarks.workload import TWELVE_MP, build_mix
-
-
-def _median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up: first-call costs (plugin import, allocator) are not per-request costs
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000
 
 
 def run(model: str, batch_size: int, repeats: int) -> dict[str, float]:
@@ -57,15 +43,15 @@ def run(model: str, batch_size: int, repeats: int) -> dict[str, float]:
     from benchmarks.procs import CpuMeter
 
     meter = CpuMeter()  # the machine may be shared: record what other processes took meanwhile
-    prep_ms = _median_ms(server_path, repeats)
-    tutorial_ms = _median_ms(tutorial_path, max(3, repeats // 3))
+    prep_ms = report.median_ms(server_path, repeats)
+    tutorial_ms = report.median_ms(tutorial_path, max(3, repeats // 3))
 
     pixels = server_path()
     runner = ModelRunner(loaded)
     requests = mix[:batch_size]
     batch = [ModelInput(encoder.encode(r.prefix), pixels, r.max_new_tokens) for r in requests]
-    batch_ms = _median_ms(lambda: runner.generate(batch), 3)
-    one_ms = _median_ms(lambda: runner.generate(batch[:1]), 3)
+    batch_ms = report.median_ms(lambda: runner.generate(batch), 3)
+    one_ms = report.median_ms(lambda: runner.generate(batch[:1]), 3)
     return {
         "jpeg_bytes": len(jpeg),
         "prep_ms": prep_ms,
@@ -116,20 +102,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--prepare-workers", type=int, default=2, help="our PALIGEMMA_PREPARE_WORKERS")
-    parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md",
-                        help="Markdown file whose `image_prep` section to rewrite ('-' for none)")
-    parser.add_argument("--quiet-wait", type=float, default=120.0, help="first wait up to this many s for "
-                        "other processes to use < 0.3 cores (the machine may be shared)")
+    report.add_section_arguments(parser, "image_prep", quiet_wait_s=120.0)
     args = parser.parse_args()
-    if args.quiet_wait > 0:
-        from benchmarks.procs import wait_until_quiet
-
-        wait_until_quiet(args.quiet_wait)
+    report.wait_if_asked(args)
     result = run(args.model, args.batch_size, args.repeats)
-    markdown = render(result, args.model, args.prepare_workers)
-    print(markdown)
-    if str(args.results) != "-":
-        report.update_section(args.results, "image_prep", markdown)
+    report.publish(args, "image_prep", render(result, args.model, args.prepare_workers))
 
 
 if __name__ == "__main__":

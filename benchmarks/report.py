@@ -1,13 +1,17 @@
 """Turning a run's raw results into the comparisons and the Markdown of RESULTS.md.
 
-RESULTS.md is shared by several scripts (run, soak, image_prep, gpu); each owns one section between
-`<!-- BEGIN name -->` and `<!-- END name -->` markers and replaces only that section.
+RESULTS.md is shared by several scripts (run, soak, image_prep, placement, exif, gpu); each owns one
+section between `<!-- BEGIN name -->` and `<!-- END name -->` markers and replaces only that section.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
+import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +31,7 @@ MIN_GAIN = 1.05  # a batching gain below this makes "the share of the gain reali
 # Other processes' CPU (cores) up to which a measurement counts as undisturbed (run.py's --retry-above).
 QUIET_CORES = 0.25
 
-SECTION_ORDER = ("run", "image_prep", "soak", "gpu")
+SECTION_ORDER = ("run", "image_prep", "placement", "exif", "soak", "gpu")
 
 
 def _level(results: dict[str, Any], system: str, concurrency: int) -> dict[str, Any] | None:
@@ -331,6 +335,40 @@ def _summary_lines(summary: dict[str, Any], results: dict[str, Any]) -> list[str
         "",
     ]
     return lines
+
+
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of `repeats` calls, in ms, after one warm-up call (first-call costs such as
+    plugin imports and allocator growth are not per-request costs)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
+
+
+def add_section_arguments(parser: argparse.ArgumentParser, section: str, quiet_wait_s: float) -> None:
+    """--results (the RESULTS.md whose `section` to rewrite) and --quiet-wait, as every section script has."""
+    parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md",
+                        help=f"Markdown file whose `{section}` section to rewrite ('-' for none)")
+    parser.add_argument("--quiet-wait", type=float, default=quiet_wait_s, help="first wait up to this many s "
+                        "for other processes to use < 0.3 cores (the machine may be shared)")
+
+
+def wait_if_asked(args: argparse.Namespace) -> None:
+    if args.quiet_wait > 0:
+        from benchmarks.procs import wait_until_quiet
+
+        wait_until_quiet(args.quiet_wait)
+
+
+def publish(args: argparse.Namespace, section: str, markdown: str) -> None:
+    """Print the section and write it into --results unless that is '-'."""
+    print(markdown)
+    if str(args.results) != "-":
+        update_section(args.results, section, markdown)
 
 
 def update_section(path: Path, name: str, body: str, title: str = "# Benchmark results") -> None:

@@ -345,6 +345,44 @@ def _modes() -> list[BadInput]:
     return [BadInput(name, data, 200, note, size) for name, data, note in cases]
 
 
+def corrupt_exif_jpegs(count: int, seed: int = 3) -> list[bytes]:
+    """`count` 40x20 JPEGs (a marker in the top-left corner, so flips show) whose EXIF block, holding an
+    Orientation and two strings, has 1-3 bytes changed or is cut short: intact pixels, damaged metadata."""
+    rng = random.Random(_SEED + seed)
+    image = Image.new("RGB", (40, 20), (0, 90, 0))
+    image.paste((250, 250, 250), (0, 0, 10, 5))
+    jpeg = _encode(image, "JPEG", quality=85)
+    blocks = []
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112], exif[0x010F], exif[0x0131] = orientation, "Maker", "Software 1.0"
+        blocks.append(exif.tobytes())  # starts with the APP1 "Exif\0\0" header
+    uploads = []
+    for _ in range(count):
+        block = bytearray(rng.choice(blocks))
+        action = rng.randrange(3)
+        for _ in range(rng.randint(1, 3)):
+            where = rng.randrange(6, len(block))
+            if action == 0:
+                block[where] = rng.randrange(256)
+            elif action == 1:
+                block[where] = rng.choice([0, 1, 2, 3, 4, 0x7F, 0x80, 0xFF])
+            else:
+                del block[where:]
+                break
+        uploads.append(_insert_after_soi(jpeg, 0xE1, bytes(block)))
+    return uploads
+
+
+def distinct_tag_jpegs(count: int) -> list[bytes]:
+    """JPEGs whose EXIF IFD0 has one entry with its data past the end of the block, a different tag
+    number in each: Pillow warns "Tag data larger than file. Skipping tag N" with a new text each time."""
+    jpeg = _jpeg((16, 16))
+    head = b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x01\x00"
+    return [_insert_after_soi(jpeg, 0xE1, head + struct.pack("<HHII", tag, 2, 1000, 26) + bytes(4))
+            for tag in range(1000, 1000 + count)]
+
+
 @functools.lru_cache(maxsize=1)
 def bad_inputs() -> tuple[BadInput, ...]:
     """Every case, in a fixed order; built once per process (the zip bomb takes ~0.3 s)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from app.schemas import ErrorResponse
 from app.settings import Settings
 from tests.helpers import encode, files, jpeg, metric_value, photo, serve
 
@@ -190,3 +191,40 @@ def test_readyz_is_503_until_the_model_is_warmed_up(monkeypatch):
 
         wait_ready(c)
         assert c.post("/v1/caption", files=files(jpeg())).status_code == 200
+
+
+def test_every_refusal_has_the_one_envelope_and_the_request_id():
+    """401 (auth middleware), 413 (body-limit middleware, declared and streamed), 400 (form check and
+    service errors), 422 (validation) and 404 (Starlette) all come from app.api.errors.error_response."""
+    with serve(Settings(api_keys=("k1",), max_image_bytes=2048, max_request_bytes=4096)) as c:
+        key = {"Authorization": "Bearer k1"}
+        multipart = {"content-type": "multipart/form-data; boundary=zz", **key}
+
+        def chunks():
+            for _ in range(10):
+                yield b"x" * 1000
+
+        responses = {
+            "401": c.post("/v1/caption", files=files(jpeg(32, 32))),
+            "413 declared": c.post("/v1/caption", content=b"x" * 10_000, headers=multipart),
+            "413 streamed": c.post("/v1/caption", content=chunks(), headers=multipart),
+            "400 form": c.post("/v1/vqa", headers=key, files=files(jpeg(32, 32)), data={"question": "  "}),
+            "400 bytes": c.post("/v1/vqa", headers=multipart, content=(
+                b'--zz\r\nContent-Disposition: form-data; name="question"\r\n\r\n\xff\r\n--zz--\r\n')),
+            "422": c.post("/v1/vqa", headers=key, files=files(jpeg(32, 32))),
+            "404": c.get("/v1/nothing", headers=key),
+        }
+    for name, response in responses.items():
+        assert response.status_code == int(name[:3]), (name, response.text)
+        assert response.headers["content-type"] == "application/json", name
+        body = response.json()
+        assert set(body) == {"error"} and set(body["error"]) == {"type", "message", "param", "request_id"}, name
+        assert body["error"]["request_id"] == response.headers["x-request-id"], name
+        assert ErrorResponse.model_validate(body).model_dump() == body, name
+    assert responses["401"].headers["www-authenticate"] == 'Bearer realm="paligemma"'
+    assert responses["401"].json()["error"]["type"] == "unauthorized"
+    for name in ("413 declared", "413 streamed"):
+        assert responses[name].json()["error"]["type"] == "payload_too_large"
+        assert responses[name].json()["error"]["param"] == "image"
+        assert responses[name].headers["connection"] == "close"
+    assert responses["400 bytes"].json()["error"]["param"] == "question"

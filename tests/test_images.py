@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import random
 import struct
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFile, ImageOps, WebPImagePlugin
+from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, WebPImagePlugin
 
 from app import images
 from app.errors import InvalidImage, PayloadTooLarge, ServiceError, UnsupportedMediaType
-from app.images import ACCEPTED_FORMATS, DecodedImage, decode_image, sniff_format, to_rgb
-from tests.badinputs import DEFAULT_MAX_PIXELS, BadInput, bad_inputs, png_bytes
+from app.images import ACCEPTED_FORMATS, DecodedImage, decode_image, sniff_format, to_rgb, upload_key
+from tests.badinputs import (
+    DEFAULT_MAX_PIXELS,
+    BadInput,
+    bad_inputs,
+    corrupt_exif_jpegs,
+    distinct_tag_jpegs,
+    png_bytes,
+)
 
 ERROR_FOR_STATUS = {400: InvalidImage, 413: PayloadTooLarge, 415: UnsupportedMediaType}
 CASES = bad_inputs()
@@ -390,9 +399,62 @@ def test_exif_orientation(orientation: int) -> None:
 @pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
 @pytest.mark.parametrize("orientation", sorted(ORIENTATION_RESULTS))
 def test_exif_orientation_in_jpeg_and_webp(fmt: str, orientation: int) -> None:
-    decoded = _decode(_oriented(orientation, fmt, size=(60, 40)))
+    data = _oriented(orientation, fmt, size=(60, 40))
+    decoded = _decode(data)
     expected = (60, 40) if orientation <= 4 else (40, 60)
     assert (decoded.width, decoded.height) == expected == decoded.image.size
+    # Pixel for pixel what Pillow's public path gives on a well-formed file.
+    oracle = ImageOps.exif_transpose(Image.open(io.BytesIO(data), formats=[fmt])).convert("RGB")
+    assert np.array_equal(np.asarray(decoded.image), np.asarray(oracle))
+
+
+def test_doubled_exif_header_is_read_as_pillow_reads_it() -> None:
+    image = Image.new("RGB", (60, 40), GREY)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = _encode(image, "JPEG", exif=b"Exif\x00\x00" + exif.tobytes())  # "Exif\0\0" twice
+    oracle = ImageOps.exif_transpose(Image.open(io.BytesIO(data), formats=["JPEG"]))
+    assert _decode(data).image.size == oracle.size == (40, 60)
+
+
+@pytest.mark.filterwarnings("error")
+def test_corrupt_exif_blocks_neither_warn_nor_refuse() -> None:
+    """Photos with damaged EXIF and intact pixels decode (200) without one warning. Pillow's public
+    path (`Image.open` + `ImageOps.exif_transpose`) does both for these files: that is why orientation
+    is read by app.images itself. If the second half fails, Pillow has changed: reconsider."""
+    uploads = corrupt_exif_jpegs(400) + distinct_tag_jpegs(100)
+    for data in uploads:
+        decoded = _decode(data)
+        assert decoded.image.mode == "RGB" and sorted(decoded.image.size) == sorted((decoded.width, decoded.height))
+    refused = 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for data in uploads:
+            try:
+                ImageOps.exif_transpose(Image.open(io.BytesIO(data), formats=["JPEG"]))
+            except Exception:
+                refused += 1
+    texts = {str(w.message) for w in caught}
+    assert refused > 0 and len(texts) > 100
+
+
+def test_jpeg_open_skips_pillows_exif_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pins the one private Pillow hook app.images overrides (`_read_dpi_from_exif`): Pillow's JPEG
+    reader parses EXIF while opening and ours must not. Fails if Pillow renames or moves that parse."""
+    calls: list[str] = []
+    original = Image.Image.getexif
+
+    def getexif(self: Image.Image) -> Image.Exif:
+        calls.append(self.format or "")
+        return original(self)
+
+    monkeypatch.setattr(Image.Image, "getexif", getexif)
+    data = _oriented(6, "JPEG", size=(60, 40))
+    JpegImagePlugin.JpegImageFile(io.BytesIO(data))  # positive control: Pillow's reader does parse it
+    assert calls == ["JPEG"]
+    calls.clear()
+    decoded = _decode(data)
+    assert calls == [] and decoded.image.size == (40, 60)
 
 
 def test_xmp_orientation_is_used_without_exif() -> None:
@@ -420,10 +482,21 @@ def test_xmp_orientation_is_used_without_exif() -> None:
         (b"II*\x00\x08\x00\x00\x00\x01\x00" + struct.pack("<HHII", 0x0112, 4, 1, 3), 3),  # LONG
         (b"II*\x00\x08\x00\x00\x00\x01\x00" + struct.pack("<HHII", 0x0112, 2, 1, 6), None),  # ASCII
         (b"II*\x00\x08\x00\x00\x00\x05\x00" + struct.pack("<HHII", 0x0100, 3, 1, 6), None),  # runs off
+        (b"Exif\x00\x00" * 2 + b"II*\x00\x08\x00\x00\x00\x01\x00" + struct.pack("<HHII", 0x0112, 3, 1, 6), 6),
+        (b"Exif\x00\x00" * 3 + b"II*\x00\x08\x00\x00\x00\x01\x00" + struct.pack("<HHII", 0x0112, 3, 1, 6), None),
     ],
 )
 def test_exif_orientation_reader(block: bytes, expected: int | None) -> None:
     assert images._exif_orientation(block) == expected
+
+
+def test_upload_key_names_the_bytes() -> None:
+    a, b = png_bytes(2, 2, bit_depth=8, color_type=0, rows=[bytes(3)] * 2), _oriented(1)
+    assert upload_key(a) == upload_key(bytes(a)) != upload_key(b)
+    assert upload_key(a + b"\x00") != upload_key(a)  # any byte changes the key
+    # The format the feature cache and benchmarks/ceiling.py rely on: BLAKE2b, 16-byte digest, hex.
+    assert upload_key(b"") == hashlib.blake2b(b"", digest_size=16).hexdigest()
+    assert len(upload_key(a)) == 32 and int(upload_key(a), 16) >= 0
 
 
 # --------------------------------------------------------------------------------------------------

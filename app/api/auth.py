@@ -1,12 +1,18 @@
-"""Bearer API keys, checked before the request body is read (a refused client uploads nothing)."""
+"""Bearer API keys, checked before the request body is read (a refused client uploads nothing).
+
+Hand-written ASGI middleware rather than FastAPI's `HTTPBearer` dependency: dependencies run after the
+body is parsed, so a refused client would have uploaded its whole image first.
+"""
 
 from __future__ import annotations
 
 import hmac
-import json
 
 from fastapi.security import HTTPBearer
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.api.errors import request_id_of, service_error_response
+from app.errors import Unauthorized
 
 # Declared on the routes for the OpenAPI document only; enforcement is the middleware below.
 bearer_scheme = HTTPBearer(auto_error=False, description="One of the keys in PALIGEMMA_API_KEYS.")
@@ -47,13 +53,8 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         reason = "missing" if presented is None else "not valid"
-        body = json.dumps({"error": {
-            "type": "unauthorized",
-            "message": f"API key {reason}: send `Authorization: Bearer <key>` (keys are set by "
-                       "PALIGEMMA_API_KEYS)",
-            "param": None,
-            "request_id": scope.get("state", {}).get("request_id")}}).encode()
-        await send({"type": "http.response.start", "status": 401, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"www-authenticate", b'Bearer realm="paligemma"')]})
-        await send({"type": "http.response.body", "body": body})
+        refusal = Unauthorized(
+            f"API key {reason}: send `Authorization: Bearer <key>` (keys are set by PALIGEMMA_API_KEYS)",
+            headers={"WWW-Authenticate": 'Bearer realm="paligemma"'},
+        )
+        await service_error_response(refusal, request_id_of(scope))(scope, receive, send)

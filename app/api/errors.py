@@ -8,30 +8,40 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.types import Scope
 
-from app.errors import ServiceError
-from app.schemas import ErrorResponse
+from app.errors import InvalidRequest, PayloadTooLarge, ServiceError, UnsupportedMediaType
+from app.schemas import ErrorBody, ErrorResponse
 
 logger = logging.getLogger(__name__)
 
-_HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
-               415: "unsupported_media_type", 400: "invalid_request"}
+# Starlette's own HTTP errors, typed like ours where we have a class for the status.
+_HTTP_TYPES = {404: "not_found", 405: "method_not_allowed"} | {
+    cls.status_code: cls.error_type for cls in (InvalidRequest, PayloadTooLarge, UnsupportedMediaType)
+}
 
 
 def error_response(status: int, error_type: str, message: str, param: str | None = None,
                    request_id: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"type": error_type, "message": message, "param": param, "request_id": request_id}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    """The one place the envelope is built, from the `ErrorResponse` schema the OpenAPI document shows.
+    A `JSONResponse` is also an ASGI app: pure ASGI middleware sends one with `await response(scope,
+    receive, send)`."""
+    error = ErrorBody(type=error_type, message=message, param=param, request_id=request_id)
+    return JSONResponse(ErrorResponse(error=error).model_dump(), status_code=status, headers=headers)
 
 
-def _request_id(request: Request) -> str | None:
-    return request.scope.get("state", {}).get("request_id")
+def service_error_response(exc: ServiceError, request_id: str | None) -> JSONResponse:
+    return error_response(exc.status_code, exc.error_type, exc.message, exc.param, request_id, exc.headers)
+
+
+def request_id_of(scope: Scope) -> str | None:
+    """The id RequestContextMiddleware gave the request (None outside it)."""
+    return scope.get("state", {}).get("request_id")
 
 
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
-    return error_response(exc.status_code, exc.error_type, exc.message, exc.param, _request_id(request),
-                          exc.headers)
+    return service_error_response(exc, request_id_of(request.scope))
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -44,18 +54,18 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     if request.method == "POST" and not content_type.startswith("multipart/form-data"):
         message += (". Task endpoints take multipart/form-data with the image in a file field `image`, e.g. "
                     "curl -F image=@photo.jpg -F language=en .../v1/caption")
-    return error_response(422, "validation_error", message, param, _request_id(request))
+    return error_response(422, "validation_error", message, param, request_id_of(request.scope))
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     error_type = _HTTP_TYPES.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, error_type, str(exc.detail), None, _request_id(request),
+    return error_response(exc.status_code, error_type, str(exc.detail), None, request_id_of(request.scope),
                           dict(exc.headers or {}))
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    request_id = _request_id(request)
+    request_id = request_id_of(request.scope)
     logger.exception("unhandled error (request %s)", request_id, exc_info=exc)
     return error_response(500, "internal_error", "the server failed on this request; quote the request_id "
                           "when reporting it", None, request_id)

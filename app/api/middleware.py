@@ -2,16 +2,19 @@
 
 The body limit counts bytes while they stream in, so an oversized upload is refused without being read
 to the end or held in memory; a declared Content-Length over the limit is refused before any byte.
+Hand-written rather than Starlette's RequestBodyLimitMiddleware (FastAPI's `max_body_size`): its 413 says
+"Content Too Large" and names neither the limit nor the setting that raises it.
 """
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.errors import service_error_response
+from app.errors import PayloadTooLarge
 from app.metrics import Metrics
 
 _TASK_PREFIX = "/v1/"
@@ -40,7 +43,7 @@ class RequestContextMiddleware:
 
         declared = _content_length(scope)
         if declared is not None and declared > self.body_limit:
-            await self._too_large(send, request_id, declared)
+            await self._too_large(scope, receive, send, request_id, declared)
             self._record(scope, 413, started)
             return
 
@@ -70,20 +73,18 @@ class RequestContextMiddleware:
             pass
         finally:
             if exceeded and not status["sent"]:
-                await self._too_large(send, request_id, received)
+                await self._too_large(scope, receive, send, request_id, received)
                 status["code"] = 413
             self._record(scope, int(status["code"]), started)
 
-    async def _too_large(self, send: Send, request_id: str, size: int) -> None:
-        body = json.dumps({"error": {
-            "type": "payload_too_large",
-            "message": f"the request body is over the limit of {self.body_limit} bytes (given: at least "
-                       f"{size}); send a smaller image or raise PALIGEMMA_MAX_IMAGE_BYTES",
-            "param": "image", "request_id": request_id}}).encode()
-        await send({"type": "http.response.start", "status": 413, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"), (b"x-request-id", request_id.encode())]})
-        await send({"type": "http.response.body", "body": body})
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send, request_id: str,
+                         size: int) -> None:
+        refusal = PayloadTooLarge(
+            f"the request body is over the limit of {self.body_limit} bytes (given: at least {size}); send a "
+            "smaller image or raise PALIGEMMA_MAX_IMAGE_BYTES",
+            param="image", headers={"connection": "close", "x-request-id": request_id},
+        )
+        await service_error_response(refusal, request_id)(scope, receive, send)
 
     def _record(self, scope: Scope, status: int, started: float) -> None:
         path = scope.get("path", "")

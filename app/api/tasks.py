@@ -11,6 +11,7 @@ from fastapi.responses import Response
 from app.api import convert
 from app.api.deps import ServiceDep
 from app.api.errors import ERROR_RESPONSES
+from app.api.forms import StrictFormRoute
 from app.engine.jobs import Job, JobResult
 from app.engine.service import InferenceService
 from app.errors import InvalidImage, PayloadTooLarge, ValidationFailed
@@ -19,7 +20,7 @@ from app.tasks import prompts
 from app.tasks.parsing import strip_location_tokens
 from app.tasks.prompts import PromptLimits, Task
 
-router = APIRouter(prefix="/v1", tags=["tasks"], responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/v1", tags=["tasks"], responses=ERROR_RESPONSES, route_class=StrictFormRoute)
 
 ImageFile = Annotated[UploadFile, File(description="The image: JPEG, PNG or WebP.")]
 Language = Annotated[str, Form(max_length=16, description="Answer language, e.g. en, es, fr, de, ja.")]

@@ -8,7 +8,6 @@ sees ready tensors and the event loop never blocks.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import io
 import logging
 import time
@@ -28,7 +27,7 @@ from app.engine.observer import EngineObserver
 from app.engine.results import object_results
 from app.engine.runner import ModelStepRunner, RowInput, RunnerConfig
 from app.errors import InvalidRequest, ShuttingDown
-from app.images import decode_image
+from app.images import decode_image, upload_key
 from app.masks.decoder import LoadedMaskDecoder
 from app.masks.placement import encode_rle, place_mask
 from app.model.inputs import ImageTransform, PromptEncoder
@@ -185,8 +184,7 @@ class InferenceService:
     def _prepare_image(self, data: bytes, max_pixels: int) -> tuple[int, int, torch.Tensor, str]:
         decoded = decode_image(data, max_pixels=max_pixels, min_side=self.transform.min_side)
         # The same bytes always give the same pixels, hence the same features: key the cache on them.
-        image_key = hashlib.blake2b(data, digest_size=16).hexdigest()
-        return decoded.width, decoded.height, self.transform(decoded.image), image_key
+        return decoded.width, decoded.height, self.transform(decoded.image), upload_key(data)
 
 
 def _job_result(completion: Completion, output: FinishedOutput, width: int, height: int, objects,

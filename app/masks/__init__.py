@@ -17,7 +17,6 @@ _EXPORTS = {
     "PUBLISHED_SHA256": "decoder",
     "PUBLISHED_SIZE": "decoder",
     "place_mask": "placement",
-    "normalize_loc_bins": "placement",
     "encode_rle": "placement",
     "decode_rle": "placement",
     "mask_area": "placement",

@@ -8,6 +8,8 @@ transpose_kernel=True)` is exactly `torch.nn.ConvTranspose2d(kernel 4, stride 2,
 PyTorch-layout weight (both pad the stride-dilated input by 2 and correlate with the flipped kernel).
 `tests/masks/test_decoder_reference.py` holds the port to the Flax module's outputs (fixture made by
 `scripts/make_vae_fixture.py`).
+
+Hand-written because big_vision ships the decoder only as a Flax module and no PyTorch library has it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import hashlib
 import logging
 import zipfile
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +35,8 @@ CODEBOOK_SIZE = 128  # <seg000>..<seg127>
 EMBED_DIM = 512  # width of a codebook vector in vae-oid.npz
 NUM_CODES = 16  # one 4x4 grid of codebook vectors per mask
 MASK_SIZE = 64
+# Rows per decoder call (see `MaskDecoder.decode`); on 2 CPU cores 16 rows take ~5 ms, one ~1 ms.
+DECODE_BATCH = 16
 
 _HOW_TO_FIX = (
     "PALIGEMMA_MASK_DECODER must point at big_vision's vae-oid.npz "
@@ -119,39 +124,58 @@ class MaskDecoder(nn.Module):
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         """(N, 16) integer codebook indices in [0, 128) -> (N, 64, 64) float32 mask logits (> 0 is inside).
+        The service calls `decode`, which batches, pads and validates once.
 
         Token i of the 16 fills row i // 4, column i % 4 of the 4x4 grid, as big_vision's reshape does.
         """
-        if codes.ndim != 2 or codes.shape[1] != NUM_CODES:
-            raise ValueError(f"codes must have shape (N, {NUM_CODES}); got {tuple(codes.shape)}")
-        if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
-            raise ValueError(f"codes must be integers; got {codes.dtype}")
-        if codes.shape[0] == 0:
+        if codes.ndim == 2 and codes.shape[0] == 0:
             return torch.zeros(0, MASK_SIZE, MASK_SIZE, device=self.device)
-        # Checked here because an out-of-range index on CUDA is a device-side assert that poisons the
-        # whole CUDA context, not a catchable error.
-        if bool(((codes < 0) | (codes >= self.codebook_size)).any()):
-            low, high = int(codes.min()), int(codes.max())
-            raise ValueError(f"codes must lie in [0, {self.codebook_size}); got {low}..{high}")
+        _check_codes(codes, self.codebook_size)
         codes = codes.to(device=self.device, dtype=torch.long)
         x = self.codebook[codes]  # (N, 16, D)
         x = x.view(-1, 4, 4, self.embed_dim).permute(0, 3, 1, 2)  # NHWC (big_vision) -> NCHW
         return self.decoder(x)[:, 0]
 
     @torch.inference_mode()
-    def decode(self, codes: np.ndarray | torch.Tensor, max_batch: int = 256) -> np.ndarray:
-        """Batched decoding for the service: (N, 16) ints -> (N, 64, 64) float32 numpy logits on the CPU.
+    def decode(self, codes: np.ndarray | torch.Tensor | Sequence[Sequence[int]],
+               batch_size: int = DECODE_BATCH) -> np.ndarray:
+        """The one entry point that runs the decoder on codes: (N, 16) codebook indices, as an array, a
+        tensor or a list of token tuples -> (N, 64, 64) float32 numpy logits on the CPU (> 0 is inside).
 
-        Runs in inference mode and in chunks of `max_batch` rows, so any N fits in bounded memory.
-        A batch agrees with decoding the rows one by one to float32 rounding (~1e-5; oneDNN picks its
-        kernels by batch shape), not bit for bit.
+        Rows run in calls of exactly `batch_size`, the last one padded with code 0: every call has the
+        same shape, so a row's logits are bit-identical whatever rows share its call and wherever it sits
+        (kernels are picked by shape: a call of another size agrees with one-by-one decoding only to
+        float32 rounding), and a mask never depends on which requests were batched with it. Memory is
+        bounded by `batch_size`. Invalid codes raise ValueError before anything runs.
         """
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1; got {max_batch}")
-        codes_t = codes if isinstance(codes, torch.Tensor) else torch.from_numpy(np.asarray(codes))
-        if len(codes_t) == 0:
-            return self(codes_t).cpu().numpy()
-        return torch.cat([self(chunk).cpu() for chunk in codes_t.split(max_batch)]).numpy()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        rows = codes if isinstance(codes, torch.Tensor) else torch.as_tensor(np.asarray(codes))
+        if rows.numel() == 0:
+            return np.zeros((0, MASK_SIZE, MASK_SIZE), dtype=np.float32)
+        _check_codes(rows, self.codebook_size)
+        rows = rows.to(device=self.device, dtype=torch.long)
+        count = rows.shape[0]
+        calls = -(-count // batch_size)
+        padded = torch.zeros(calls * batch_size, NUM_CODES, dtype=torch.long, device=self.device)
+        padded[:count] = rows
+        # On CUDA, no TF32 and one fixed algorithm: TF32 convolutions (and algorithms picked per call)
+        # made a mask differ by a pixel between runs; in float32 it is the same mask every time.
+        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
+            logits = torch.cat([self(chunk).cpu() for chunk in padded.split(batch_size)])
+        return logits[:count].numpy()
+
+
+def _check_codes(codes: torch.Tensor, codebook_size: int) -> None:
+    if codes.ndim != 2 or codes.shape[1] != NUM_CODES:
+        raise ValueError(f"codes must have shape (N, {NUM_CODES}); got {tuple(codes.shape)}")
+    if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+        raise ValueError(f"codes must be integers; got {codes.dtype}")
+    # Checked before the lookup because an out-of-range index on CUDA is a device-side assert that
+    # poisons the whole CUDA context, not a catchable error.
+    if bool(((codes < 0) | (codes >= codebook_size)).any()):
+        low, high = int(codes.min()), int(codes.max())
+        raise ValueError(f"codes must lie in [0, {codebook_size}); got {low}..{high}")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Putting a decoded 64x64 mask into its box on the image, and COCO run-length encoding (numpy + pycocotools).
+"""Putting a decoded 64x64 mask into its box on the image, and COCO run-length encoding.
 
 big_vision's segmentation evaluator (`big_vision/evaluators/proj/paligemma/transfers/segmentation.py`,
 `Evaluator.run`) places a mask like this:
@@ -9,15 +9,13 @@ big_vision's segmentation evaluator (`big_vision/evaluators/proj/paligemma/trans
     mi = PIL.Image.fromarray(m64).resize([x2 - x1, y2 - y1], resample=PIL.Image.BILINEAR)
     mi = np.asarray(mi) > 0.0                                     # compared with gt[y1:y2, x1:x2]
 
-So the resize is Pillow's, not `jax.image.resize`: a float32 ("F" mode) image resampled with Pillow's
-BILINEAR filter, which is a triangle filter of support 1 when enlarging and, when shrinking, the same
-triangle widened by the scale factor (an antialiasing filter, like `antialias=True`). `_pillow_resize`
-re-implements Pillow's `Resample.c` for float32 images operation by operation (same coefficients, same
-double-precision sequential sums, float32 rounding between the horizontal and the vertical pass), so it
-matches `PIL.Image.resize` bit for bit: checked against Pillow 12.3 (horizontal pass first, as every
-Pillow up to 12 and so big_vision's runs) and against Pillow 13 with its pass order (`vertical_first`).
-Pillow 13 alone runs the vertical pass first when the height shrinks much more than the width; that
-changes float32 rounding by ~1 ulp, so the thresholded mask can differ only at values within ~1e-7 of 0.
+`place_mask` does exactly that, with Pillow itself: a float32 ("F" mode) image resampled with Pillow's
+BILINEAR filter (a triangle filter of support 1 when enlarging, widened by the scale factor when
+shrinking, like `antialias=True`). The loc bins are decoded by `app.tasks.parsing.decode_box`, the one
+place that divides by 1023. Pillow 13 runs its vertical pass first when the height shrinks much more
+than the width, where Pillow <= 12 (what big_vision ran) always ran the horizontal one first; that
+changes float32 rounding by ~1 ulp, so a thresholded pixel can differ from big_vision's only where the
+map is within ~1e-7 of 0 (tests/masks/test_mask_placement.py pins both facts).
 """
 
 from __future__ import annotations
@@ -26,6 +24,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+from PIL import Image
 from pycocotools import mask as mask_utils
 
 BoxXYXY = tuple[float, float, float, float]
@@ -33,16 +32,6 @@ BoxXYXY = tuple[float, float, float, float]
 # Boxes come from loc tokens and so lie in [0, 1]; a little beyond is accepted (the mask is cropped at the
 # image border), but far-off boxes would only cost memory for pixels that are then thrown away.
 _BOX_LIMITS = (-1.0, 2.0)
-_ROWS_PER_CHUNK_ELEMENTS = 1 << 21  # bounds the float64 scratch of the vertical pass to ~16 MB
-
-
-def normalize_loc_bins(y1: int, x1: int, y2: int, x2: int) -> BoxXYXY:
-    """PaliGemma's `<locY1><locX1><locY2><locX2>` bins (0..1023) -> (x_min, y_min, x_max, y_max) in [0, 1].
-
-    Divides by 1023, the inverse of big_vision's `round(x * 1023)` encoding, in float64 exactly as
-    big_vision does, so that `place_mask` reproduces big_vision's integer pixel box bit for bit.
-    """
-    return (x1 / 1023, y1 / 1023, x2 / 1023, y2 / 1023)
 
 
 def pixel_box(box_normalized: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
@@ -56,15 +45,14 @@ def pixel_box(box_normalized: Sequence[float], width: int, height: int) -> tuple
 def place_mask(mask_logits: np.ndarray, box_normalized: BoxXYXY, width: int, height: int) -> np.ndarray:
     """big_vision's placement of a decoded mask: a bool (height, width) array, True inside the object.
 
-    - `box_normalized` is (x_min, y_min, x_max, y_max) as fractions of the image (see `normalize_loc_bins`);
-      `width`/`height` are the ORIGINAL image's size, since PaliGemma's boxes are relative to the image.
+    - `box_normalized` is (x_min, y_min, x_max, y_max) as fractions of the image (`decode_box` of the loc
+      bins); `width`/`height` are the ORIGINAL image's size, since PaliGemma's boxes are relative to it.
     - Pixel box: `x1 = int(x_min * width)`, `y1 = int(y_min * height)`, `x2 = int(x_max * width)`,
       `y2 = int(y_max * height)` (truncation, exactly big_vision's `map(int, ...)`), end-exclusive.
       If `x2 <= x1` or `y2 <= y1` (a box under one pixel, or an inverted one) the mask is all False,
       as big_vision counts it invalid.
-    - The (64, 64) map, as float32, is resized to (y2 - y1, x2 - x1) with Pillow's BILINEAR resampling
-      (bit-identical re-implementation, see the module docstring), thresholded at > 0.0 and pasted at
-      [y1:y2, x1:x2] into an all-False image-sized mask.
+    - The (64, 64) map, as float32, is resized to (y2 - y1, x2 - x1) by Pillow (BILINEAR), thresholded
+      at > 0.0 and pasted at [y1:y2, x1:x2] into an all-False image-sized mask.
     - Boxes reaching past the image (coordinates outside [0, 1], which loc tokens cannot express): the
       mask is resized to the whole pixel box and only the part on the image is kept (big_vision cannot
       place such boxes at all). Coordinates outside [-1, 2] or non-finite raise ValueError.
@@ -82,93 +70,24 @@ def place_mask(mask_logits: np.ndarray, box_normalized: BoxXYXY, width: int, hei
     x1, y1, x2, y2 = pixel_box(values, width, height)
     if x2 <= x1 or y2 <= y1:
         return full
-    # Only the part of the box that lies on the image is computed; each output pixel depends only on
-    # its own coordinates, so cropping before resampling gives the same pixels as cropping after.
     vx1, vy1, vx2, vy2 = max(x1, 0), max(y1, 0), min(x2, width), min(y2, height)
     if vx2 <= vx1 or vy2 <= vy1:
         return full
-    resized = _pillow_resize(logits, x2 - x1, y2 - y1, cols=(vx1 - x1, vx2 - x1), rows=(vy1 - y1, vy2 - y1))
-    full[vy1:vy2, vx1:vx2] = resized > 0.0
+    # Resized whole, then cropped: resizing only the visible part with Pillow's `box=` argument moves the
+    # sample points (measured: values off by up to 4e-5, flipping pixels). Only boxes past the image,
+    # which loc tokens cannot express, pay for pixels that are then cropped away.
+    resized = resize_bilinear(logits, x2 - x1, y2 - y1)
+    full[vy1:vy2, vx1:vx2] = resized[vy1 - y1:vy2 - y1, vx1 - x1:vx2 - x1] > 0.0
     return full
 
 
-def _bilinear_coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pillow's `precompute_coeffs` for the BILINEAR filter over the whole input (box 0..in_size).
-
-    Returns (first input index per output, normalised weights (out_size, ksize) with zeros past each
-    output's window). Same operations in the same order as the C code, so the doubles are identical.
-    """
-    scale = in_size / out_size
-    filterscale = max(scale, 1.0)
-    support = 1.0 * filterscale  # BILINEAR's support is 1
-    ksize = math.ceil(support) * 2 + 1
-    center = (np.arange(out_size, dtype=np.float64) + 0.5) * scale
-    xmin = np.maximum((center - support + 0.5).astype(np.int64), 0)  # C (int) truncates toward zero
-    xmax = np.minimum((center + support + 0.5).astype(np.int64), in_size) - xmin
-    inv_filterscale = 1.0 / filterscale
-    taps = np.arange(ksize)
-    arg = ((taps[None, :] + xmin[:, None]).astype(np.float64) - center[:, None] + 0.5) * inv_filterscale
-    weights = np.maximum(1.0 - np.abs(arg), 0.0)  # bilinear_filter(x): 1 - |x| for |x| < 1, else 0
-    weights[taps[None, :] >= xmax[:, None]] = 0.0
-    total = np.zeros(out_size)
-    for j in range(ksize):  # sequential, like the C loop (numpy's pairwise sum could differ in the last bit)
-        total += weights[:, j]
-    nonzero = total != 0.0
-    weights[nonzero] /= total[nonzero, None]
-    return xmin, weights
-
-
-def _resample_rows(src: np.ndarray, first: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """out[i, :] = float32(sum_j src[first[i] + j, :] * weights[i, j]), summed in float64 in order j=0..,
-    as Pillow's 32bpc passes do; taps past the window have weight 0 and add exactly nothing."""
-    out = np.empty((len(first), src.shape[1]), dtype=np.float32)
-    rows_per_chunk = max(1, _ROWS_PER_CHUNK_ELEMENTS // max(1, src.shape[1]))
-    last = src.shape[0] - 1
-    for start in range(0, len(first), rows_per_chunk):
-        f = first[start:start + rows_per_chunk]
-        w = weights[start:start + rows_per_chunk]
-        acc = np.zeros((len(f), src.shape[1]), dtype=np.float64)
-        for j in range(w.shape[1]):
-            acc += src[np.minimum(f + j, last)].astype(np.float64) * w[:, j, None]
-        out[start:start + rows_per_chunk] = acc  # double -> float32, round to nearest like the C cast
-    return out
-
-
-def _pillow_resize(
-    image: np.ndarray,
-    out_w: int,
-    out_h: int,
-    *,
-    cols: tuple[int, int],
-    rows: tuple[int, int],
-    vertical_first: bool = False,
-) -> np.ndarray:
-    """`PIL.Image.fromarray(image).resize((out_w, out_h), BILINEAR)` for a float32 image, returning only
-    output rows[0]:rows[1] and columns cols[0]:cols[1].
-
-    Two separable passes with a float32 image in between, as Pillow does. Pillow <= 12 (what big_vision
-    ran) always does the horizontal pass first, which is the default here; Pillow 13 does the vertical one
-    first when the height shrinks by more than twice as many pixels as the width (`vertical_first`,
-    used by the tests to match whichever Pillow is installed). The order changes only the float32 rounding
-    of the intermediate image (<= ~1 ulp). Pillow skips a pass whose size does not change; that pass is
-    the identity anyway (weights exactly 1 and 0), so it is not special-cased.
-    """
-    in_h, in_w = image.shape
-    xfirst, xweights = _bilinear_coefficients(in_w, out_w)
-    yfirst, yweights = _bilinear_coefficients(in_h, out_h)
-    xfirst, xweights = xfirst[cols[0]:cols[1]], xweights[cols[0]:cols[1]]
-    yfirst, yweights = yfirst[rows[0]:rows[1]], yweights[rows[0]:rows[1]]
-    if vertical_first:
-        vertical = _resample_rows(image, yfirst, yweights)  # (visible height, in_w)
-        return _resample_rows(vertical.T, xfirst, xweights).T
-    horizontal = _resample_rows(image.T, xfirst, xweights).T  # (in_h, visible width)
-    return _resample_rows(horizontal, yfirst, yweights)
-
-
-def pillow13_vertical_first(in_w: int, in_h: int, out_w: int, out_h: int) -> bool:
-    """Pillow 13's pass-order rule (`ImagingResampleInner`: vertical first when the height shrinks by
-    more than twice as many pixels as the width)."""
-    return (in_h - out_h) > 0 and (in_h - out_h) > (in_w - out_w) * 2
+def resize_bilinear(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """`PIL.Image.fromarray(image, "F").resize((width, height), BILINEAR)` as a float32 (height, width)
+    array: what big_vision does to a decoded map."""
+    resized = Image.fromarray(np.asarray(image, dtype=np.float32), "F").resize(
+        (width, height), Image.Resampling.BILINEAR
+    )
+    return np.asarray(resized)
 
 
 def encode_rle(mask: np.ndarray) -> dict:
@@ -196,9 +115,10 @@ def _coco_rle(rle: dict) -> dict:
 def decode_rle(rle: dict) -> np.ndarray:
     """Inverse of `encode_rle`: bool (h, w). Also accepts bytes counts and uncompressed (list) counts.
 
-    Decoded here rather than by `pycocotools.mask.decode`, which emits a numpy 2 DeprecationWarning
-    (its `__array__` lacks the `copy` keyword) on every call; the tests check it gives the same masks.
+    Malformed counts (too few or too many pixels, negative runs, a cut-off string) raise ValueError.
     """
+    # Not `pycocotools.mask.decode`: it returns uninitialised memory for counts that cover fewer than
+    # h * w pixels and warns on every call under numpy 2 (tests/masks/test_mask_placement.py pins both).
     h, w = (int(v) for v in rle["size"])
     counts = rle["counts"]
     runs = list(counts) if isinstance(counts, list) else _counts_from_string(counts)

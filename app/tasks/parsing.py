@@ -7,6 +7,9 @@ inverse; the Hugging Face demo's `/ 1024` shifts every box by up to a tenth of a
 
 Model output is never trusted: whatever parses is returned, whatever does not is dropped and counted,
 and nothing here raises on any input string.
+
+Hand-written rather than supervision's `from_paligemma`: that parser divides by 1024, needs a space
+after the fourth loc token (so it misses segmentation output) and drops labels with punctuation.
 """
 
 from __future__ import annotations

@@ -49,9 +49,13 @@ def _clean_text(value: str, param: str, limits: PromptLimits) -> str:
     if any(ord(ch) < 32 for ch in text):
         raise InvalidRequest(f"`{param}` must not contain control characters.", param=param)
     if _REPLACEMENT in text:
-        # The multipart parser replaces undecodable bytes with U+FFFD: the client sent something that
-        # is not UTF-8, and guessing what was meant would put noise into the prompt.
-        raise InvalidRequest(f"`{param}` must be UTF-8 text.", param=param)
+        # Undecodable bytes never get here (app.api.forms refuses them), so a U+FFFD was sent as such:
+        # some decoding step on the client's side already lost characters, and the model would read noise.
+        raise InvalidRequest(
+            f"`{param}` contains U+FFFD, the replacement character: the text was damaged by a decoding "
+            "step before it was sent. Send the original text as UTF-8.",
+            param=param,
+        )
     return text
 
 

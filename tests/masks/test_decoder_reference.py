@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import astuple
 from pathlib import Path
 from types import ModuleType
 
@@ -12,7 +13,8 @@ import torch
 
 from app.masks import decoder as decoder_module
 from app.masks.decoder import MaskDecoder, load_mask_decoder
-from app.masks.placement import normalize_loc_bins, place_mask
+from app.masks.placement import place_mask
+from app.tasks.parsing import decode_box
 
 ATOL = 1e-5
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "vae_reference.npz"
@@ -47,29 +49,53 @@ def test_port_matches_flax_reference(reference: Arrays, reference_decoder: MaskD
 def test_batched_decoding_equals_one_by_one(reference: Arrays, reference_decoder: MaskDecoder) -> None:
     codes = np.concatenate([reference["indices"], np.random.default_rng(7).integers(0, 128, (24, 16))])
     batched = reference_decoder.decode(codes)
-    chunked = reference_decoder.decode(codes, max_batch=5)
-    with torch.inference_mode():
-        single = np.stack([reference_decoder(torch.from_numpy(c[None]))[0].numpy() for c in codes])
     assert batched.shape == (32, 64, 64) and batched.dtype == np.float32
-    # oneDNN picks its convolution kernels by batch shape, so a batch agrees with single decodes to
-    # float32 rounding (measured ~6e-6 on maps of magnitude ~4), not bit for bit.
-    np.testing.assert_allclose(batched, single, rtol=0, atol=ATOL)
+    # Every call has the same shape (padded to DECODE_BATCH rows), so a row's logits do not depend on
+    # the other rows of its call or on its place in it: bit for bit, not just to rounding.
+    alone = np.stack([reference_decoder.decode(c[None])[0] for c in codes])
+    assert np.array_equal(batched, alone)
+    order = np.random.default_rng(8).permutation(len(codes))
+    assert np.array_equal(reference_decoder.decode(codes[order]), batched[order])
+    # Another call size gives other kernels: the same maps to float32 rounding (~6e-6 measured).
+    chunked = reference_decoder.decode(codes, batch_size=5)
+    with torch.inference_mode():
+        unpadded = np.stack([reference_decoder(torch.from_numpy(c[None]))[0].numpy() for c in codes])
     np.testing.assert_allclose(chunked, batched, rtol=0, atol=ATOL)
-    clear = np.abs(single) > ATOL  # pixels whose sign cannot be flipped by that rounding
-    assert np.array_equal((batched > 0)[clear], (single > 0)[clear])
+    np.testing.assert_allclose(unpadded, batched, rtol=0, atol=ATOL)
     np.testing.assert_allclose(batched[:8], reference["masks"], rtol=0, atol=ATOL)
-    assert reference_decoder.decode(np.zeros((0, 16), np.int64)).shape == (0, 64, 64)
+
+
+def test_decode_takes_what_the_parser_gives(reference: Arrays, reference_decoder: MaskDecoder) -> None:
+    as_tuples = [tuple(int(v) for v in row) for row in reference["indices"]]  # ParsedObject.mask_tokens
+    expected = reference_decoder.decode(reference["indices"])
+    assert np.array_equal(reference_decoder.decode(as_tuples), expected)
+    assert np.array_equal(reference_decoder.decode(torch.from_numpy(reference["indices"])), expected)
+    for empty in ([], np.zeros((0, 16), np.int64), torch.zeros(0, 16, dtype=torch.long)):
+        out = reference_decoder.decode(empty)
+        assert out.shape == (0, 64, 64) and out.dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    ("codes", "match"),
+    [([[128] * 16], r"\[0, 128\)"), ([[-1] * 16], r"\[0, 128\)"), ([[0] * 15], "shape"),
+     (np.zeros((1, 16), np.float32), "integers"), ([0] * 16, "shape")],
+)
+def test_decode_refuses_bad_codes_before_running(reference_decoder: MaskDecoder, codes, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        reference_decoder.decode(codes)
+    with pytest.raises(ValueError, match="batch_size"):
+        reference_decoder.decode([[0] * 16], batch_size=0)
 
 
 def test_placed_masks_match_big_vision(reference: Arrays, reference_decoder: MaskDecoder) -> None:
     logits = reference_decoder.decode(reference["indices"])
     for k, (index, y1, x1, y2, x2, height, width) in enumerate(reference["place_spec"].tolist()):
         expected = np.unpackbits(reference[f"placed_{k}"], count=height * width).reshape(height, width)
-        placed = place_mask(logits[index], normalize_loc_bins(y1, x1, y2, x2), width, height)
+        placed = place_mask(logits[index], astuple(decode_box([y1, x1, y2, x2])), width, height)
         assert placed.shape == (height, width)
         assert np.array_equal(placed, expected.astype(bool)), f"placement {k} differs"
         # The same from the exact Flax maps (placement alone, independent of the port's 1e-6 noise).
-        from_flax = place_mask(reference["masks"][index], normalize_loc_bins(y1, x1, y2, x2), width, height)
+        from_flax = place_mask(reference["masks"][index], astuple(decode_box([y1, x1, y2, x2])), width, height)
         assert np.array_equal(from_flax, expected.astype(bool))
 
 
