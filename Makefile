@@ -15,11 +15,12 @@ test: install system-deps
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/torch-cpu.txt
+$(STAMP): pyproject.toml client/pyproject.toml requirements/torch-cpu.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	@# No NVIDIA GPU: take the CPU build of torch first (see requirements/torch-cpu.txt).
 	command -v nvidia-smi >/dev/null 2>&1 || $(PIP) install -q -r requirements/torch-cpu.txt
-	$(PIP) install -q -e ".[dev]"
+	@# The server with its test tools, and the Python client + CLI (client/) that the tests also cover.
+	$(PIP) install -q -e ".[dev]" -e "./client[supervision]"
 	touch $(STAMP)
 
 # Debian packages some tests drive for real (kubectl, promtool, prometheus); idempotent, needs root.
@@ -28,7 +29,7 @@ system-deps:
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy app
+	$(VENV)/bin/mypy app client/paligemma_client
 
 # The benchmark against the peers (benchmarks/RESULTS.md says what it measures; ~25 min on 2 cores).
 bench: install
