@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml client/pyproject.toml requirements/torch-cpu.txt
 	$(PIP) install -q -e ".[dev]" -e "./client[supervision]"
 	touch $(STAMP)
 
-# Debian packages some tests drive for real (kubectl, promtool, prometheus); idempotent, needs root.
+# Debian packages some tests drive for real (kubectl, promtool, prometheus, chromium); idempotent, needs root.
 system-deps:
 	bash scripts/install-system-deps.sh
 

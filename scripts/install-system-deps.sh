@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Installs the system tools that tests/test_deploy.py and deploy/check.sh need, from Debian's
-# packages. Idempotent: a tool already on PATH is left alone, and nothing runs apt when all are there.
+# Installs the system tools that tests/test_deploy.py, deploy/check.sh and the browser tests need, from
+# Debian's packages. Idempotent: a tool already on PATH is left alone, and nothing runs apt when all are there.
 #
-#   scripts/install-system-deps.sh               kubectl (kustomize rendering), promtool
+#   scripts/install-system-deps.sh               kubectl (kustomize rendering), promtool, chromium(-driver)
 #   scripts/install-system-deps.sh --containers  also podman, runc, debootstrap, curl (deploy/check.sh --build)
 #
 # kubectl: Debian bookworm has no `kubectl` package; its `kubernetes-client` (1.20) ships
@@ -27,6 +27,8 @@ packages=()
 need_kubectl=0
 have kubectl || need_kubectl=1
 have promtool || packages+=(prometheus)
+have chromium || packages+=(chromium)
+have chromedriver || packages+=(chromium-driver)
 if [ "$CONTAINERS" = 1 ]; then
     have podman || packages+=(podman)
     have runc || [ -x /usr/sbin/runc ] || packages+=(runc)
@@ -79,4 +81,4 @@ echo "install-system-deps: apt-get install ${packages[*]}"
 if [ -d /run/systemd/system ] && systemctl list-unit-files prometheus.service >/dev/null 2>&1; then
     "${SUDO[@]}" systemctl disable --now prometheus.service >/dev/null 2>&1 || true
 fi
-have kubectl && have promtool && echo "install-system-deps: done"
+have kubectl && have promtool && have chromium && have chromedriver && echo "install-system-deps: done"

@@ -70,7 +70,7 @@ def test_detect_answers_an_annotated_png_with_its_boxes(trained_server):
         changed = _changed(response)
         for box in boxes:
             assert changed[_edges(box)].mean() > 0.9
-        x1, y1, x2, y2 = (round(boxes[0][k]) for k in ("x_min", "y_min", "x_max", "y_max"))
+        _, y1, x2, y2 = (round(boxes[0][k]) for k in ("x_min", "y_min", "x_max", "y_max"))
         assert not changed[y1 + 10:y2 - 10, 260:x2 - 10].any()  # outlines only, no fill
         assert not changed[HEIGHT - 60:, :].any()  # nothing far from every box
 
