@@ -18,7 +18,7 @@ install: $(STAMP)
 # The locked set (requirements/*.lock, hash-checked): torch's CPU build, or its CUDA build where
 # nvidia-smi exists, then everything else, then the project itself (editable). It stops, naming the
 # differences, when pyproject.toml has changed since the locks were made: run `make lock` then.
-$(STAMP): pyproject.toml requirements/torch.in $(wildcard requirements/*.lock)
+$(STAMP): pyproject.toml client/pyproject.toml requirements/torch.in $(wildcard requirements/*.lock)
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) scripts/lock.py install
 	touch $(STAMP)
@@ -29,13 +29,14 @@ lock:
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) scripts/lock.py lock
 
-# Debian packages some tests drive for real (kubectl, promtool, prometheus); idempotent, needs root.
+# Debian packages some tests drive for real (kubectl, promtool, prometheus, podman, chromium); idempotent,
+# needs root.
 system-deps:
 	bash scripts/install-system-deps.sh
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy app
+	$(VENV)/bin/mypy app client/paligemma_client
 
 # The benchmark against the peers (benchmarks/RESULTS.md says what it measures; ~25 min on 2 cores).
 bench: install

@@ -76,6 +76,13 @@ class DeadlineExceeded(ServiceError):
     error_type = "timeout"
 
 
+class RenderingUnavailable(ServiceError):
+    """An annotated image was asked for, but the drawing library (the `render` extra) is not installed."""
+
+    status_code = 501
+    error_type = "not_implemented"
+
+
 class InferenceFailed(ServiceError):
     """The model worker raised on this request; the client did nothing wrong."""
 

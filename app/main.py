@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request, Security
 from fastapi.responses import Response
 
 from app import __version__
-from app.api import ops, tasks
+from app.api import ops, pages, tasks
 from app.api.auth import ApiKeyMiddleware, bearer_scheme
 from app.api.errors import install_error_handlers
 from app.api.middleware import RequestContextMiddleware
@@ -95,7 +95,9 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] | 
     `runner_factory` replaces the model side of the engine (tests hand in fakes and fault injectors).
     """
     settings = settings or load_settings()
-    app = FastAPI(title="PaliGemma server", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    # /docs is served by app.api.pages from local assets (FastAPI's default loads them from a CDN).
+    app = FastAPI(title="PaliGemma server", version=__version__, description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.lifecycle = Lifecycle()
@@ -115,6 +117,7 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] | 
     app.include_router(ops.metrics_router, dependencies=protected if settings.metrics_require_key else [])
     app.include_router(ops.models_router, dependencies=protected)
     app.include_router(tasks.router, dependencies=protected)
+    pages.install(app)
     # Outermost first at run time: request context (ids, metrics, size limit) wraps auth.
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys, protect_metrics=settings.metrics_require_key)
     app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics,

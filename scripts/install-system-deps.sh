@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Installs the system tools that tests/test_deploy.py and deploy/check.sh need, from Debian's
-# packages. Idempotent: a tool already on PATH is left alone, and nothing runs apt when all are there.
+# Installs the system tools that tests/test_deploy.py, deploy/check.sh and the browser tests need, from
+# Debian's packages. Idempotent: a tool already on PATH is left alone, and nothing runs apt when all are there.
 #
-#   scripts/install-system-deps.sh               kubectl (kustomize rendering), promtool, podman (the
-#                                                binary podman-compose's `config` asks for; nothing runs)
+#   scripts/install-system-deps.sh               kubectl (kustomize rendering), promtool, chromium(-driver),
+#                                                podman (the binary podman-compose's `config` asks for;
+#                                                nothing runs)
 #   scripts/install-system-deps.sh --containers  also runc, debootstrap, curl (deploy/check.sh --build)
 #
 # kubectl: Debian bookworm has no `kubectl` package; its `kubernetes-client` (1.20) ships
@@ -29,6 +30,8 @@ need_kubectl=0
 have kubectl || need_kubectl=1
 have promtool || packages+=(prometheus)
 have podman || packages+=(podman)
+have chromium || packages+=(chromium)
+have chromedriver || packages+=(chromium-driver)
 if [ "$CONTAINERS" = 1 ]; then
     have runc || [ -x /usr/sbin/runc ] || packages+=(runc)
     have debootstrap || [ -x /usr/sbin/debootstrap ] || packages+=(debootstrap)
@@ -81,3 +84,4 @@ if [ -d /run/systemd/system ] && systemctl list-unit-files prometheus.service >/
     "${SUDO[@]}" systemctl disable --now prometheus.service >/dev/null 2>&1 || true
 fi
 have kubectl && have promtool && have podman && echo "install-system-deps: done"
+have kubectl && have promtool && have chromium && have chromedriver && echo "install-system-deps: done"

@@ -251,6 +251,10 @@ def install(torch: str, dev: bool) -> None:
     pip("check")
     # The build backend comes from dev.lock, so the project installs without fetching anything.
     pip("install", "-q", "--no-deps", *(["--no-build-isolation"] if dev else []), "-e", str(ROOT))
+    if dev:
+        # The Python client and CLI (client/), which the tests cover; its dependencies are in the locks.
+        pip("install", "-q", "--no-deps", "--no-build-isolation", "-e", str(ROOT / "client"))
+        pip("check")
 
 
 def main(argv: list[str]) -> int:

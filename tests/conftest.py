@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import random_mask_decoder
+from tests.served import served
 from tests.trained_model import train
 
 
@@ -11,3 +15,21 @@ from tests.trained_model import train
 def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny PaliGemma trained to emit known detect/segment outputs, saved with save_pretrained."""
     return train(tmp_path_factory.mktemp("trained-paligemma"))
+
+
+@dataclass(frozen=True)
+class TrainedServer:
+    url: str
+    key: str
+
+
+@pytest.fixture(scope="session")
+def trained_server(trained_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainedServer]:
+    """One served process (`python -m app`) shared by the client, CLI, annotated-image and browser tests:
+    the trained checkpoint, a mask decoder with seeded random weights, and an API key."""
+    directory = tmp_path_factory.mktemp("trained-server")
+    key = "test-key-0123"
+    env = {"PALIGEMMA_MODEL": str(trained_checkpoint), "PALIGEMMA_API_KEYS": key,
+           "PALIGEMMA_MASK_DECODER": str(random_mask_decoder(directory))}
+    with served(directory, env=env) as server:
+        yield TrainedServer(server.url, key)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 from fastapi.testclient import TestClient
@@ -72,3 +74,15 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         if got == want:
             return float(value)
     return 0.0
+
+
+def random_mask_decoder(directory: Path, seed: int = 7) -> Path:
+    """A mask-decoder file (vae-oid.npz layout) with seeded random weights, written into `directory`."""
+    spec = importlib.util.spec_from_file_location(
+        "vae_weights", Path(__file__).parent / "masks" / "vae_fixture_weights.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path = directory / f"vae-random-{seed}.npz"
+    np.savez(path, **module.random_vae_weights(seed))
+    return path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -11,24 +10,13 @@ import pytest
 from app.masks.decoder import PUBLISHED_SHA256, MaskDecoder
 from app.masks.placement import decode_rle, pixel_box, place_mask
 from app.settings import Settings
-from tests.helpers import files, metric_value, serve
+from tests.helpers import files, metric_value, random_mask_decoder, serve
 from tests.trained_model import SEGMENT_BINS, SEGMENT_CODES, image_bytes, training_image
-
-
-def _random_decoder_file(directory: Path) -> Path:
-    spec = importlib.util.spec_from_file_location(
-        "vae_weights", Path(__file__).parent / "masks" / "vae_fixture_weights.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    path = directory / "vae-random.npz"
-    np.savez(path, **module.random_vae_weights(7))
-    return path
 
 
 @pytest.fixture(scope="module")
 def decoder_file(tmp_path_factory) -> Path:
-    return _random_decoder_file(tmp_path_factory.mktemp("vae"))
+    return random_mask_decoder(tmp_path_factory.mktemp("vae"))
 
 
 @pytest.fixture(scope="module")

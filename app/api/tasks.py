@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import Response
 
-from app.api import convert
+from app.api import annotate, convert
 from app.api.deps import ServiceDep
 from app.api.errors import ERROR_RESPONSES
 from app.api.forms import StrictFormRoute
@@ -124,20 +124,28 @@ async def ocr(request: Request, service: ServiceDep, image: ImageFile,
     return TextResponse(text=result.text.strip(), **convert.common_fields(result, service))
 
 
-@router.post("/detect", response_model=DetectResponse, summary="Detect objects: boxes in pixels")
+@router.post("/detect", response_model=DetectResponse, summary="Detect objects: boxes in pixels",
+             responses=annotate.RESPONSES)
 async def detect(request: Request, service: ServiceDep, image: ImageFile, objects: Objects,
-                 max_new_tokens: MaxNewTokens = None) -> DetectResponse:
+                 as_image: annotate.WantsImage,
+                 max_new_tokens: MaxNewTokens = None) -> DetectResponse | Response:
     prefix = prompts.detect_prompt(objects, _limits(service))
     result = await _execute(request, service, Task.DETECT, prefix, image, max_new_tokens)
+    if as_image:
+        return await annotate.annotated_png(image, result, service)
     return DetectResponse(detections=[convert.detection(o) for o in result.objects or []],
                           dropped=result.dropped_objects, **convert.common_fields(result, service))
 
 
-@router.post("/segment", response_model=SegmentResponse, summary="Segment objects: boxes and masks")
+@router.post("/segment", response_model=SegmentResponse, summary="Segment objects: boxes and masks",
+             responses=annotate.RESPONSES)
 async def segment(request: Request, service: ServiceDep, image: ImageFile, objects: Objects,
-                  max_new_tokens: MaxNewTokens = None) -> SegmentResponse:
+                  as_image: annotate.WantsImage,
+                  max_new_tokens: MaxNewTokens = None) -> SegmentResponse | Response:
     prefix = prompts.segment_prompt(objects, _limits(service))
     result = await _execute(request, service, Task.SEGMENT, prefix, image, max_new_tokens)
+    if as_image:
+        return await annotate.annotated_png(image, result, service)
     return SegmentResponse(segments=[convert.segment(o) for o in result.objects or []],
                            dropped=result.dropped_objects, **convert.common_fields(result, service))
 

@@ -1,0 +1,75 @@
+"""Annotated PNGs from /v1/detect and /v1/segment: asked for with `Accept: image/png` or `render=true`.
+
+Two hooks for the task routes: the `WantsImage` dependency (decides, and refuses before any model work
+when the drawing library is missing) and `annotated_png` (draws the finished result). The drawing
+itself is `app.render`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Form, Request, UploadFile
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from app import render
+from app.engine.service import InferenceService, JobResult
+from app.errors import RenderingUnavailable
+
+PNG = "image/png"
+
+RESPONSES: dict[int | str, dict[str, object]] = {
+    200: {"content": {PNG: {}},
+          "description": "JSON; or, with `Accept: image/png` or `render=true`, the image with the results "
+                         "drawn."},
+    501: {"description": "An annotated image was asked for, but the server has no drawing library "
+                         "(install the `render` extra)."},
+}
+
+
+def prefers_png(accept: str) -> bool:
+    """Whether an Accept header ranks image/png above JSON (ties, `*/*` and no header: JSON)."""
+    quality: dict[str, float] = {}
+    for part in accept.split(","):
+        media_type, *params = (piece.strip() for piece in part.split(";"))
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        media_type = media_type.lower()
+        quality[media_type] = max(q, quality.get(media_type, 0.0))
+    png = quality.get(PNG, quality.get("image/*", 0.0))
+    json = max(quality.get(name, 0.0) for name in ("application/json", "application/*", "*/*"))
+    return png > json
+
+
+async def wants_image(
+    request: Request,
+    render_field: Annotated[bool, Form(alias="render", description=(
+        "Answer with the uploaded image, its boxes, labels and masks drawn (PNG) instead of JSON; "
+        "`Accept: image/png` does the same."))] = False,
+) -> bool:
+    if not (render_field or prefers_png(request.headers.get("accept", ""))):
+        return False
+    if not render.available():
+        raise RenderingUnavailable(
+            "annotated images need the `supervision` package, which this server does not have; install "
+            "the render extra (pip install 'paligemma-server[render]') or ask for JSON", param="render")
+    return True
+
+
+WantsImage = Annotated[bool, Depends(wants_image)]
+
+
+async def annotated_png(image: UploadFile, result: JobResult, service: InferenceService) -> Response:
+    """The upload with `result`'s objects drawn. Drawing runs off the event loop (it is CPU work)."""
+    await image.seek(0)  # the route has read the upload once already (and checked its size)
+    data = await image.read()
+    limit = service.settings.max_image_pixels
+    png = await run_in_threadpool(render.render_png, data, result.objects or [], limit)
+    return Response(png, media_type=PNG)
