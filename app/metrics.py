@@ -130,7 +130,8 @@ class Metrics:
         self.time_to_first_token.observe(seconds)
 
     def tokens(self, label: str, count: int) -> None:
-        self.generated_tokens.labels(label).inc(count)
+        if label:  # requests that came from no endpoint (the warm-up) are not traffic
+            self.generated_tokens.labels(label).inc(count)
 
     def feature_cache_hits(self, count: int) -> None:
         if count:

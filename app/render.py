@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from app.engine.service import ObjectResult
+from app.engine.jobs import ObjectResult
 from app.images import decode_image
 from app.masks.placement import decode_rle
 

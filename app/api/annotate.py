@@ -14,7 +14,8 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from app import render
-from app.engine.service import InferenceService, JobResult
+from app.engine.jobs import JobResult
+from app.engine.service import InferenceService
 from app.errors import RenderingUnavailable
 
 PNG = "image/png"

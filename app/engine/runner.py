@@ -137,8 +137,8 @@ class ModelStepRunner:
             input_ids[i, : len(item.input_ids)] = torch.tensor(item.input_ids, dtype=torch.long)
         lengths = torch.tensor([len(item.input_ids) for item in inputs], dtype=torch.long)
         rows = torch.tensor([seq.row for seq in seqs], dtype=torch.long)
-        logits = self.step.prefill(self._to_device(rows), self._to_device(input_ids), self._to_device(lengths),
-                                   self._image_features(inputs))
+        logits = self.step.prefill(self._to_device(rows), self._to_device(input_ids),
+                                   self._to_device(lengths), self._image_features(inputs))
         for seq, item in zip(seqs, inputs, strict=True):
             self._generators[seq.request_id] = new_generator(item.sampling, self.device)
         return self._select(seqs, logits)

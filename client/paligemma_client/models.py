@@ -133,6 +133,8 @@ class ModelCard(_Model):
     masks: bool
     mask_decoder: MaskDecoderInfo | None
     max_batch_size: int
+    max_prompt_tokens: int
+    decode_graphs: list[int]
     max_new_tokens: int
     default_max_new_tokens: int
 
