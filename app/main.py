@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request, Security
 from fastapi.responses import Response
 
 from app import __version__
-from app.api import ops, pages, tasks
+from app.api import openai_chat, ops, pages, tasks
 from app.api.auth import ApiKeyMiddleware, bearer_scheme
 from app.api.errors import install_error_handlers
 from app.api.middleware import RequestContextMiddleware
@@ -117,6 +117,7 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] | 
     app.include_router(ops.metrics_router, dependencies=protected if settings.metrics_require_key else [])
     app.include_router(ops.models_router, dependencies=protected)
     app.include_router(tasks.router, dependencies=protected)
+    app.include_router(openai_chat.router, dependencies=protected)
     pages.install(app)
     # Outermost first at run time: request context (ids, metrics, size limit) wraps auth.
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys, protect_metrics=settings.metrics_require_key)

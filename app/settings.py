@@ -62,7 +62,8 @@ class Settings(BaseSettings):
     # Input bounds.
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_request_bytes: int = Field(
-        0, ge=0, description="Cap on a whole request body; 0 means max_image_bytes plus 1 MiB for fields."
+        0, ge=0,
+        description="Cap on a whole request body; 0 means room for max_image_bytes as base64 plus 1 MiB.",
     )
     max_image_pixels: int = Field(50_000_000, ge=1)
     max_objects: int = Field(16, ge=1, le=256, description="Most objects in one detect/segment request.")
@@ -111,7 +112,8 @@ class Settings(BaseSettings):
 
     @property
     def request_body_limit(self) -> int:
-        return self.max_request_bytes or self.max_image_bytes + 1024 * 1024
+        # The image may come as base64 in JSON: 4 characters for every 3 bytes, plus room for the fields.
+        return self.max_request_bytes or -(-self.max_image_bytes // 3) * 4 + 1024 * 1024
 
 
 # Variables earlier versions read; setting one now has no effect, so start-up says so.

@@ -94,12 +94,18 @@ def test_field_errors(client):
 
 
 def test_image_errors(client):
-    _error(client.post("/v1/caption", data={"language": "en"}), 422, "validation_error", "image")
+    error = _error(client.post("/v1/caption", content=b"x", headers={"content-type": "text/plain"}), 415,
+                   "unsupported_media_type")
+    assert "multipart/form-data" in error["message"] and "application/json" in error["message"]
+    _error(client.post("/v1/caption", files={"image": ("a.jpg", b"", "image/jpeg")}, data={"language": "en"}),
+           400, "invalid_image", "image")
     _error(client.post("/v1/caption", files=files(b"")), 400, "invalid_image", "image")
     _error(client.post("/v1/caption", files=files(b"GIF89a" + b"\0" * 100)), 415, "unsupported_media_type")
     _error(client.post("/v1/caption", files=files(jpeg()[:300])), 400, "invalid_image")
-    error = _error(client.post("/v1/caption", json={"image": "x"}), 422, "validation_error")
-    assert "multipart/form-data" in error["message"]
+    error = _error(client.post("/v1/caption", json={"image": "x"}), 400, "invalid_image", "image")
+    assert "base64" in error["message"]
+    error = _error(client.post("/v1/caption", json={"language": "en"}), 422, "validation_error", "image")
+    assert "file field" in error["message"] and "base64" in error["message"]
 
 
 def test_unknown_route_and_method(client):

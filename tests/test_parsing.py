@@ -6,7 +6,6 @@ from app.tasks.parsing import (
     Box,
     decode_box,
     encode_box,
-    parse_detections,
     parse_objects,
     strip_location_tokens,
 )
@@ -24,7 +23,7 @@ CODES = tuple(range(16))
 
 
 def test_single_detection_order_is_y_x_y_x():
-    out = parse_detections(loc(100, 200, 300, 400) + " cat")
+    out = parse_objects(loc(100, 200, 300, 400) + " cat")
     [obj] = out.objects
     assert obj.label == "cat"
     assert obj.box == Box(200 / 1023, 100 / 1023, 400 / 1023, 300 / 1023)
@@ -34,12 +33,12 @@ def test_single_detection_order_is_y_x_y_x():
 def test_several_objects_labels_with_spaces_and_punctuation():
     text = (loc(0, 0, 1023, 1023) + " traffic light ; " + loc(10, 20, 30, 40) + " Mr. O'Brien's car (red) ; "
             + loc(5, 6, 7, 8) + " 3-legged stool!")
-    labels = [o.label for o in parse_detections(text).objects]
+    labels = [o.label for o in parse_objects(text).objects]
     assert labels == ["traffic light", "Mr. O'Brien's car (red)", "3-legged stool!"]
 
 
 def test_full_image_box_and_bounds():
-    [obj] = parse_detections(loc(0, 0, 1023, 1023) + " all").objects
+    [obj] = parse_objects(loc(0, 0, 1023, 1023) + " all").objects
     assert obj.box == Box(0.0, 0.0, 1.0, 1.0)
     assert obj.box.to_pixels(640, 480) == Box(0.0, 0.0, 640.0, 480.0)
 
@@ -62,12 +61,12 @@ def test_encode_decode_round_trip():
 
 
 def test_whitespace_between_tokens_is_accepted():
-    [obj] = parse_detections("<loc0100> <loc0200> <loc0300> <loc0400>  dog ").objects
+    [obj] = parse_objects("<loc0100> <loc0200> <loc0300> <loc0400>  dog ").objects
     assert obj.label == "dog"
 
 
 def test_missing_separator_between_objects():
-    out = parse_detections(loc(1, 2, 3, 4) + " cat" + loc(5, 6, 7, 8) + " dog")
+    out = parse_objects(loc(1, 2, 3, 4) + " cat" + loc(5, 6, 7, 8) + " dog")
     assert [o.label for o in out.objects] == ["cat", "dog"]
 
 
@@ -85,18 +84,19 @@ def test_segmentation_with_too_few_seg_tokens_keeps_the_box_and_says_why():
     assert "expected 16 <seg> tokens" in (obj.mask_problem or "")
 
 
-def test_seg_index_out_of_range_and_empty_box():
+def test_seg_index_out_of_range_keeps_the_box_and_says_why():
     [obj] = parse_objects(loc(1, 2, 300, 400) + seg(*CODES[:15], 200) + " cat").objects
     assert "outside 0..127" in (obj.mask_problem or "")
-    [obj] = parse_objects(loc(300, 400, 300, 500) + seg(*CODES) + " flat").objects
-    assert "empty" in (obj.mask_problem or "")
 
 
-def test_detection_drops_empty_boxes_and_out_of_range_bins():
-    out = parse_detections(loc(300, 400, 300, 500) + " flat ; " + loc(1, 2, 3, 4000) + " bad ; "
-                           + loc(1, 2, 3, 4) + " good")
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_one_rule_for_every_task_drops_empty_or_inverted_boxes_bad_bins_and_missing_labels(with_mask):
+    segs = seg(*CODES) if with_mask else ""
+    out = parse_objects(loc(300, 400, 300, 500) + segs + " flat ; " + loc(500, 400, 300, 600) + segs
+                        + " upside down ; " + loc(1, 2, 3, 4000) + segs + " bad ; " + loc(1, 2, 30, 40) + segs
+                        + " ; " + loc(1, 2, 3, 4) + segs + " good")
     assert [o.label for o in out.objects] == ["good"]
-    assert out.dropped == 2
+    assert out.dropped == 4
 
 
 @pytest.mark.parametrize(
@@ -114,13 +114,17 @@ def test_detection_drops_empty_boxes_and_out_of_range_bins():
     ],
 )
 def test_garbage_and_truncated_output_never_raises(text):
-    assert parse_detections(text).objects == []
+    assert parse_objects(text).objects == []
     assert parse_objects(text).objects == []
 
 
 def test_truncated_second_object_keeps_the_first():
-    out = parse_detections(loc(1, 2, 3, 4) + " cat ; <loc0005><loc00")
+    out = parse_objects(loc(1, 2, 3, 4) + " cat ; <loc0005><loc00")
     assert [o.label for o in out.objects] == ["cat"]
+
+
+def test_strip_location_tokens_keeps_line_breaks():
+    assert strip_location_tokens("<loc0001>STOP\nNO <loc0002> PARKING  ") == "STOP\nNO PARKING"
 
 
 def test_strip_location_tokens():

@@ -112,5 +112,5 @@ def test_the_openapi_document_declares_the_png(trained_server):
         operation = document["paths"][path]["post"]
         assert "image/png" in operation["responses"]["200"]["content"]
         assert "501" in operation["responses"]
-        body = operation["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"].split("/")[-1]
-        assert "render" in document["components"]["schemas"][body]["properties"]
+        for form in ("multipart/form-data", "application/json"):
+            assert "render" in operation["requestBody"]["content"][form]["schema"]["properties"]

@@ -1,15 +1,13 @@
 """Annotated PNGs from /v1/detect and /v1/segment: asked for with `Accept: image/png` or `render=true`.
 
-Two hooks for the task routes: the `WantsImage` dependency (decides, and refuses before any model work
-when the drawing library is missing) and `annotated_png` (draws the finished result). The drawing
+Two hooks for the task routes: `wants_image` (decides, and refuses before any model work when the
+drawing library is missing) and `annotated_png` (draws the finished result). The drawing
 itself is `app.render`.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import Depends, Form, Request, UploadFile
+from fastapi import Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
@@ -49,12 +47,9 @@ def prefers_png(accept: str) -> bool:
     return png > json
 
 
-async def wants_image(
-    request: Request,
-    render_field: Annotated[bool, Form(alias="render", description=(
-        "Answer with the uploaded image, its boxes, labels and masks drawn (PNG) instead of JSON; "
-        "`Accept: image/png` does the same."))] = False,
-) -> bool:
+def wants_image(request: Request, render_field: bool) -> bool:
+    """Whether to answer with a PNG (the `render` field, or an Accept header that ranks it first);
+    refused before any model work when the drawing library is missing."""
     if not (render_field or prefers_png(request.headers.get("accept", ""))):
         return False
     if not render.available():
@@ -64,13 +59,8 @@ async def wants_image(
     return True
 
 
-WantsImage = Annotated[bool, Depends(wants_image)]
-
-
-async def annotated_png(image: UploadFile, result: JobResult, service: InferenceService) -> Response:
-    """The upload with `result`'s objects drawn. Drawing runs off the event loop (it is CPU work)."""
-    await image.seek(0)  # the route has read the upload once already (and checked its size)
-    data = await image.read()
+async def annotated_png(data: bytes, result: JobResult, service: InferenceService) -> Response:
+    """The uploaded image with `result`'s objects drawn. Drawing runs off the event loop (CPU work)."""
     limit = service.settings.max_image_pixels
     png = await run_in_threadpool(render.render_png, data, result.objects or [], limit)
     return Response(png, media_type=PNG)

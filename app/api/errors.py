@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -44,16 +45,18 @@ async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     return service_error_response(exc, request_id_of(request.scope))
 
 
-async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
-    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+def validation_problem(errors: list[Any]) -> tuple[str, str | None]:
+    """A pydantic/FastAPI error list -> (message, param) for the envelope: the first problem, by field."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "header")]
     param = location[0] if location else None
-    message = f"`{param}`: {first['msg']}" if param else str(first["msg"])
-    content_type = request.headers.get("content-type", "")
-    if request.method == "POST" and not content_type.startswith("multipart/form-data"):
-        message += (". Task endpoints take multipart/form-data with the image in a file field `image`, e.g. "
-                    "curl -F image=@photo.jpg -F language=en .../v1/caption")
+    message = f"`{'.'.join(location)}`: {first['msg']}" if param else str(first["msg"])
+    return message, param
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    message, param = validation_problem(list(exc.errors()))
     return error_response(422, "validation_error", message, param, request_id_of(request.scope))
 
 

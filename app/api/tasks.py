@@ -1,20 +1,40 @@
-"""The task endpoints: validate fields, build the prefix, hand to the service, wrap the result."""
+"""The task endpoints: read the body, build the prefix, hand to the service, wrap the result.
+
+Every endpoint takes multipart or JSON (`app.api.bodies`), answers JSON, or server-sent events with
+`stream`, or (detect, segment) a PNG with the results drawn.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from pydantic import BaseModel
 
 from app.api import annotate, convert
+from app.api.bodies import read_task_body
 from app.api.deps import ServiceDep
-from app.api.errors import ERROR_RESPONSES
+from app.api.errors import ERROR_RESPONSES, request_id_of, service_error_response
 from app.api.forms import StrictFormRoute
-from app.engine.jobs import Job, JobResult
+from app.api.protocol import (
+    CaptionBody,
+    DetectBody,
+    GenerateBody,
+    OcrBody,
+    SegmentBody,
+    TaskBody,
+    VqaBody,
+    request_body_doc,
+)
+from app.api.streaming import EVENT_STREAM, sse, stream_job
+from app.engine.jobs import ImageInput, Job, JobResult
+from app.engine.sampling import SamplingParams
 from app.engine.service import InferenceService
-from app.errors import InvalidImage, PayloadTooLarge, ValidationFailed
+from app.errors import InvalidRequest, ServiceError, ValidationFailed
 from app.schemas import AnswerResponse, DetectResponse, GenerateResponse, SegmentResponse, TextResponse
 from app.tasks import prompts
 from app.tasks.parsing import strip_location_tokens
@@ -22,25 +42,18 @@ from app.tasks.prompts import PromptLimits, Task
 
 router = APIRouter(prefix="/v1", tags=["tasks"], responses=ERROR_RESPONSES, route_class=StrictFormRoute)
 
-ImageFile = Annotated[UploadFile, File(description="The image: JPEG, PNG or WebP.")]
-Language = Annotated[str, Form(max_length=16, description="Answer language, e.g. en, es, fr, de, ja.")]
-MaxNewTokens = Annotated[
-    int | None,
-    Form(ge=1, description="Most tokens to generate (default PALIGEMMA_DEFAULT_MAX_NEW_TOKENS, at most "
-                           "PALIGEMMA_MAX_NEW_TOKENS)."),
-]
-Objects = Annotated[
-    list[str],
-    Form(description="One or more object names or referring expressions: repeat the field, or separate "
-                     "them with `;` in one value."),
-]
-
 # Status recorded for a request whose client hung up before its answer (nginx's convention).
 CLIENT_CLOSED = 499
 
+_STREAMABLE = {200: {"content": {EVENT_STREAM: {}}, "description": "JSON; with `stream`, server-sent events: "
+                                                                  "`delta` events, then one `result` event."}}
 
 class ClientDisconnected(Exception):
     pass
+
+
+def disconnected_response() -> Response:
+    return Response(status_code=CLIENT_CLOSED)
 
 
 def _limits(service: InferenceService) -> PromptLimits:
@@ -59,110 +72,147 @@ def _max_new_tokens(value: int | None, service: InferenceService) -> int:
     return value
 
 
-async def _read_image(image: UploadFile, limit: int) -> bytes:
-    data = await image.read(limit + 1)
-    if len(data) > limit:
-        raise PayloadTooLarge(f"the image is over {limit} bytes (PALIGEMMA_MAX_IMAGE_BYTES); send a smaller "
-                              "or more compressed image", param="image")
-    if not data:
-        raise InvalidImage("the image is empty (0 bytes)")
-    return data
+def job_for(request: Request, service: InferenceService, task: Task, prefix: str, max_new_tokens: int | None,
+            sampling: SamplingParams) -> Job:
+    return Job(task, prefix, _max_new_tokens(max_new_tokens, service), sampling, label=request.url.path)
 
 
-async def _wait_for_disconnect(request: Request) -> None:
-    # The body is fully read by now, so the next message can only be the client going away.
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
+def _job(request: Request, service: InferenceService, task: Task, prefix: str, body: TaskBody) -> Job:
+    sampling = SamplingParams(body.temperature, body.top_p, body.top_k, body.seed)
+    return job_for(request, service, task, prefix, body.max_new_tokens, sampling)
 
 
-async def _execute(request: Request, service: InferenceService, task: Task, prefix: str,
-                   image: UploadFile, max_new_tokens: int | None) -> JobResult:
-    job = Job(task, prefix, _max_new_tokens(max_new_tokens, service), label=request.url.path)
-    data = await _read_image(image, service.settings.max_image_bytes)
-    work = asyncio.ensure_future(service.run(job, data))
-    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+async def until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
+    """Await `work`, unless the client hangs up first: then abandon it (its row is freed)."""
+    task = asyncio.ensure_future(work)
+
+    async def wait_for_disconnect() -> None:
+        # The body is fully read by now, so the next message can only be the client going away.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(wait_for_disconnect())
     try:
-        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-    if not work.done():
-        work.cancel()  # abandons the request if it is still queued (counted as `disconnected`)
+    if not task.done():
+        task.cancel()
         raise ClientDisconnected
-    result = work.result()
+    return task.result()
+
+
+def count_prompt_tokens(request: Request, result: JobResult) -> None:
     request.app.state.metrics.prompt_tokens.labels(request.url.path).inc(result.prompt_tokens)
-    return result
 
 
-def disconnected_response() -> Response:
-    return Response(status_code=CLIENT_CLOSED)
+class TaskEvents:
+    """The task endpoints' stream: `delta` events with text, then `result` (or `error`) with a body."""
+
+    def __init__(self, request: Request, build: Callable[[JobResult], BaseModel]):
+        self.request = request
+        self.build = build
+
+    def delta(self, text: str) -> bytes:
+        return sse("delta", {"text": text})
+
+    async def result(self, result: JobResult) -> bytes:
+        count_prompt_tokens(self.request, result)
+        return sse("result", self.build(result).model_dump(mode="json"))
+
+    def error(self, error: ServiceError) -> bytes:
+        return sse("error", json.loads(service_error_response(error, request_id_of(self.request.scope)).body))
 
 
-@router.post("/caption", response_model=TextResponse, summary="Caption an image")
-async def caption(request: Request, service: ServiceDep, image: ImageFile, language: Language = "en",
-                  long: Annotated[bool, Form(description="A long description (`describe`) instead.")] = False,
-                  max_new_tokens: MaxNewTokens = None) -> TextResponse:
-    result = await _execute(request, service, Task.CAPTION, prompts.caption_prompt(language, long), image,
-                            max_new_tokens)
-    return TextResponse(text=result.text.strip(), **convert.common_fields(result, service))
+async def respond(request: Request, service: InferenceService, job: Job, body: TaskBody, image: ImageInput,
+                  build: Callable[[JobResult], BaseModel], png: bool = False) -> Any:
+    """Run `job` and answer: JSON (`build`), an event stream (`body.stream`) or a PNG (`png`)."""
+    if body.stream:
+        if png:
+            raise InvalidRequest("`stream` and an annotated image (`render`, Accept: image/png) cannot be "
+                                 "combined; ask for one of them", param="stream")
+        stream = stream_job(lambda on_tokens: service.run(job, image, on_tokens), service.encoder,
+                            TaskEvents(request, build))
+        return await until_disconnect(request, stream)
+    result: JobResult = await until_disconnect(request, service.run(job, image))
+    count_prompt_tokens(request, result)
+    if png:
+        return await annotate.annotated_png(await image.read(), result, service)
+    return build(result)
 
 
-@router.post("/vqa", response_model=AnswerResponse, summary="Answer a question about an image")
-async def vqa(request: Request, service: ServiceDep, image: ImageFile,
-              question: Annotated[str, Form(description="The question.")], language: Language = "en",
-              max_new_tokens: MaxNewTokens = None) -> AnswerResponse:
-    prefix = prompts.vqa_prompt(question, language, _limits(service))
-    result = await _execute(request, service, Task.VQA, prefix, image, max_new_tokens)
-    return AnswerResponse(answer=result.text.strip(), **convert.common_fields(result, service))
+@router.post("/caption", response_model=TextResponse, summary="Caption an image", responses=_STREAMABLE,
+             openapi_extra=request_body_doc(CaptionBody))
+async def caption(request: Request, service: ServiceDep) -> Any:
+    body, image = await read_task_body(request, CaptionBody, service.settings)
+    job = _job(request, service, Task.CAPTION, prompts.caption_prompt(body.language, body.long), body)
+    return await respond(request, service, job, body, image, lambda result: TextResponse(
+        text=strip_location_tokens(result.text), **convert.common_fields(result, service)))
 
 
-@router.post("/ocr", response_model=TextResponse, summary="Read the text in an image")
-async def ocr(request: Request, service: ServiceDep, image: ImageFile,
-              max_new_tokens: MaxNewTokens = None) -> TextResponse:
-    result = await _execute(request, service, Task.OCR, prompts.ocr_prompt(), image, max_new_tokens)
-    return TextResponse(text=result.text.strip(), **convert.common_fields(result, service))
+@router.post("/vqa", response_model=AnswerResponse, summary="Answer a question about an image",
+             responses=_STREAMABLE, openapi_extra=request_body_doc(VqaBody))
+async def vqa(request: Request, service: ServiceDep) -> Any:
+    body, image = await read_task_body(request, VqaBody, service.settings)
+    prefix = prompts.vqa_prompt(body.question, body.language, _limits(service))
+    job = _job(request, service, Task.VQA, prefix, body)
+    return await respond(request, service, job, body, image, lambda result: AnswerResponse(
+        answer=strip_location_tokens(result.text), **convert.common_fields(result, service)))
+
+
+@router.post("/ocr", response_model=TextResponse, summary="Read the text in an image", responses=_STREAMABLE,
+             openapi_extra=request_body_doc(OcrBody))
+async def ocr(request: Request, service: ServiceDep) -> Any:
+    body, image = await read_task_body(request, OcrBody, service.settings)
+    job = _job(request, service, Task.OCR, prompts.ocr_prompt(), body)
+    return await respond(request, service, job, body, image, lambda result: TextResponse(
+        text=strip_location_tokens(result.text), **convert.common_fields(result, service)))
 
 
 @router.post("/detect", response_model=DetectResponse, summary="Detect objects: boxes in pixels",
-             responses=annotate.RESPONSES)
-async def detect(request: Request, service: ServiceDep, image: ImageFile, objects: Objects,
-                 as_image: annotate.WantsImage,
-                 max_new_tokens: MaxNewTokens = None) -> DetectResponse | Response:
-    prefix = prompts.detect_prompt(objects, _limits(service))
-    result = await _execute(request, service, Task.DETECT, prefix, image, max_new_tokens)
-    if as_image:
-        return await annotate.annotated_png(image, result, service)
-    return DetectResponse(detections=[convert.detection(o) for o in result.objects or []],
-                          dropped=result.dropped_objects, **convert.common_fields(result, service))
+             responses={**_STREAMABLE, **annotate.RESPONSES}, openapi_extra=request_body_doc(DetectBody))
+async def detect(request: Request, service: ServiceDep) -> Any:
+    body, image = await read_task_body(request, DetectBody, service.settings)
+    png = annotate.wants_image(request, body.render)
+    prefix = prompts.detect_prompt(_objects(body), _limits(service))
+    job = _job(request, service, Task.DETECT, prefix, body)
+    return await respond(request, service, job, body, image, lambda result: DetectResponse(
+        detections=[convert.detection(o) for o in result.objects or []], dropped=result.dropped_objects,
+        **convert.common_fields(result, service)), png)
 
 
 @router.post("/segment", response_model=SegmentResponse, summary="Segment objects: boxes and masks",
-             responses=annotate.RESPONSES)
-async def segment(request: Request, service: ServiceDep, image: ImageFile, objects: Objects,
-                  as_image: annotate.WantsImage,
-                  max_new_tokens: MaxNewTokens = None) -> SegmentResponse | Response:
-    prefix = prompts.segment_prompt(objects, _limits(service))
-    result = await _execute(request, service, Task.SEGMENT, prefix, image, max_new_tokens)
-    if as_image:
-        return await annotate.annotated_png(image, result, service)
-    return SegmentResponse(segments=[convert.segment(o) for o in result.objects or []],
-                           dropped=result.dropped_objects, **convert.common_fields(result, service))
+             responses={**_STREAMABLE, **annotate.RESPONSES}, openapi_extra=request_body_doc(SegmentBody))
+async def segment(request: Request, service: ServiceDep) -> Any:
+    body, image = await read_task_body(request, SegmentBody, service.settings)
+    png = annotate.wants_image(request, body.render)
+    prefix = prompts.segment_prompt(_objects(body), _limits(service))
+    job = _job(request, service, Task.SEGMENT, prefix, body)
+    return await respond(request, service, job, body, image, lambda result: SegmentResponse(
+        segments=[convert.segment(o) for o in result.objects or []], dropped=result.dropped_objects,
+        **convert.common_fields(result, service)), png)
 
 
-@router.post("/generate", response_model=GenerateResponse, summary="Run a raw PaliGemma prefix")
-async def generate(request: Request, service: ServiceDep, image: ImageFile,
-                   prompt: Annotated[str, Form(description="The prefix as PaliGemma takes it, e.g. "
-                                                           "`caption es` or `detect car ; person`.")],
-                   max_new_tokens: MaxNewTokens = None) -> GenerateResponse:
-    prefix = prompts.raw_prompt(prompt, _limits(service))
-    result = await _execute(request, service, Task.GENERATE, prefix, image, max_new_tokens)
+@router.post("/generate", response_model=GenerateResponse, summary="Run a raw PaliGemma prefix",
+             responses=_STREAMABLE, openapi_extra=request_body_doc(GenerateBody))
+async def generate(request: Request, service: ServiceDep) -> Any:
+    body, image = await read_task_body(request, GenerateBody, service.settings)
+    job = _job(request, service, Task.GENERATE, prompts.raw_prompt(body.prompt, _limits(service)), body)
+    return await respond(request, service, job, body, image,
+                         lambda result: generate_response(result, service))
+
+
+def generate_response(result: JobResult, service: InferenceService) -> GenerateResponse:
     objects = result.objects or []
     with_masks = [o for o in objects if o.mask_tokens is not None]
-    boxes_only = [o for o in objects if o.mask_tokens is None and not o.box_normalized.is_empty]
+    boxes_only = [o for o in objects if o.mask_tokens is None]
     return GenerateResponse(
         text=strip_location_tokens(result.text),
         detections=[convert.detection(o) for o in boxes_only] if boxes_only else None,
         segments=[convert.segment(o) for o in with_masks] if with_masks else None,
         **convert.common_fields(result, service),
     )
+
+
+def _objects(body: DetectBody | SegmentBody) -> list[str]:
+    return [body.objects] if isinstance(body.objects, str) else body.objects

@@ -13,11 +13,12 @@ import numpy as np
 from app.engine.scheduler import Sequence
 from app.masks.decoder import MaskDecoder
 from app.model.inputs import PromptEncoder
-from app.tasks.parsing import ParsedOutput, parse_detections, parse_objects
+from app.tasks.parsing import ParsedOutput, parse_objects
 from app.tasks.prompts import Task
 
-# Tasks whose output is read for <loc>/<seg> tokens.
+# Tasks whose output is read for <loc>/<seg> tokens, and those whose answer carries masks.
 _LOCATING_TASKS = frozenset({Task.DETECT, Task.SEGMENT, Task.GENERATE})
+_MASK_TASKS = frozenset({Task.SEGMENT, Task.GENERATE})
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,6 @@ class FinishedOutput:
 
 
 def parse_output(task: Task, text: str) -> ParsedOutput | None:
-    if task is Task.DETECT:
-        return parse_detections(text)  # boxes only: empty boxes are dropped
     return parse_objects(text) if task in _LOCATING_TASKS else None
 
 
@@ -44,17 +43,19 @@ class OutputFinisher:
     def __call__(self, seqs: list[Sequence]) -> list[FinishedOutput]:
         texts = [self.encoder.decode(seq.output_tokens) for seq in seqs]
         parsed = [parse_output(seq.context, text) for seq, text in zip(seqs, texts, strict=True)]
-        masks = self._mask_logits(parsed)
+        masks = self._mask_logits(parsed, [seq.context in _MASK_TASKS for seq in seqs])
         return [FinishedOutput(text, parse, mask)
                 for text, parse, mask in zip(texts, parsed, masks, strict=True)]
 
-    def _mask_logits(self, parsed: list[ParsedOutput | None]) -> list[list[np.ndarray | None]]:
+    def _mask_logits(self, parsed: list[ParsedOutput | None],
+                     wants_masks: list[bool]) -> list[list[np.ndarray | None]]:
+        """Per object of each output, its mask logits, for the outputs whose answer carries masks."""
         masks: list[list[np.ndarray | None]] = [[None] * len(p.objects) if p else [] for p in parsed]
         if self.mask_decoder is None:
             return masks
         wanted = [
             (i, j, obj.mask_tokens)
-            for i, p in enumerate(parsed) if p is not None
+            for i, (p, wants) in enumerate(zip(parsed, wants_masks, strict=True)) if p is not None and wants
             for j, obj in enumerate(p.objects) if obj.mask_problem is None and obj.mask_tokens is not None
         ]
         if not wanted:

@@ -196,8 +196,8 @@ class EngineLoop:
             if self.scheduler.record(seq, token):
                 finished.append(seq)
                 self.runner.release(seq)
-            elif seq.cancel_reason is None:
-                self._events.tokens.append((seq, [token]))
+            if seq.finish_reason != "stop" and seq.cancel_reason is None:
+                self._events.tokens.append((seq, [token]))  # a stop token is not part of the output
             by_label[seq.label] = by_label.get(seq.label, 0) + 1
         for label, count in by_label.items():
             self.observer.tokens(label, count)

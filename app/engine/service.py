@@ -21,7 +21,7 @@ from PIL import Image
 from app.engine.engine import Completion, Engine, EngineConfig, EngineRequest, TokenCallback
 from app.engine.faults import is_out_of_memory, is_unrecoverable
 from app.engine.finishing import FinishedOutput, OutputFinisher
-from app.engine.jobs import Job, JobResult
+from app.engine.jobs import ImageInput, Job, JobResult
 from app.engine.loop import StepRunner
 from app.engine.observer import EngineObserver
 from app.engine.results import object_results
@@ -111,7 +111,7 @@ class InferenceService:
             await asyncio.to_thread(capture)
         image = io.BytesIO()
         Image.new("RGB", (48, 32), (127, 127, 127)).save(image, format="PNG")
-        await asyncio.gather(*(self._run(job, image.getvalue(), None, max_pixels=48 * 32)
+        await asyncio.gather(*(self._run(job, ImageInput(image.getvalue()), None, max_pixels=48 * 32)
                                for job in _WARM_UP_JOBS))
         if self.mask_decoder is not None:
             await asyncio.to_thread(self._warm_masks)
@@ -135,20 +135,22 @@ class InferenceService:
         self._prep.shutdown(wait=False, cancel_futures=True)
 
     # Requests --------------------------------------------------------------------------------------
-    async def run(self, job: Job, image_bytes: bytes, on_tokens: TokenCallback | None = None) -> JobResult:
+    async def run(self, job: Job, image: ImageInput, on_tokens: TokenCallback | None = None) -> JobResult:
+        """Run `job` on `image`; `on_tokens` gets each step's new tokens (for streaming)."""
         self._active += 1
         try:
-            return await self._run(job, image_bytes, on_tokens, self.settings.max_image_pixels)
+            return await self._run(job, image, on_tokens, self.settings.max_image_pixels)
         finally:
             self._active -= 1
 
-    async def _run(self, job: Job, image_bytes: bytes, on_tokens: TokenCallback | None,
+    async def _run(self, job: Job, image: ImageInput, on_tokens: TokenCallback | None,
                    max_pixels: int) -> JobResult:
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         slot = self.engine.reserve()  # 429 / 503 before any work is spent on the image
         try:
             input_ids = self._encode(job.prefix)
+            image_bytes = await image.read()
             width, height, pixels, image_key = await loop.run_in_executor(
                 self._prep, self._prepare_image, image_bytes, max_pixels)
         except BaseException:

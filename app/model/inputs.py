@@ -7,12 +7,15 @@ worker only stacks ready tensors. A test checks the result equals the processor'
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 from transformers import PaliGemmaProcessor
+
+from app.errors import InvalidRequest
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,19 @@ class PromptEncoder:
             processor=processor,
         )
 
+    @functools.cached_property
+    def control_tokens(self) -> list[str]:
+        """Tokens a prompt must not spell out: the tokenizer would read them as control, not text."""
+        tokenizer = self.processor.tokenizer
+        return sorted({*tokenizer.all_special_tokens, str(self.processor.image_token)}, key=len, reverse=True)
+
     def encode(self, prefix: str) -> list[int]:
+        """The model input for `prefix`; InvalidRequest if the prefix spells a control token."""
+        for token in self.control_tokens:
+            if token in prefix:
+                raise InvalidRequest(
+                    f"the prompt must not contain {token}: the server adds the image tokens and <bos> itself "
+                    "and ends the prefix; send only the task text, e.g. `caption en`")
         text_ids = self.processor.tokenizer(prefix + "\n", add_special_tokens=False)["input_ids"]
         return [self.image_token_id] * self.image_seq_length + [self.bos_token_id, *text_ids]
 

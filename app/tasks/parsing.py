@@ -31,7 +31,8 @@ _OBJECT = re.compile(
     r"(?P<label>(?:(?!<loc\d{4}>|<seg\d{3}>)[^;])*)"
 )
 _NUMBER = re.compile(r"\d+")
-_ANY_LOC_OR_SEG = re.compile(r"<(?:loc\d{4}|seg\d{3})>")
+_TOKEN_AND_SPACES = re.compile(r"[ \t]*<(?:loc\d{4}|seg\d{3})>[ \t]*")
+_DOUBLE_SPACE = re.compile(r" {2,}")
 
 
 @dataclass(frozen=True)
@@ -88,45 +89,39 @@ def _numbers(tokens: str) -> list[int]:
     return [int(n) for n in _NUMBER.findall(tokens)]
 
 
-def _mask_problem(box: Box, seg_codes: list[int]) -> str | None:
+def _mask_problem(seg_codes: list[int]) -> str | None:
     if len(seg_codes) != SEG_TOKENS_PER_MASK:
         return f"expected {SEG_TOKENS_PER_MASK} <seg> tokens after the box, got {len(seg_codes)}"
     if any(code >= SEG_CODES for code in seg_codes):
         return f"a <seg> index is outside 0..{SEG_CODES - 1}"
-    if box.is_empty:
-        return "the box is empty (max <= min)"
     return None
 
 
 def parse_objects(text: str) -> ParsedOutput:
-    """All `<loc>x4 [<seg>x16] label` groups in `text`, in order."""
+    """All `<loc>x4 [<seg>...] label` groups in `text`, in order, by one rule for every task: an object
+    needs four bins in range, a box with max > min on both axes and a label; anything else is dropped
+    and counted. Its mask tokens may still be unusable (`mask_problem` says why); its box stands."""
     objects: list[ParsedObject] = []
     dropped = 0
     for match in _OBJECT.finditer(text):
         bins = _numbers(match["locs"])
-        if any(b >= LOC_BINS for b in bins):
+        label = " ".join(match["label"].split())
+        if any(b >= LOC_BINS for b in bins) or not label:
             dropped += 1
             continue
         box = decode_box(bins)
-        seg_codes = _numbers(match["segs"])
-        label = " ".join(match["label"].split())
-        if not seg_codes and box.is_empty:
+        if box.is_empty:
             dropped += 1
             continue
-        problem = _mask_problem(box, seg_codes)
+        seg_codes = _numbers(match["segs"])
         tokens = tuple(seg_codes) if seg_codes else None
+        problem = _mask_problem(seg_codes) if seg_codes else None
         objects.append(ParsedObject(label=label, box=box, mask_tokens=tokens, mask_problem=problem))
     return ParsedOutput(objects=objects, dropped=dropped)
 
 
-def parse_detections(text: str) -> ParsedOutput:
-    """Detection result: boxes with labels; empty boxes and groups with seg tokens are still boxes."""
-    parsed = parse_objects(text)
-    kept = [obj for obj in parsed.objects if not obj.box.is_empty]
-    return ParsedOutput(objects=kept, dropped=parsed.dropped + len(parsed.objects) - len(kept))
-
-
 def strip_location_tokens(text: str) -> str:
-    """The text of an output with loc/seg tokens removed, for endpoints that return plain text."""
-    return " ".join(_ANY_LOC_OR_SEG.sub(" ", text).split())
+    """The text of an output without its loc/seg tokens, for the plain-text fields of every endpoint.
+    Spaces the tokens leave behind collapse to one; other whitespace (OCR's line breaks) is kept."""
+    return _DOUBLE_SPACE.sub(" ", _TOKEN_AND_SPACES.sub(" ", text)).strip()
 

@@ -109,5 +109,11 @@ def segment_prompt(objects: list[str], limits: PromptLimits) -> str:
     return "segment " + f" {_SEPARATOR} ".join(split_objects(objects, limits))
 
 
+# What the Hugging Face examples put before the prefix; the server adds both itself (PromptEncoder).
+_LEADING_CONTROL = re.compile(r"^(?:\s*(?:<image>|<bos>))+")
+
+
 def raw_prompt(prompt: str, limits: PromptLimits) -> str:
-    return _clean_text(prompt, "prompt", limits)
+    """The prefix as given, without the `<image>`/`<bos>` tokens written in front of it in the Hugging
+    Face examples (the server adds them; sent again they would be read as text)."""
+    return _clean_text(_LEADING_CONTROL.sub("", prompt), "prompt", limits)

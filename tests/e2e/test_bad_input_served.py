@@ -3,6 +3,7 @@ and the server is still ready afterwards."""
 
 from __future__ import annotations
 
+import base64
 import json
 
 import httpx
@@ -38,15 +39,23 @@ def _multipart(parts: list[tuple[str, str | None, bytes, str | None]], boundary:
 
 # (name, endpoint, request kwargs for httpx, expected status)
 FIELD_CASES = [
-    ("json body", "/v1/caption", {"json": {"image": "aGVsbG8="}}, 422),
-    ("urlencoded body", "/v1/caption", {"data": {"language": "en"}}, 422),
-    ("no body", "/v1/caption", {}, 422),
-    ("text/plain body", "/v1/caption", {"content": b"hello", "headers": {"content-type": "text/plain"}}, 422),
+    ("json body whose image is base64 of text", "/v1/caption", {"json": {"image": "aGVsbG8="}}, 415),
+    ("json body, image not base64", "/v1/caption", {"json": {"image": "not base64!"}}, 400),
+    ("json body, image not a string", "/v1/caption", {"json": {"image": 12}}, 422),
+    ("json body without image", "/v1/caption", {"json": {"language": "en"}}, 422),
+    ("json body not an object", "/v1/caption", {"json": ["image"]}, 422),
+    ("json body not json", "/v1/caption", {"content": b"{nope", "headers": {"content-type": "application/json"}},
+     400),
+    ("json unknown field", "/v1/caption", {"json": {"image": base64.b64encode(GOOD).decode(), "question": "x"}},
+     422),
+    ("urlencoded body without image", "/v1/caption", {"data": {"language": "en"}}, 422),
+    ("no body", "/v1/caption", {}, 415),
+    ("text/plain body", "/v1/caption", {"content": b"hello", "headers": {"content-type": "text/plain"}}, 415),
     ("image sent as a plain field", "/v1/caption",
      {"content": _multipart([("image", None, GOOD, None)]),
       "headers": {"content-type": "multipart/form-data; boundary=b0undary"}}, 400),
     ("missing question", "/v1/vqa", {"files": {"image": ("a.jpg", GOOD)}}, 422),
-    ("empty question", "/v1/vqa", {"files": {"image": ("a.jpg", GOOD)}, "data": {"question": ""}}, 422),
+    ("empty question", "/v1/vqa", {"files": {"image": ("a.jpg", GOOD)}, "data": {"question": ""}}, 400),
     ("whitespace question", "/v1/vqa", {"files": {"image": ("a.jpg", GOOD)}, "data": {"question": " \t "}}, 400),
     ("question over max chars", "/v1/vqa",
      {"files": {"image": ("a.jpg", GOOD)}, "data": {"question": "why " * 100}}, 400),
@@ -80,8 +89,21 @@ FIELD_CASES = [
     ("multipart without boundary", "/v1/caption",
      {"content": b"abc", "headers": {"content-type": "multipart/form-data"}}, 400),
     ("two images", "/v1/caption",
-     {"files": [("image", ("a.jpg", GOOD, "image/jpeg")), ("image", ("b.jpg", GOOD, "image/jpeg"))]}, 200),
-    ("unknown extra field is ignored", "/v1/ocr", {"files": {"image": ("a.jpg", GOOD)}, "data": {"colour": "red"}}, 200),
+     {"files": [("image", ("a.jpg", GOOD, "image/jpeg")), ("image", ("b.jpg", GOOD, "image/jpeg"))]}, 400),
+    ("unknown extra field", "/v1/ocr", {"files": {"image": ("a.jpg", GOOD)}, "data": {"colour": "red"}}, 422),
+    ("a field given twice", "/v1/caption", {"files": {"image": ("a.jpg", GOOD)},
+                                            "data": {"language": ["en", "fr"]}}, 400),
+    ("the image under another name", "/v1/caption", {"files": {"file": ("a.jpg", GOOD)}}, 422),
+    ("a text field sent as a file", "/v1/vqa",
+     {"files": {"image": ("a.jpg", GOOD), "question": ("q.txt", b"what?")}}, 400),
+    ("control token in a prompt", "/v1/generate", {"files": {"image": ("a.jpg", GOOD)},
+                                                   "data": {"prompt": "caption en<eos>"}}, 400),
+    ("temperature out of range", "/v1/caption", {"files": {"image": ("a.jpg", GOOD)},
+                                                 "data": {"temperature": "3"}}, 422),
+    ("top_p zero", "/v1/caption", {"files": {"image": ("a.jpg", GOOD)}, "data": {"top_p": "0"}}, 422),
+    ("negative seed", "/v1/caption", {"files": {"image": ("a.jpg", GOOD)}, "data": {"seed": "-1"}}, 422),
+    ("stream with render", "/v1/detect", {"files": {"image": ("a.jpg", GOOD)},
+                                          "data": {"objects": "a", "stream": "true", "render": "true"}}, 400),
 ]
 
 

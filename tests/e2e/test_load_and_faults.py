@@ -129,6 +129,28 @@ def test_a_client_that_leaves_mid_generation_stops_its_rows_work(tmp_path):
         assert httpx.get(f"{server.url}/readyz").status_code == 200
 
 
+def test_a_client_that_leaves_mid_stream_stops_its_rows_work(tmp_path):
+    with served(tmp_path, env={"FAULT_STEP_S": "0.02"}, faults=True) as server:
+        tokens = "paligemma_generated_tokens_total"
+        before = metric_value(_metrics(server.url), tokens, endpoint="/v1/caption")
+        with httpx.stream("POST", f"{server.url}/v1/caption", timeout=30,
+                          files={"image": ("g.png", GREEN, "image/png")},
+                          data={"max_new_tokens": "250", "stream": "true"}) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            deltas = 0
+            for line in lines:  # read a few deltas, then hang up mid-generation
+                deltas += line.startswith("event: delta")
+                if deltas == 5:
+                    break
+        time.sleep(1.0)
+        metrics = _metrics(server.url)
+        spent = metric_value(metrics, tokens, endpoint="/v1/caption") - before
+        assert 5 <= spent < 100, spent
+        assert metric_value(metrics, "paligemma_rejections_total", reason="disconnected") == 1
+        assert metric_value(metrics, "paligemma_running_requests") == 0
+
+
 def _multipart_caption(image: bytes) -> tuple[bytes, bytes]:
     boundary = b"hangup"
     body = (b"--hangup\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.jpg\"\r\n"

@@ -284,6 +284,19 @@ def test_tokens_stream_to_the_callback_as_steps_compute_them():
     assert result.tokens == seen
 
 
+def test_a_request_cut_at_its_limit_streams_its_last_token_too():
+    async def main():
+        engine, _, _ = make(rows=2)
+        engine.start()
+        seen: list[int] = []
+        result = await run(engine, request(4, 5, 6), on_tokens=seen.extend)
+        await engine.stop(1)
+        return seen, result
+
+    seen, result = asyncio.run(main())
+    assert seen == result.tokens == [4, 5, 6]
+
+
 def test_the_worker_reports_how_long_it_has_been_inside_one_step():
     async def main():
         engine, _, _ = make(rows=1)

@@ -1,0 +1,125 @@
+"""Reading a task endpoint's body, multipart or JSON, into its `protocol` model and the image it carries.
+
+Both forms are held to the same rules: every field must be one the endpoint takes (an unknown one is a
+422 that lists the fields), each field comes once (`objects` may repeat in multipart), exactly one
+image. In multipart the image is normally a file field; a text `image` field is read like the JSON
+form (base64, a data URL or an allowed URL), so a client that sends a string gets it used, not refused.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TypeVar
+
+from fastapi import Request
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from app.api.errors import validation_problem
+from app.api.protocol import TaskBody
+from app.engine.jobs import ImageInput
+from app.errors import InvalidImage, InvalidRequest, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
+from app.image_sources import load_image
+from app.settings import Settings
+
+Body = TypeVar("Body", bound=TaskBody)
+
+MULTIPART = "multipart/form-data"
+URLENCODED = "application/x-www-form-urlencoded"  # a form without files: the image as base64 or a URL
+JSON = "application/json"
+_REPEATABLE = frozenset({"objects"})
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def read_task_body(request: Request, model: type[Body], settings: Settings) -> tuple[Body, ImageInput]:
+    """The endpoint's fields and its image (the upload, or what was sent in its place, read later)."""
+    kind = media_type(request)
+    if kind in (MULTIPART, URLENCODED):
+        values, image = await _from_multipart(request, model, settings.max_image_bytes)
+    elif kind == JSON or kind.endswith("+json"):
+        values, image = await _from_json(request)
+    else:
+        raise UnsupportedMediaType(
+            f"send the request as multipart/form-data (curl -F image=@photo.jpg ...) or as application/json "
+            f"({{\"image\": \"<base64>\", ...}}); got Content-Type {kind or 'none'!r}")
+    _refuse_unknown(values, model, request.url.path)
+    if image is None or image == "":
+        raise ValidationFailed(
+            "`image` is required: a file field in multipart (curl -F image=@photo.jpg) or, in JSON, base64, "
+            "a data URL or an allowed http(s) URL", param="image")
+    try:
+        body = model.model_validate(values)
+    except ValidationError as exc:
+        message, param = validation_problem(list(exc.errors()))
+        raise ValidationFailed(message, param=param) from None
+    if isinstance(image, bytes):
+        return body, ImageInput(image)
+    text = image
+    return body, ImageInput(loader=lambda: load_image(text, settings))
+
+
+async def _from_multipart(request: Request, model: type[TaskBody],
+                          max_image_bytes: int) -> tuple[dict[str, object], bytes | str | None]:
+    form = await request.form()
+    for name, value in form.multi_items():
+        if name not in model.model_fields and isinstance(value, UploadFile):
+            raise ValidationFailed(f"`{name}` is not a field of {request.url.path}: the image goes in a "
+                                   "field named `image` (curl -F image=@photo.jpg)", param=name)
+    values: dict[str, object] = {}
+    image: bytes | str | None = None
+    images = 0
+    for name, value in form.multi_items():
+        if name == "image":
+            images += 1
+            if images > 1:
+                raise InvalidRequest("send one image per request: the body has more than one `image` field",
+                                     param="image")
+            image = await _read_upload(value, max_image_bytes) if isinstance(value, UploadFile) else value
+            continue
+        if isinstance(value, UploadFile):
+            raise InvalidRequest(f"`{name}` must be a text field, not a file", param=name)
+        if name in _REPEATABLE:
+            values.setdefault(name, [])
+            values[name].append(value)  # type: ignore[union-attr]
+        elif name in values:
+            raise InvalidRequest(f"`{name}` is given more than once; send it once", param=name)
+        else:
+            values[name] = value
+    return values, image
+
+
+async def _from_json(request: Request) -> tuple[dict[str, object], bytes | str | None]:
+    raw = await request.body()
+    try:
+        payload = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest(f"the body is not valid JSON ({exc}); send a JSON object such as "
+                             "{\"image\": \"<base64>\", \"max_new_tokens\": 32}") from None
+    if not isinstance(payload, dict):
+        raise ValidationFailed("the JSON body must be an object of fields, e.g. {\"image\": \"<base64>\"}")
+    image = payload.pop("image", None)
+    if image is not None and not isinstance(image, str):
+        raise ValidationFailed("`image` must be a string in JSON: base64, a data URL or an allowed http(s) "
+                               "URL", param="image")
+    return payload, image
+
+
+async def _read_upload(upload: UploadFile, limit: int) -> bytes:
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise PayloadTooLarge(f"the image is over {limit} bytes (PALIGEMMA_MAX_IMAGE_BYTES); send a smaller "
+                              "or more compressed image", param="image")
+    if not data:
+        raise InvalidImage("the image is empty (0 bytes)")
+    return data
+
+
+def _refuse_unknown(values: dict[str, object], model: type[TaskBody], path: str) -> None:
+    unknown = sorted(set(values) - set(model.model_fields))
+    if unknown:
+        fields = ", ".join(model.model_fields)
+        raise ValidationFailed(f"`{unknown[0]}` is not a field of {path}; its fields are: {fields}",
+                               param=unknown[0])
