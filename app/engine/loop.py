@@ -174,6 +174,9 @@ class EngineLoop:
             self.runner.release(seq)
         finished: list[Sequence] = []
         if plan.admitted:
+            now = time.monotonic()
+            for seq in plan.admitted:
+                seq.admitted_at = now
             # They hold a row now: their queue slots go back before the (possibly long) prefill runs.
             self.post(StepEvents(started=list(plan.admitted)))
             self._prefill(plan.admitted, finished)
@@ -192,8 +195,10 @@ class EngineLoop:
 
     def _record(self, seqs: list[Sequence], tokens: list[int], finished: list[Sequence]) -> None:
         by_label: dict[str, int] = {}
+        now = time.monotonic()
         for seq, token in zip(seqs, tokens, strict=True):
             if self.scheduler.record(seq, token):
+                seq.finished_at = now
                 finished.append(seq)
                 self.runner.release(seq)
             if seq.finish_reason != "stop" and seq.cancel_reason is None:
@@ -217,6 +222,7 @@ class EngineLoop:
         self.observer.step("prefill", len(seqs), time.perf_counter() - started)
         self.observer.feature_cache_hits(self.runner.feature_cache_hits - hits)
         for seq in seqs:
+            seq.first_token_at = now
             self.observer.first_token(now - seq.submitted_at)
         self._record(seqs, tokens, finished)
 

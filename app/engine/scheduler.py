@@ -42,6 +42,11 @@ class Sequence:
     context: Any = None  # what the caller needs to finish the output (the task, say)
     label: str = ""  # for metrics: the endpoint it came from
     submitted_at: float = 0.0  # time.monotonic() when it reached the engine
+    # Set by the worker (time.monotonic()): when it got a row, when its prefill produced the first token,
+    # and when its last token was computed. For traces and latency metrics.
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
     request_id: int = field(default_factory=lambda: next(_ids))
     state: State = State.WAITING
     row: int | None = None

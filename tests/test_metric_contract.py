@@ -1,0 +1,30 @@
+"""The metric contract (app/metrics.CONTRACT) is what the server exports and what the README documents,
+in both directions; deploy/validate.py holds the dashboard, alerts and autoscaler to the same contract
+(tests/test_deploy.py)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from app.metrics import CONTRACT, Metrics
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+_ROW = re.compile(r"^\| `(paligemma_\w+)` \| (\w+) \| ([^|]*) \|", re.M)
+
+
+def _exported(spec) -> str:
+    return spec.samples[0] if spec.kind == "counter" else spec.name
+
+
+def test_the_server_exports_exactly_the_contract():
+    text = Metrics().render().decode()
+    declared = dict(re.findall(r"(?m)^# TYPE (paligemma_\w+) (\w+)$", text))
+    assert declared == {_exported(spec): spec.kind for spec in CONTRACT}
+
+
+def test_the_readme_documents_exactly_the_contract_with_types_and_labels():
+    documented = {name: (kind, re.findall(r"`(\w+)`", labels))
+                  for name, kind, labels in _ROW.findall(README.read_text())}
+    contract = {_exported(spec): (spec.kind, list(spec.labels)) for spec in CONTRACT}
+    assert documented == contract
