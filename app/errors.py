@@ -88,3 +88,11 @@ class InferenceFailed(ServiceError):
 
     status_code = 500
     error_type = "internal_error"
+
+
+class UpstreamTimeout(ServiceError):
+    """An image URL did not answer in full within PALIGEMMA_IMAGE_URL_TIMEOUT_S (a gateway timeout: the
+    server waited on the URL's host, not on its own model)."""
+
+    status_code = 504
+    error_type = "upstream_timeout"

@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.image_sources import normalise_host_entries
+
 ENV_PREFIX = "PALIGEMMA_"
 
 
@@ -70,6 +72,15 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(
         1000, ge=1, le=100_000, description="Longest question, prompt or object name."
     )
+    image_url_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="Hosts whose http(s) image URLs are fetched (comma-separated): images.example.com, "
+        ".example.com for its subdomains, an IP address; :port for a port other than the default. Empty: "
+        "image URLs are refused. Private and loopback addresses only for hosts listed exactly.",
+    )
+    image_url_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="Time limit on fetching one image URL, redirects included."
+    )
 
     # Access and operation.
     api_keys: Annotated[tuple[str, ...], NoDecode] = ()
@@ -84,6 +95,15 @@ class Settings(BaseSettings):
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(key.strip() for key in value.split(",") if key.strip())
+        return value
+
+    @field_validator("image_url_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, (list, tuple)):
+            return normalise_host_entries(str(entry) for entry in value)
         return value
 
     @field_validator("device")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import http.server
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -127,3 +129,40 @@ def test_a_seed_makes_sampling_repeatable_alone_and_beside_others(client):
         greedy_together = list(pool.map(lambda _: ask(0, temperature=0.0), range(4)))
     assert together == [alone[seed] for seed in seeds]
     assert greedy_together == [greedy] * 4  # temperature 0 is greedy whatever the seed
+
+
+class _OneImage(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        body = IMAGE if self.path == "/photo.jpg" else b"missing"
+        self.send_response(200 if self.path == "/photo.jpg" else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture(scope="module")
+def image_host():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OneImage)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_image_urls_work_only_for_listed_hosts(client, image_host):
+    url = f"http://{image_host}/photo.jpg"
+    refused = client.post("/v1/caption", json={"image": url})  # off by default
+    assert refused.status_code == 400 and "PALIGEMMA_IMAGE_URL_HOSTS" in refused.json()["error"]["message"]
+    with serve(Settings(default_max_new_tokens=12, image_url_hosts=(image_host,))) as listed:
+        by_url = listed.post("/v1/caption", json={"image": url})
+        assert by_url.status_code == 200, by_url.text
+        _same(by_url.json(), client.post("/v1/caption", json={"image": B64}).json())
+        missing = listed.post("/v1/caption", json={"image": f"http://{image_host}/nope.jpg"})
+        assert missing.status_code == 400 and "404" in missing.json()["error"]["message"]

@@ -19,8 +19,7 @@ from app.api.errors import validation_problem
 from app.api.protocol import TaskBody
 from app.engine.jobs import ImageInput
 from app.errors import InvalidImage, InvalidRequest, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
-from app.image_sources import load_image
-from app.settings import Settings
+from app.image_sources import ImageSources
 
 Body = TypeVar("Body", bound=TaskBody)
 
@@ -34,11 +33,13 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def read_task_body(request: Request, model: type[Body], settings: Settings) -> tuple[Body, ImageInput]:
-    """The endpoint's fields and its image (the upload, or what was sent in its place, read later)."""
+async def read_task_body(request: Request, model: type[Body], max_image_bytes: int,
+                         sources: ImageSources) -> tuple[Body, ImageInput]:
+    """The endpoint's fields and its image: the upload, or what was sent in its place (base64, a data
+    URL, an image URL), read through `sources` once the request is admitted."""
     kind = media_type(request)
     if kind in (MULTIPART, URLENCODED):
-        values, image = await _from_multipart(request, model, settings.max_image_bytes)
+        values, image = await _from_multipart(request, model, max_image_bytes)
     elif kind == JSON or kind.endswith("+json"):
         values, image = await _from_json(request)
     else:
@@ -58,7 +59,7 @@ async def read_task_body(request: Request, model: type[Body], settings: Settings
     if isinstance(image, bytes):
         return body, ImageInput(image)
     text = image
-    return body, ImageInput(loader=lambda: load_image(text, settings))
+    return body, ImageInput(loader=lambda: sources.load(text))
 
 
 async def _from_multipart(request: Request, model: type[TaskBody],

@@ -25,7 +25,6 @@ from app.engine.jobs import ImageInput, JobResult
 from app.engine.sampling import SamplingParams
 from app.engine.service import InferenceService
 from app.errors import InvalidRequest, ServiceError, ValidationFailed
-from app.image_sources import load_image
 from app.tasks import prompts
 from app.tasks.prompts import PromptLimits, Task
 
@@ -229,7 +228,7 @@ async def chat_completions(request: Request, service: ServiceDep) -> Any:
     sampling = SamplingParams(chat.temperature, chat.top_p, chat.top_k, chat.seed)
     job = job_for(request, service, Task.GENERATE, prefix, chat.max_completion_tokens or chat.max_tokens,
                   sampling)
-    image = ImageInput(loader=lambda: load_image(url, settings))
+    image = ImageInput(loader=lambda: service.image_sources.load(url))
     if chat.stream:
         include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
         stream = stream_job(lambda on_tokens: service.run(job, image, on_tokens), service.encoder,

@@ -16,7 +16,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from app.api import annotate, convert
-from app.api.bodies import read_task_body
+from app.api.bodies import Body, read_task_body
 from app.api.deps import ServiceDep
 from app.api.errors import ERROR_RESPONSES, request_id_of, service_error_response
 from app.api.forms import StrictFormRoute
@@ -54,6 +54,10 @@ class ClientDisconnected(Exception):
 
 def disconnected_response() -> Response:
     return Response(status_code=CLIENT_CLOSED)
+
+
+async def _read(request: Request, service: InferenceService, model: type[Body]) -> tuple[Body, ImageInput]:
+    return await read_task_body(request, model, service.settings.max_image_bytes, service.image_sources)
 
 
 def _limits(service: InferenceService) -> PromptLimits:
@@ -144,7 +148,7 @@ async def respond(request: Request, service: InferenceService, job: Job, body: T
 @router.post("/caption", response_model=TextResponse, summary="Caption an image", responses=_STREAMABLE,
              openapi_extra=request_body_doc(CaptionBody))
 async def caption(request: Request, service: ServiceDep) -> Any:
-    body, image = await read_task_body(request, CaptionBody, service.settings)
+    body, image = await _read(request, service, CaptionBody)
     job = _job(request, service, Task.CAPTION, prompts.caption_prompt(body.language, body.long), body)
     return await respond(request, service, job, body, image, lambda result: TextResponse(
         text=strip_location_tokens(result.text), **convert.common_fields(result, service)))
@@ -153,7 +157,7 @@ async def caption(request: Request, service: ServiceDep) -> Any:
 @router.post("/vqa", response_model=AnswerResponse, summary="Answer a question about an image",
              responses=_STREAMABLE, openapi_extra=request_body_doc(VqaBody))
 async def vqa(request: Request, service: ServiceDep) -> Any:
-    body, image = await read_task_body(request, VqaBody, service.settings)
+    body, image = await _read(request, service, VqaBody)
     prefix = prompts.vqa_prompt(body.question, body.language, _limits(service))
     job = _job(request, service, Task.VQA, prefix, body)
     return await respond(request, service, job, body, image, lambda result: AnswerResponse(
@@ -163,7 +167,7 @@ async def vqa(request: Request, service: ServiceDep) -> Any:
 @router.post("/ocr", response_model=TextResponse, summary="Read the text in an image", responses=_STREAMABLE,
              openapi_extra=request_body_doc(OcrBody))
 async def ocr(request: Request, service: ServiceDep) -> Any:
-    body, image = await read_task_body(request, OcrBody, service.settings)
+    body, image = await _read(request, service, OcrBody)
     job = _job(request, service, Task.OCR, prompts.ocr_prompt(), body)
     return await respond(request, service, job, body, image, lambda result: TextResponse(
         text=strip_location_tokens(result.text), **convert.common_fields(result, service)))
@@ -172,7 +176,7 @@ async def ocr(request: Request, service: ServiceDep) -> Any:
 @router.post("/detect", response_model=DetectResponse, summary="Detect objects: boxes in pixels",
              responses={**_STREAMABLE, **annotate.RESPONSES}, openapi_extra=request_body_doc(DetectBody))
 async def detect(request: Request, service: ServiceDep) -> Any:
-    body, image = await read_task_body(request, DetectBody, service.settings)
+    body, image = await _read(request, service, DetectBody)
     png = annotate.wants_image(request, body.render)
     prefix = prompts.detect_prompt(_objects(body), _limits(service))
     job = _job(request, service, Task.DETECT, prefix, body)
@@ -184,7 +188,7 @@ async def detect(request: Request, service: ServiceDep) -> Any:
 @router.post("/segment", response_model=SegmentResponse, summary="Segment objects: boxes and masks",
              responses={**_STREAMABLE, **annotate.RESPONSES}, openapi_extra=request_body_doc(SegmentBody))
 async def segment(request: Request, service: ServiceDep) -> Any:
-    body, image = await read_task_body(request, SegmentBody, service.settings)
+    body, image = await _read(request, service, SegmentBody)
     png = annotate.wants_image(request, body.render)
     prefix = prompts.segment_prompt(_objects(body), _limits(service))
     job = _job(request, service, Task.SEGMENT, prefix, body)
@@ -196,7 +200,7 @@ async def segment(request: Request, service: ServiceDep) -> Any:
 @router.post("/generate", response_model=GenerateResponse, summary="Run a raw PaliGemma prefix",
              responses=_STREAMABLE, openapi_extra=request_body_doc(GenerateBody))
 async def generate(request: Request, service: ServiceDep) -> Any:
-    body, image = await read_task_body(request, GenerateBody, service.settings)
+    body, image = await _read(request, service, GenerateBody)
     job = _job(request, service, Task.GENERATE, prompts.raw_prompt(body.prompt, _limits(service)), body)
     return await respond(request, service, job, body, image,
                          lambda result: generate_response(result, service))

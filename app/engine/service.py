@@ -27,6 +27,7 @@ from app.engine.observer import EngineObserver
 from app.engine.results import object_results
 from app.engine.runner import ModelStepRunner, RowInput, RunnerConfig
 from app.errors import InvalidRequest, ShuttingDown
+from app.image_sources import ImageSources
 from app.images import decode_image, upload_key
 from app.masks.decoder import LoadedMaskDecoder
 from app.masks.placement import encode_rle, place_mask
@@ -66,6 +67,8 @@ class InferenceService:
         self.transform = ImageTransform.from_processor(loaded.processor)
         self.encoder = PromptEncoder.from_processor(loaded.processor)
         self.runner = runner_factory(loaded, runner_config(settings))
+        # What clients send in place of an image file (base64, data URLs, allowed image URLs).
+        self.image_sources = ImageSources.from_settings(settings)
         self._prep = ThreadPoolExecutor(settings.prepare_workers, thread_name_prefix="prepare")
         self.engine = Engine(
             self.runner,
