@@ -83,8 +83,9 @@ async def _from_multipart(request: Request, model: type[TaskBody],
         if isinstance(value, UploadFile):
             raise InvalidRequest(f"`{name}` must be a text field, not a file", param=name)
         if name in _REPEATABLE:
-            values.setdefault(name, [])
-            values[name].append(value)  # type: ignore[union-attr]
+            repeated = values.setdefault(name, [])
+            assert isinstance(repeated, list)
+            repeated.append(value)
         elif name in values:
             raise InvalidRequest(f"`{name}` is given more than once; send it once", param=name)
         else:

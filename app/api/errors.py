@@ -35,6 +35,12 @@ def service_error_response(exc: ServiceError, request_id: str | None) -> JSONRes
     return error_response(exc.status_code, exc.error_type, exc.message, exc.param, request_id, exc.headers)
 
 
+def service_error_body(exc: ServiceError, request_id: str | None) -> dict[str, Any]:
+    """The envelope as data, for errors reported inside an event stream (its status was sent already)."""
+    error = ErrorBody(type=exc.error_type, message=exc.message, param=exc.param, request_id=request_id)
+    return ErrorResponse(error=error).model_dump()
+
+
 def request_id_of(scope: Scope) -> str | None:
     """The id RequestContextMiddleware gave the request (None outside it)."""
     return scope.get("state", {}).get("request_id")

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.api.deps import ServiceDep
-from app.api.errors import ERROR_RESPONSES, request_id_of, service_error_response, validation_problem
+from app.api.errors import ERROR_RESPONSES, request_id_of, service_error_body, validation_problem
 from app.api.streaming import EVENT_STREAM, stream_job
 from app.api.tasks import count_prompt_tokens, generate_response, job_for, until_disconnect
 from app.engine.jobs import ImageInput, JobResult
@@ -201,11 +201,11 @@ class ChunkEvents:
         return events + b"data: [DONE]\n\n"
 
     def error(self, error: ServiceError) -> bytes:
-        body = json.loads(service_error_response(error, request_id_of(self.request.scope)).body)
+        body = service_error_body(error, request_id_of(self.request.scope))
         return _data(body) + b"data: [DONE]\n\n"
 
 
-_STREAMED = {200: {"content": {EVENT_STREAM: {}},
+_STREAMED: dict[int | str, dict[str, Any]] = {200: {"content": {EVENT_STREAM: {}},
                    "description": "A chat completion; with `stream`, its chunks then `data: [DONE]`."}}
 
 

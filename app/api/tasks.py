@@ -7,7 +7,6 @@ Every endpoint takes multipart or JSON (`app.api.bodies`), answers JSON, or serv
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,7 +17,7 @@ from pydantic import BaseModel
 from app.api import annotate, convert
 from app.api.bodies import Body, read_task_body
 from app.api.deps import ServiceDep
-from app.api.errors import ERROR_RESPONSES, request_id_of, service_error_response
+from app.api.errors import ERROR_RESPONSES, request_id_of, service_error_body
 from app.api.forms import StrictFormRoute
 from app.api.protocol import (
     CaptionBody,
@@ -45,8 +44,10 @@ router = APIRouter(prefix="/v1", tags=["tasks"], responses=ERROR_RESPONSES, rout
 # Status recorded for a request whose client hung up before its answer (nginx's convention).
 CLIENT_CLOSED = 499
 
-_STREAMABLE = {200: {"content": {EVENT_STREAM: {}}, "description": "JSON; with `stream`, server-sent events: "
-                                                                  "`delta` events, then one `result` event."}}
+_STREAMABLE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {EVENT_STREAM: {}},
+          "description": "JSON; with `stream`, server-sent events: `delta` events, then one `result` event."},
+}
 
 class ClientDisconnected(Exception):
     pass
@@ -125,7 +126,7 @@ class TaskEvents:
         return sse("result", self.build(result).model_dump(mode="json"))
 
     def error(self, error: ServiceError) -> bytes:
-        return sse("error", json.loads(service_error_response(error, request_id_of(self.request.scope)).body))
+        return sse("error", service_error_body(error, request_id_of(self.request.scope)))
 
 
 async def respond(request: Request, service: InferenceService, job: Job, body: TaskBody, image: ImageInput,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -43,7 +44,7 @@ class RunnerConfig:
 
 
 def cache_shape(loaded: LoadedModel, config: RunnerConfig) -> CacheShape:
-    text = loaded.model.config.text_config
+    text: Any = loaded.model.config.text_config
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     return CacheShape(
         layers=text.num_hidden_layers,
