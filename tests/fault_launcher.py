@@ -6,7 +6,8 @@ inputs, recognised by a uniform colour; a test picks the victim by the picture i
 - pure green (0, 255, 0): every decode step with its row takes FAULT_STEP_S seconds (a long generation);
 - pure black: a prefill containing it raises an ordinary error (its neighbours must be retried alone);
 - pure red: a prefill containing it raises a CUDA-style error that leaves the worker unusable (the
-  process must exit).
+  process must exit);
+- pure yellow (255, 255, 0): the prefill that contains it hangs for FAULT_HANG_S seconds (a stuck worker).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from app.model.loader import LoadedModel
 
 SLOW_S = float(os.environ.get("FAULT_SLOW_S", "2"))
 STEP_S = float(os.environ.get("FAULT_STEP_S", "0.02"))
+HANG_S = float(os.environ.get("FAULT_HANG_S", "6"))
 # What each uniform colour becomes after the checkpoint's normalisation ((v / 255 - 0.5) / 0.5).
 _COLOURS = {"slow": (-1.0, -1.0, 1.0), "slow_steps": (-1.0, 1.0, -1.0), "fail": (-1.0, -1.0, -1.0),
-            "fatal": (1.0, -1.0, -1.0)}
+            "fatal": (1.0, -1.0, -1.0), "hang": (1.0, 1.0, -1.0)}
 
 
 def _kind(pixels: torch.Tensor) -> str | None:
@@ -50,6 +52,8 @@ class FaultyRunner(ModelStepRunner):
             raise ValueError("injected failure on a chosen input")
         if "slow" in kinds:
             time.sleep(SLOW_S)
+        if "hang" in kinds:
+            time.sleep(HANG_S)
         return super().prefill(seqs)
 
     def decode(self, seqs: list[Sequence], width: int) -> list[int]:

@@ -17,6 +17,7 @@ from tests.served import served
 BLUE = encode(Image.new("RGB", (40, 30), (0, 0, 255)), "PNG")  # the launcher makes its prefill slow
 GREEN = encode(Image.new("RGB", (40, 30), (0, 255, 0)), "PNG")  # ... and each of its decode steps
 BLACK = encode(Image.new("RGB", (40, 30), (0, 0, 0)), "PNG")  # ... and its prefill fail
+YELLOW = encode(Image.new("RGB", (40, 30), (255, 255, 0)), "PNG")  # ... and its prefill hang
 
 
 async def _post(client: httpx.AsyncClient, url: str, image: bytes, **data: str) -> httpx.Response:
@@ -188,3 +189,54 @@ def test_sigterm_under_load_answers_every_admitted_request_then_exits_zero(tmp_p
         assert all(status in (503, "refused") for status in late), late
         assert ready in (503, "refused")
         assert server.process.wait(timeout=60) == 0
+
+
+def test_liveness_fails_while_the_worker_is_stuck_and_recovers_after(tmp_path):
+    env = {"FAULT_HANG_S": "4", "PALIGEMMA_LIVENESS_STALL_S": "1"}
+    with served(tmp_path, env=env, faults=True) as server:
+        assert httpx.get(f"{server.url}/healthz").json() == {"status": "alive"}
+
+        async def scenario() -> tuple[list[int], httpx.Response]:
+            async with httpx.AsyncClient(timeout=60) as client:
+                stuck = asyncio.create_task(_post(client, server.url, YELLOW))
+                seen = []
+                for _ in range(30):  # every 0.1 s while the worker hangs
+                    await asyncio.sleep(0.1)
+                    seen.append((await client.get(f"{server.url}/healthz")).status_code)
+                return seen, await stuck
+
+        seen, stuck = asyncio.run(scenario())
+        assert seen[:5] == [200] * 5  # not before the stall limit
+        assert 503 in seen[12:]  # past it, liveness fails: an orchestrator would restart the process
+        assert stuck.status_code == 200  # the step did end, and the request got its answer
+        assert httpx.get(f"{server.url}/healthz").json() == {"status": "alive"}
+        assert httpx.get(f"{server.url}/readyz").status_code == 200
+
+
+def test_sigterm_under_overload_answers_everyone_by_the_drain_deadline_and_exits_in_time(tmp_path):
+    drain_s = 4.0
+    env = {"PALIGEMMA_DRAIN_TIMEOUT_S": str(drain_s), "PALIGEMMA_MAX_BATCH_SIZE": "2", "FAULT_STEP_S": "0.02"}
+    with served(tmp_path, env=env, faults=True) as server:
+        async def scenario():
+            limits = httpx.Limits(max_connections=80, max_keepalive_connections=0)
+            async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+                # 64 generations of 2 s each on 2 rows: about 64 s of work, far past the drain deadline.
+                admitted = [asyncio.create_task(_post(client, server.url, GREEN, max_new_tokens="100"))
+                            for _ in range(64)]
+                await asyncio.sleep(1.5)
+                server.process.send_signal(15)
+                signalled = time.monotonic()
+                responses = await asyncio.gather(*admitted, return_exceptions=True)
+                return responses, signalled
+
+        responses, signalled = asyncio.run(scenario())
+        code = server.process.wait(timeout=60)
+        exited_after = time.monotonic() - signalled
+        assert code == 0
+        assert exited_after < drain_s + 6, exited_after
+        statuses = [getattr(r, "status_code", repr(r)) for r in responses]
+        assert set(statuses) <= {200, 503}, statuses
+        assert statuses.count(200) >= 1 and statuses.count(503) >= 32
+        for response in responses:
+            if response.status_code == 503:
+                assert response.json()["error"]["type"] == "shutting_down"
