@@ -13,7 +13,7 @@ from fastapi.responses import Response
 
 from app import __version__
 from app.api import ops, pages, tasks
-from app.api.auth import ApiKeyMiddleware, bearer_scheme
+from app.api.auth import ApiKeyMiddleware, api_key_scheme, bearer_scheme
 from app.api.errors import install_error_handlers
 from app.api.middleware import RequestContextMiddleware
 from app.engine.service import InferenceService, RunnerFactory
@@ -111,8 +111,8 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] | 
     async def _client_left(request: Request, exc: Exception) -> Response:
         return tasks.disconnected_response()
 
-    # The OpenAPI document declares bearer auth only where the middleware enforces it.
-    protected = [Security(bearer_scheme)] if settings.api_keys else []
+    # The OpenAPI document declares the keys only where the middleware enforces them: either scheme will do.
+    protected = [Security(bearer_scheme), Security(api_key_scheme)] if settings.api_keys else []
     app.include_router(ops.router)
     app.include_router(ops.metrics_router, dependencies=protected if settings.metrics_require_key else [])
     app.include_router(ops.models_router, dependencies=protected)
