@@ -17,7 +17,7 @@ from app.api.auth import ApiKeyMiddleware, api_key_scheme, bearer_scheme
 from app.api.errors import install_error_handlers
 from app.api.middleware import RequestContextMiddleware
 from app.engine.service import InferenceService, RunnerFactory
-from app.lifecycle import Lifecycle
+from app.lifecycle import Lifecycle, StartupError
 from app.metrics import Metrics
 from app.model.loader import load_model
 from app.settings import Settings, load_settings
@@ -55,6 +55,12 @@ async def _bring_up(app: FastAPI) -> None:
         await service.start()
         app.state.service = service
         await service.warm_up()
+    except StartupError as exc:
+        # The message says what is wrong and what to do; the process's exit line shows it once.
+        logger.debug("start-up failed", exc_info=exc)
+        lifecycle.fail(f"start-up failed: {exc}")
+        app.state.on_fatal()
+        return
     except Exception as exc:
         logger.exception("start-up failed")
         lifecycle.fail(f"start-up failed: {exc}")
