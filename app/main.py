@@ -15,6 +15,7 @@ from app import __version__
 from app.api import ops, pages, tasks
 from app.api.auth import ApiKeyMiddleware, api_key_scheme, bearer_scheme
 from app.api.errors import install_error_handlers
+from app.api.limits import BodyLimitMiddleware
 from app.api.middleware import RequestContextMiddleware
 from app.engine.service import InferenceService, RunnerFactory
 from app.lifecycle import Lifecycle, StartupError
@@ -124,8 +125,9 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] | 
     app.include_router(ops.models_router, dependencies=protected)
     app.include_router(tasks.router, dependencies=protected)
     pages.install(app)
-    # Outermost first at run time: request context (ids, metrics, size limit) wraps auth.
+    # At run time, outermost first: the request context (id, access log, metrics) sees every answer; the
+    # body limit refuses before the key check reads.
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys, protect_metrics=settings.metrics_require_key)
-    app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics,
-                       body_limit=settings.request_body_limit)
+    app.add_middleware(BodyLimitMiddleware, body_limit=settings.request_body_limit)
+    app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)
     return app
