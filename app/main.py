@@ -7,8 +7,10 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request, Security
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 
 from app import __version__
@@ -16,7 +18,7 @@ from app.api import ops, pages, tasks
 from app.api.auth import ApiKeyMiddleware, api_key_scheme, bearer_scheme
 from app.api.errors import install_error_handlers
 from app.api.limits import BodyLimitMiddleware
-from app.api.middleware import RequestContextMiddleware
+from app.api.middleware import REQUEST_ID_HEADER, RequestContextMiddleware
 from app.engine.service import InferenceService, RunnerFactory
 from app.lifecycle import Lifecycle, StartupError
 from app.metrics import Metrics
@@ -125,9 +127,25 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] | 
     app.include_router(ops.models_router, dependencies=protected)
     app.include_router(tasks.router, dependencies=protected)
     pages.install(app)
-    # At run time, outermost first: the request context (id, access log, metrics) sees every answer; the
-    # body limit refuses before the key check reads.
+    # At run time, outermost first: the request context (id, access log, metrics) sees every answer;
+    # CORS answers preflights before the key check (browsers send no key with them) and adds its headers
+    # to refusals too, so that a page can read them; the body limit refuses before the key check reads.
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys, protect_metrics=settings.metrics_require_key)
     app.add_middleware(BodyLimitMiddleware, body_limit=settings.request_body_limit)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, **cors_options(settings.cors_origins))
     app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)
     return app
+
+
+def cors_options(origins: tuple[str, ...]) -> dict[str, Any]:
+    """What browsers on `origins` may do: the API's methods and headers (keys included), and read the
+    request id and Retry-After. No cookies are involved, so no credentials mode."""
+    return {
+        "allow_origins": ["*"] if "*" in origins else list(origins),
+        "allow_methods": ["GET", "POST"],
+        "allow_headers": ["Authorization", "X-API-Key", "Content-Type", "Accept", REQUEST_ID_HEADER.decode(),
+                          "traceparent", "tracestate"],
+        "expose_headers": [REQUEST_ID_HEADER.decode(), "Retry-After", "WWW-Authenticate"],
+        "max_age": 600,
+    }

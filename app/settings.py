@@ -6,6 +6,7 @@ A bad value stops start-up with a message that names the variable (`load_setting
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
@@ -14,6 +15,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "PALIGEMMA_"
+# A browser origin: scheme, host, optional port; nothing after.
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 
 
 class Settings(BaseSettings):
@@ -77,12 +80,32 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     drain_timeout_s: float = Field(30.0, ge=0, le=3600)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="Comma-separated origins (https://app.example.com) whose pages may call the API from "
+                        "a browser, or * for any; empty (the default) sends no CORS headers.",
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(key.strip() for key in value.split(",") if key.strip())
+        return value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(origin.strip().rstrip("/") for origin in value.split(",") if origin.strip())
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in value:
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ValueError(f"{origin!r} is not an origin: give scheme://host[:port] with no path (e.g. "
+                                 "https://app.example.com), or * for any")
         return value
 
     @field_validator("device")
