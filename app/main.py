@@ -24,6 +24,7 @@ from app.lifecycle import Lifecycle, StartupError
 from app.metrics import Metrics
 from app.model.loader import load_model
 from app.settings import Settings, load_settings
+from app.tracing import TELEMETRY_OFF, Tracing, tracing_from_settings
 
 logger = logging.getLogger(__name__)
 
@@ -94,20 +95,28 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             # Whatever is left of the drain: the signal handler usually spent it already.
             remaining = max(0.0, (lifecycle.drain_deadline or 0) - time.monotonic())
             await service.stop(remaining)
+        if app.state.tracing is not None:
+            await asyncio.to_thread(app.state.tracing.shutdown)  # exports what is still buffered
         logger.info("stopped")
 
 
 def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] | None = None,
-               runner_factory: RunnerFactory | None = None) -> FastAPI:
+               runner_factory: RunnerFactory | None = None, tracing: Tracing | None = None) -> FastAPI:
     """Build the app. Nothing heavy happens here: the model loads in the lifespan.
 
-    `runner_factory` replaces the model side of the engine (tests hand in fakes and fault injectors).
+    `runner_factory` replaces the model side of the engine (tests hand in fakes and fault injectors);
+    `tracing` replaces the tracer provider PALIGEMMA_TRACING would make (tests hand in an in-memory one).
     """
     settings = settings or load_settings()
+    tracing = tracing or tracing_from_settings(settings)
     # /docs is served by app.api.pages from local assets (FastAPI's default loads them from a CDN).
+    # Request spans are FastAPI's own (app.tracing says why), from our provider or none at all.
     app = FastAPI(title="PaliGemma server", version=__version__, description=DESCRIPTION, lifespan=lifespan,
-                  docs_url=None, redoc_url=None)
+                  docs_url=None, redoc_url=None,
+                  telemetry=tracing.fastapi_config() if tracing else TELEMETRY_OFF)  # type: ignore[arg-type]
     app.state.settings = settings
+    app.state.tracing = tracing
+    app.state.tracer = tracing.tracer if tracing else None  # for record_request_spans; None: tracing off
     app.state.metrics = Metrics()
     app.state.lifecycle = Lifecycle()
     app.state.service = None

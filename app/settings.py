@@ -6,6 +6,7 @@ A bad value stops start-up with a message that names the variable (`load_setting
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +18,13 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 ENV_PREFIX = "PALIGEMMA_"
 # A browser origin: scheme, host, optional port; nothing after.
 _ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
 
 
 class Settings(BaseSettings):
@@ -84,6 +92,11 @@ class Settings(BaseSettings):
         (), description="Comma-separated origins (https://app.example.com) whose pages may call the API from "
                         "a browser, or * for any; empty (the default) sends no CORS headers.",
     )
+    tracing: Literal["off", "otlp", "console"] = Field(
+        "off", description="OpenTelemetry traces: off, otlp (OTLP over HTTP, configured by the standard "
+                           "OTEL_EXPORTER_OTLP_* variables; the `otlp` extra) or console (stdout; the `otel` "
+                           "extra). OTEL_SERVICE_NAME and OTEL_TRACES_SAMPLER apply too.",
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -106,6 +119,16 @@ class Settings(BaseSettings):
             if origin != "*" and not _ORIGIN.fullmatch(origin):
                 raise ValueError(f"{origin!r} is not an origin: give scheme://host[:port] with no path (e.g. "
                                  "https://app.example.com), or * for any")
+        return value
+
+    @field_validator("tracing")
+    @classmethod
+    def _check_tracing_packages(cls, value: str) -> str:
+        needed = {"console": ("opentelemetry.sdk", "otel"),
+                  "otlp": ("opentelemetry.exporter.otlp.proto.http", "otlp")}.get(value)
+        if needed and not _importable(needed[0]):
+            raise ValueError(f"{value} traces need the `{needed[1]}` extra: pip install "
+                             f"'paligemma-server[{needed[1]}]' (or set it to off)")
         return value
 
     @field_validator("device")

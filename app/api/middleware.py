@@ -2,7 +2,7 @@
 
 The request id is the caller's `X-Request-ID` when it is a plausible id (at most 128 characters, from a
 safe set: no spaces, quotes or control characters that could forge log lines or headers), else a new
-one. It is sent back in `X-Request-ID`, put in every error body and in the access log.
+one. It is sent back in `X-Request-ID`, put in every error body, in the access log and on the trace.
 The server writes its own access log (uvicorn's is turned off): one line per request, with the status
 actually sent, the time to the last byte and the id.
 """
@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.routes import route_template
 from app.metrics import Metrics
+from app.tracing import current_span
 
 access_logger = logging.getLogger("app.access")
 
@@ -53,6 +54,7 @@ class RequestContextMiddleware:
             return
         request_id = request_id_for(scope)
         scope.setdefault("state", {})["request_id"] = request_id
+        _annotate_span(scope, request_id)
         started = time.perf_counter()
         status = 500  # what is logged when the app fails before answering (the server then sends 500)
 
@@ -78,6 +80,19 @@ class RequestContextMiddleware:
         self.metrics.requests.labels(endpoint, str(status)).inc()
         if status < 400:
             self.metrics.request_duration.labels(endpoint).observe(elapsed)
+
+
+def _annotate_span(scope: Scope, request_id: str) -> None:
+    """Put the id on the request span, and its route now: a request refused before routing (401, 413)
+    would otherwise have none."""
+    span = current_span()
+    if span is None:
+        return
+    span.set_attribute("paligemma.request_id", request_id)
+    template = route_template(scope)
+    if template is not None:
+        span.set_attribute("http.route", template)
+        span.update_name(f"{scope.get('method', '')} {template}")
 
 
 def _log_access(scope: Scope, status: int, elapsed: float, request_id: str) -> None:
