@@ -80,8 +80,10 @@ def main(runner_factory: RunnerFactory | None = None) -> None:
     app = create_app(settings, runner_factory=runner_factory)
     # By the time uvicorn closes, every request has its answer (see on_tick); the grace period only
     # covers sending those answers.
+    # access_log off: the app writes its own line per request, with the duration and the request id
+    # (app.api.middleware).
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=EXIT_GRACE_S)
+                            timeout_graceful_shutdown=EXIT_GRACE_S, access_log=False)
     server = DrainingServer(config, app.state.lifecycle, settings.drain_timeout_s, app)
     server.run()
     if app.state.lifecycle.phase is Phase.FAILED:

@@ -6,6 +6,11 @@ import enum
 import time
 
 
+class StartupError(RuntimeError):
+    """The server cannot start as configured; the message says what is wrong and what to do (it is shown
+    without a traceback)."""
+
+
 class Phase(str, enum.Enum):
     STARTING = "starting"
     READY = "ready"

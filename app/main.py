@@ -7,20 +7,24 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request, Security
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 
 from app import __version__
 from app.api import openai_chat, ops, pages, tasks
-from app.api.auth import ApiKeyMiddleware, bearer_scheme
+from app.api.auth import ApiKeyMiddleware, api_key_scheme, bearer_scheme
 from app.api.errors import install_error_handlers
-from app.api.middleware import RequestContextMiddleware
+from app.api.limits import BodyLimitMiddleware
+from app.api.middleware import REQUEST_ID_HEADER, RequestContextMiddleware
 from app.engine.service import InferenceService, RunnerFactory
-from app.lifecycle import Lifecycle
+from app.lifecycle import Lifecycle, StartupError
 from app.metrics import Metrics
 from app.model.loader import load_model
 from app.settings import Settings, load_settings
+from app.tracing import TELEMETRY_OFF, Tracing, tracing_from_settings
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +54,18 @@ async def _bring_up(app: FastAPI) -> None:
             app.state.on_fatal()
 
         service = InferenceService(settings, loaded, metrics, decoder, on_fatal=worker_died,
+                                   tracer=app.state.tracer,
                                    **({"runner_factory": app.state.runner_factory}
                                       if app.state.runner_factory else {}))
         await service.start()
         app.state.service = service
         await service.warm_up()
+    except StartupError as exc:
+        # The message says what is wrong and what to do; the process's exit line shows it once.
+        logger.debug("start-up failed", exc_info=exc)
+        lifecycle.fail(f"start-up failed: {exc}")
+        app.state.on_fatal()
+        return
     except Exception as exc:
         logger.exception("start-up failed")
         lifecycle.fail(f"start-up failed: {exc}")
@@ -85,20 +96,28 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             # Whatever is left of the drain: the signal handler usually spent it already.
             remaining = max(0.0, (lifecycle.drain_deadline or 0) - time.monotonic())
             await service.stop(remaining)
+        if app.state.tracing is not None:
+            await asyncio.to_thread(app.state.tracing.shutdown)  # exports what is still buffered
         logger.info("stopped")
 
 
 def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] | None = None,
-               runner_factory: RunnerFactory | None = None) -> FastAPI:
+               runner_factory: RunnerFactory | None = None, tracing: Tracing | None = None) -> FastAPI:
     """Build the app. Nothing heavy happens here: the model loads in the lifespan.
 
-    `runner_factory` replaces the model side of the engine (tests hand in fakes and fault injectors).
+    `runner_factory` replaces the model side of the engine (tests hand in fakes and fault injectors);
+    `tracing` replaces the tracer provider PALIGEMMA_TRACING would make (tests hand in an in-memory one).
     """
     settings = settings or load_settings()
+    tracing = tracing or tracing_from_settings(settings)
     # /docs is served by app.api.pages from local assets (FastAPI's default loads them from a CDN).
+    # Request spans are FastAPI's own (app.tracing says why), from our provider or none at all.
     app = FastAPI(title="PaliGemma server", version=__version__, description=DESCRIPTION, lifespan=lifespan,
-                  docs_url=None, redoc_url=None)
+                  docs_url=None, redoc_url=None,
+                  telemetry=tracing.fastapi_config() if tracing else TELEMETRY_OFF)  # type: ignore[arg-type]
     app.state.settings = settings
+    app.state.tracing = tracing
+    app.state.tracer = tracing.tracer if tracing else None  # for record_request_spans; None: tracing off
     app.state.metrics = Metrics()
     app.state.lifecycle = Lifecycle()
     app.state.service = None
@@ -111,16 +130,33 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] | 
     async def _client_left(request: Request, exc: Exception) -> Response:
         return tasks.disconnected_response()
 
-    # The OpenAPI document declares bearer auth only where the middleware enforces it.
-    protected = [Security(bearer_scheme)] if settings.api_keys else []
+    # The OpenAPI document declares the keys only where the middleware enforces them: either scheme will do.
+    protected = [Security(bearer_scheme), Security(api_key_scheme)] if settings.api_keys else []
     app.include_router(ops.router)
     app.include_router(ops.metrics_router, dependencies=protected if settings.metrics_require_key else [])
     app.include_router(ops.models_router, dependencies=protected)
     app.include_router(tasks.router, dependencies=protected)
     app.include_router(openai_chat.router, dependencies=protected)
     pages.install(app)
-    # Outermost first at run time: request context (ids, metrics, size limit) wraps auth.
+    # At run time, outermost first: the request context (id, access log, metrics) sees every answer;
+    # CORS answers preflights before the key check (browsers send no key with them) and adds its headers
+    # to refusals too, so that a page can read them; the body limit refuses before the key check reads.
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys, protect_metrics=settings.metrics_require_key)
-    app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics,
-                       body_limit=settings.request_body_limit)
+    app.add_middleware(BodyLimitMiddleware, body_limit=settings.request_body_limit)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, **cors_options(settings.cors_origins))
+    app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)
     return app
+
+
+def cors_options(origins: tuple[str, ...]) -> dict[str, Any]:
+    """What browsers on `origins` may do: the API's methods and headers (keys included), and read the
+    request id and Retry-After. No cookies are involved, so no credentials mode."""
+    return {
+        "allow_origins": ["*"] if "*" in origins else list(origins),
+        "allow_methods": ["GET", "POST"],
+        "allow_headers": ["Authorization", "X-API-Key", "Content-Type", "Accept", REQUEST_ID_HEADER.decode(),
+                          "traceparent", "tracestate"],
+        "expose_headers": [REQUEST_ID_HEADER.decode(), "Retry-After", "WWW-Authenticate"],
+        "max_age": 600,
+    }

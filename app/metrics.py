@@ -1,4 +1,4 @@
-"""Prometheus metrics, all prefixed `paligemma_`, in a registry owned by one app instance.
+"""Prometheus metrics, ours prefixed `paligemma_`, in a registry owned by one app instance.
 
 `CONTRACT` is the one list of what the server exports: the collectors are built from it, and the README's
 metrics table, the Grafana dashboard, the alert rules and the autoscaler are checked against it in both
@@ -16,7 +16,10 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -81,6 +84,9 @@ CONTRACT: tuple[MetricSpec, ...] = (
                "Prefills whose image features came from the cache."),
 )
 
+# Prefixes of the standard collectors' series above: beside the contract, not in it.
+PROCESS_PREFIXES = ("process_", "python_")
+
 _KINDS = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
 
 
@@ -92,6 +98,12 @@ class Metrics:
         disable_created_metrics()
         self.registry = CollectorRegistry()
         self.collectors = {spec.name: self._build(spec) for spec in CONTRACT}
+        # The standard process and runtime series every Prometheus client exports by default (memory,
+        # CPU, open files; interpreter version; garbage collections), which our own registry would lack.
+        # Not part of CONTRACT: nothing here depends on them (PROCESS_PREFIXES).
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
         c = self.collectors
         self.requests = c["paligemma_requests"]
         self.request_duration = c["paligemma_request_duration_seconds"]
@@ -145,3 +157,16 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def standard_metrics() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """The standard collectors' metrics as Prometheus sees them (counters under their `_total` name):
+    name -> (type, labels). Read from a live registry, so the deploy checks know exactly what /metrics
+    has beside the contract on this platform (the process_* series exist where /proc does)."""
+    found: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for family in Metrics().registry.collect():
+        if family.name.startswith(PROCESS_PREFIXES):
+            name = f"{family.name}_total" if family.type == "counter" else family.name
+            labels = sorted({label for sample in family.samples for label in sample.labels})
+            found[name] = (family.type, tuple(labels))
+    return found

@@ -6,6 +6,8 @@ A bad value stops start-up with a message that names the variable (`load_setting
 
 from __future__ import annotations
 
+import importlib.util
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
@@ -16,6 +18,15 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from app.image_sources import normalise_host_entries
 
 ENV_PREFIX = "PALIGEMMA_"
+# A browser origin: scheme, host, optional port; nothing after.
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
 
 
 class Settings(BaseSettings):
@@ -89,6 +100,15 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     drain_timeout_s: float = Field(30.0, ge=0, le=3600)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="Comma-separated origins (https://app.example.com) whose pages may call the API from "
+                        "a browser, or * for any; empty (the default) sends no CORS headers.",
+    )
+    tracing: Literal["off", "otlp", "console"] = Field(
+        "off", description="OpenTelemetry traces: off, otlp (OTLP over HTTP, configured by the standard "
+                           "OTEL_EXPORTER_OTLP_* variables; the `otlp` extra) or console (stdout; the `otel` "
+                           "extra). OTEL_SERVICE_NAME and OTEL_TRACES_SAMPLER apply too.",
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -104,6 +124,32 @@ class Settings(BaseSettings):
             value = value.split(",")
         if isinstance(value, (list, tuple)):
             return normalise_host_entries(str(entry) for entry in value)
+        return value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(origin.strip().rstrip("/") for origin in value.split(",") if origin.strip())
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in value:
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ValueError(f"{origin!r} is not an origin: give scheme://host[:port] with no path (e.g. "
+                                 "https://app.example.com), or * for any")
+        return value
+
+    @field_validator("tracing")
+    @classmethod
+    def _check_tracing_packages(cls, value: str) -> str:
+        needed = {"console": ("opentelemetry.sdk", "otel"),
+                  "otlp": ("opentelemetry.exporter.otlp.proto.http", "otlp")}.get(value)
+        if needed and not _importable(needed[0]):
+            raise ValueError(f"{value} traces need the `{needed[1]}` extra: pip install "
+                             f"'paligemma-server[{needed[1]}]' (or set it to off)")
         return value
 
     @field_validator("device")

@@ -40,7 +40,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the metric contract is the server's own (app/metrics.py)
-from app.metrics import CONTRACT  # noqa: E402
+from app.metrics import CONTRACT, PROCESS_PREFIXES, standard_metrics  # noqa: E402
 
 DOCKERFILE = ROOT / "docker/Dockerfile"
 PROMETHEUS_DOCKERFILE = ROOT / "docker/prometheus/Dockerfile"
@@ -71,10 +71,14 @@ K8S_VERSIONS = ("1.30.0", "1.37.0")
 # name -> type (counters under their `_total` name).
 METRICS: dict[str, str] = {spec.samples[0] if spec.kind == "counter" else spec.name: spec.kind
                            for spec in CONTRACT}
+# Beside the contract, the standard process_* and python_* series of prometheus_client's collectors, as
+# the server's own registry has them: queries may use them; nothing has to show them.
+STANDARD = standard_metrics()
 # Labels a query may group by or match on: the metrics' own, histogram buckets, and the target labels
 # Prometheus adds.
-KNOWN_LABELS = {label for spec in CONTRACT for label in spec.labels} | {"le", "instance", "job", "namespace",
-                                                                        "pod"}
+KNOWN_LABELS = ({label for spec in CONTRACT for label in spec.labels}
+                | {label for _, labels in STANDARD.values() for label in labels}
+                | {"le", "instance", "job", "namespace", "pod"})
 # Series Prometheus makes itself that rules may use.
 BUILTIN_SERIES = {"up"}
 # Grafana's variables, replaced by plausible values so that promtool can parse the queries.
@@ -92,7 +96,7 @@ EXIT_MARGIN_S = 10.0
 def queryable_names() -> set[str]:
     """Every series name the server exposes: histograms as their _bucket/_sum/_count series."""
     names: set[str] = set()
-    for name, kind in METRICS.items():
+    for name, kind in [*METRICS.items(), *((name, kind) for name, (kind, _) in STANDARD.items())]:
         if kind == "histogram":
             names.update(f"{name}{suffix}" for suffix in ("_bucket", "_sum", "_count"))
         else:
@@ -294,9 +298,10 @@ _MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
 
 
 def metric_names(expr: str) -> set[str]:
-    """The `paligemma_*` series an expression reads (string literals ignored)."""
+    """The server's series an expression reads, `paligemma_*` and the standard `process_*`/`python_*`
+    (string literals ignored)."""
     bare = _STRING.sub('""', expr)
-    return {name for name in _IDENT.findall(bare) if name.startswith("paligemma_")}
+    return {name for name in _IDENT.findall(bare) if name.startswith(("paligemma_", *PROCESS_PREFIXES))}
 
 
 def label_names(expr: str) -> set[str]:
@@ -316,7 +321,7 @@ def check_expressions(exprs: list[tuple[str, str]]) -> list[str]:
     known = queryable_names()
     for where, expr in exprs:
         for name in sorted(metric_names(expr) - known):
-            exposed = ", ".join(sorted(METRICS))
+            exposed = ", ".join([*sorted(METRICS), *sorted(STANDARD)])
             problems.append(f"{where}: unknown metric {name!r} (the server exposes: {exposed})")
         for label in sorted(label_names(expr) - KNOWN_LABELS):
             problems.append(f"{where}: unknown label {label!r} in {expr!r}")
@@ -734,10 +739,10 @@ def invariant_problems(kubectl: str = "kubectl") -> list[str]:
 
 # ------------------------------------------------------------------------------------- live server
 def check_exposition(text: str) -> list[str]:
-    """A /metrics scrape declares every metric of the contract with its type."""
+    """A /metrics scrape declares every metric of the contract, and the standard series, with its type."""
     declared = dict(re.findall(r"(?m)^# TYPE (\S+) (\S+)$", text))
     problems = []
-    for name, kind in METRICS.items():
+    for name, kind in [*METRICS.items(), *((name, kind) for name, (kind, _) in STANDARD.items())]:
         # prometheus_client declares counters with or without _total depending on its version.
         found = declared.get(name) or declared.get(name.removesuffix("_total"))
         if found is None:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -47,9 +48,11 @@ def wait_ready(client: TestClient, timeout_s: float = 60) -> None:
 
 
 @contextlib.contextmanager
-def serve(settings: Settings | None = None, ready: bool = True) -> Iterator[TestClient]:
-    """The real app (real model, real batcher) behind Starlette's ASGI test client, lifespan included."""
-    app = create_app(settings or Settings())
+def serve(settings: Settings | None = None, ready: bool = True, app: FastAPI | None = None
+          ) -> Iterator[TestClient]:
+    """The real app (real model, real batcher) behind Starlette's ASGI test client, lifespan included;
+    `app` serves one a test built itself."""
+    app = app or create_app(settings or Settings())
     with TestClient(app, raise_server_exceptions=False) as client:
         if ready:
             wait_ready(client)

@@ -245,6 +245,23 @@ def test_metric_contract_matches_the_server():
     assert validate.check_exposition(text) == []
 
 
+def test_the_standard_process_series_are_checked_beside_the_contract(tmp_path):
+    from app.metrics import Metrics
+
+    assert "process_resident_memory_bytes" in validate.STANDARD and "python_info" in validate.STANDARD
+    text = Metrics().render().decode()
+    without = "\n".join(line for line in text.splitlines() if "process_resident_memory_bytes" not in line)
+    assert validate.check_exposition(without) == ["/metrics does not declare process_resident_memory_bytes"]
+    # Queries may use them; a misspelt one is caught like a misspelt paligemma_* one.
+    assert validate.check_expressions([("q", "rate(process_cpu_seconds_total[1m]) + on(instance) python_info")]) == []
+    dashboard = json.loads(validate.DASHBOARD.read_text())
+    panel = next(p for p in dashboard["panels"] if p["title"] == "Resident memory")
+    panel["targets"][0]["expr"] = "process_resident_memory_byte"
+    broken = tmp_path / "dashboard.json"
+    broken.write_text(json.dumps(dashboard))
+    assert any("unknown metric 'process_resident_memory_byte'" in p for p in validate.check_dashboard(broken))
+
+
 def test_metric_name_extraction_ignores_strings_and_labels():
     expr = 'sum by (endpoint) (rate(paligemma_requests_total{job="paligemma_x", status=~"5.."}[5m]))'
     assert validate.metric_names(expr) == {"paligemma_requests_total"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 from typing import Any
 
@@ -11,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import Scope
 
+from app.api.routes import RouteTable, route_table
 from app.errors import InvalidRequest, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from app.schemas import ErrorBody, ErrorResponse
 
@@ -69,8 +71,31 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     error_type = _HTTP_TYPES.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, error_type, str(exc.detail), None, request_id_of(request.scope),
-                          dict(exc.headers or {}))
+    message = str(exc.detail)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 404:
+        # The router's own 404 (no route matched) lists the endpoints; a matched one (a static file
+        # that is not there) just names what is missing.
+        matched = "endpoint" in request.scope or "route" in request.scope
+        message = (f"nothing at {request.url.path}" if matched
+                   else not_found_message(route_table(request.app), request.method, request.url.path))
+    elif exc.status_code == 405:
+        message = method_not_allowed_message(request.method, request.url.path, headers.get("Allow", ""))
+    return error_response(exc.status_code, error_type, message, None, request_id_of(request.scope), headers)
+
+
+def not_found_message(table: RouteTable, method: str, path: str) -> str:
+    """A 404 from the router (no route matched): the near misses first, then every endpoint."""
+    listed = table.listing()
+    paths = sorted({e.partition(" ")[2] for e in listed})
+    close = difflib.get_close_matches(path.rstrip("/") or "/", paths, n=2, cutoff=0.8)
+    hint = f"did you mean {' or '.join(e for e in listed if e.partition(' ')[2] in close)}? " if close else ""
+    return f"no endpoint at {method} {path}; {hint}the endpoints are: {', '.join(listed)}"
+
+
+def method_not_allowed_message(method: str, path: str, allow: str) -> str:
+    allowed = [m.strip() for m in allow.split(",") if m.strip() and m.strip() != "HEAD"]
+    return (f"{path} does not take {method}; it takes {' or '.join(allowed) or 'no method'} (see /docs)")
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -49,6 +49,11 @@ class Completion:
     computed: int  # tokens computed, the stop token included
     finish_reason: str  # "stop" or "length"
     prompt_tokens: int
+    # time.monotonic() when it reached the engine, got a row, had its first token, and ended.
+    submitted_at: float = 0.0
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
 
 
 TokenCallback = Callable[[list[int]], None]
@@ -190,8 +195,10 @@ class Engine:
         for seq, output in events.finished:
             handle = self._handles.get(seq.request_id)
             if handle is not None and not handle.future.done():
-                handle.future.set_result(Completion(output, seq.output_tokens, len(seq.computed),
-                                                    seq.finish_reason or "length", seq.prompt_length))
+                handle.future.set_result(Completion(
+                    output, seq.output_tokens, len(seq.computed), seq.finish_reason or "length",
+                    seq.prompt_length, seq.submitted_at, seq.admitted_at, seq.first_token_at,
+                    seq.finished_at))
         for seq, error in events.failed:
             handle = self._handles.get(seq.request_id)
             if handle is not None and not handle.future.done():

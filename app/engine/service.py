@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from app.engine.loop import StepRunner
 from app.engine.observer import EngineObserver
 from app.engine.results import object_results
 from app.engine.runner import ModelStepRunner, RowInput, RunnerConfig
-from app.errors import InvalidRequest, ShuttingDown
+from app.errors import InvalidRequest, ServiceError, ShuttingDown
 from app.image_sources import ImageSources
 from app.images import decode_image, upload_key
 from app.masks.decoder import LoadedMaskDecoder
@@ -35,6 +36,7 @@ from app.model.inputs import ImageTransform, PromptEncoder
 from app.model.loader import LoadedModel
 from app.settings import Settings
 from app.tasks.prompts import Task
+from app.tracing import record_request_spans
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +61,9 @@ class InferenceService:
     def __init__(self, settings: Settings, loaded: LoadedModel, observer: EngineObserver,
                  mask_decoder: LoadedMaskDecoder | None = None,
                  on_fatal: Callable[[BaseException], None] = lambda exc: None,
-                 runner_factory: RunnerFactory = ModelStepRunner):
+                 runner_factory: RunnerFactory = ModelStepRunner, tracer: Any = None):
         self.settings = settings
+        self.tracer = tracer  # an OpenTelemetry tracer, or None (tracing off: app.tracing)
         self.loaded = loaded
         self.mask_decoder = mask_decoder
         self._active = 0  # requests inside run(), for draining
@@ -148,7 +151,7 @@ class InferenceService:
 
     async def _run(self, job: Job, image: ImageInput, on_tokens: TokenCallback | None,
                    max_pixels: int) -> JobResult:
-        started = time.perf_counter()
+        started = time.monotonic()
         loop = asyncio.get_running_loop()
         slot = self.engine.reserve()  # 429 / 503 before any work is spent on the image
         try:
@@ -159,23 +162,44 @@ class InferenceService:
         except BaseException:
             slot.release()
             raise
-        prepared = time.perf_counter()
+        prepared = time.monotonic()
         request = EngineRequest(len(input_ids), job.max_new_tokens,
                                 RowInput(input_ids, pixels, image_key, job.sampling), job.task, job.label)
-        completion = await self.engine.submit(slot, request, self.settings.request_timeout_s, on_tokens)
-        generated = time.perf_counter()
+        try:
+            completion = await self.engine.submit(slot, request, self.settings.request_timeout_s, on_tokens)
+        except ServiceError as exc:
+            self._trace(job, None, started, prepared, None, None, error=exc.message)
+            raise
+        generated = time.monotonic()
         objects = None
         output: FinishedOutput = completion.output
         if output.parsed is not None:
             objects = await loop.run_in_executor(self._prep, object_results, output, width, height,
                                                  self.masks_enabled)
-        finished = time.perf_counter()
+        finished = time.monotonic()
+        self._trace(job, completion, started, prepared, generated, finished)
         return _job_result(completion, output, width, height, objects, {
             "prepare_ms": round((prepared - started) * 1000, 2),
             "queue_and_inference_ms": round((generated - prepared) * 1000, 2),
             "postprocess_ms": round((finished - generated) * 1000, 2),
             "total_ms": round((finished - started) * 1000, 2),
         })
+
+    def _trace(self, job: Job, completion: Completion | None, started: float, prepared: float,
+               generated: float | None, finished: float | None, error: str | None = None) -> None:
+        """The request's spans (prepare, queue, prefill, decode, postprocess), from its timestamps."""
+        if self.tracer is None or not job.label:  # tracing off, or the warm-up (not a request)
+            return
+        attributes: dict[str, str | int] = {"paligemma.task": job.task.value, "paligemma.endpoint": job.label}
+        if completion is not None:
+            attributes.update({"paligemma.prompt_tokens": completion.prompt_tokens,
+                               "paligemma.completion_tokens": completion.computed,
+                               "paligemma.finish_reason": completion.finish_reason})
+        record_request_spans(
+            self.tracer, f"paligemma.{job.task.value}", attributes, prepared,
+            completion.admitted_at if completion else None, completion.first_token_at if completion else None,
+            completion.finished_at if completion else None, generated, finished, prepare_start=started,
+            prepare_end=prepared, error=error)
 
     def _encode(self, prefix: str) -> list[int]:
         input_ids = self.encoder.encode(prefix)

@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
+from app.lifecycle import StartupError
 from app.model import presets
+from app.model.sources import ModelUnavailable, explain
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -43,7 +45,7 @@ class LoadedModel:
     load_seconds: float
 
 
-class DeviceUnavailable(RuntimeError):
+class DeviceUnavailable(StartupError):
     """PALIGEMMA_DEVICE asks for a GPU this process cannot use; the message says why and what to do."""
 
 
@@ -131,13 +133,18 @@ def _from_preset(preset: presets.Preset, device: torch.device, dtype: torch.dtyp
 
 
 def _from_pretrained(source: str, revision: str | None, device: torch.device, dtype: torch.dtype):
-    processor = PaliGemmaProcessor.from_pretrained(source, revision=revision or "main")
-    # No attn_implementation: transformers then takes sdpa wherever the architecture supports it and
-    # eager for PaliGemma 2's Gemma 2 layers, whose soft-capped attention sdpa cannot compute (asking for
-    # sdpa there is an error at load time).
-    model = PaliGemmaForConditionalGeneration.from_pretrained(
-        source, revision=revision or "main", dtype=dtype, device_map=str(device)
-    )
+    try:
+        processor = PaliGemmaProcessor.from_pretrained(source, revision=revision or "main")
+        # No attn_implementation: transformers then takes sdpa wherever the architecture supports it and
+        # eager for PaliGemma 2's Gemma 2 layers, whose soft-capped attention sdpa cannot compute (asking
+        # for sdpa there is an error at load time).
+        model = PaliGemmaForConditionalGeneration.from_pretrained(
+            source, revision=revision or "main", dtype=dtype, device_map=str(device)
+        )
+    # Missing files, unknown repositories, gated ones, no network: OSError; a malformed id or config:
+    # ValueError. Anything else (out of memory, say) keeps its traceback.
+    except (OSError, ValueError) as exc:
+        raise ModelUnavailable(explain(source, revision, exc, list(presets.PRESETS))) from exc
     return model, processor
 
 

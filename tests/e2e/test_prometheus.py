@@ -68,6 +68,8 @@ def test_prometheus_scrapes_the_server(tmp_path, prometheus_binary):
             assert info["metric"]["model"] == "tiny" and info["metric"]["random_weights"] == "true"
             [prefilled] = _query(url, 'paligemma_step_rows_sum{phase="prefill"}')
             assert float(prefilled["value"][1]) == 6 + 3  # the warm-up's task paths and three captions
+            [memory] = _query(url, 'process_resident_memory_bytes{job="paligemma"}')
+            assert float(memory["value"][1]) > 10 * 1024 * 1024
         finally:
             process.terminate()
             process.wait(timeout=30)
