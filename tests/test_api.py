@@ -102,7 +102,7 @@ def test_image_errors(client):
     _error(client.post("/v1/caption", files=files(b"")), 400, "invalid_image", "image")
     _error(client.post("/v1/caption", files=files(b"GIF89a" + b"\0" * 100)), 415, "unsupported_media_type")
     _error(client.post("/v1/caption", files=files(jpeg()[:300])), 400, "invalid_image")
-    error = _error(client.post("/v1/caption", json={"image": "x"}), 400, "invalid_image", "image")
+    error = _error(client.post("/v1/caption", json={"image": "x"}), 400, "invalid_request", "image")
     assert "base64" in error["message"]
     error = _error(client.post("/v1/caption", json={"language": "en"}), 422, "validation_error", "image")
     assert "file field" in error["message"] and "base64" in error["message"]

@@ -11,7 +11,7 @@ from tests.helpers import serve
 
 # Every endpoint the app serves, as a 404 must list them (the pages and the OpenAPI document included).
 ENDPOINTS = ["POST /v1/caption", "POST /v1/vqa", "POST /v1/ocr", "POST /v1/detect", "POST /v1/segment",
-             "POST /v1/generate", "GET /v1/models", "GET /healthz", "GET /readyz", "GET /metrics", "GET /docs",
+             "POST /v1/generate", "POST /v1/chat/completions", "GET /v1/models", "GET /healthz", "GET /readyz", "GET /metrics", "GET /docs",
              "GET /openapi.json", "GET /", "GET /playground"]
 
 

@@ -261,7 +261,7 @@ def test_a_real_request_records_its_phases_under_its_request_span():
     children = sorted((s for s in spans if s.parent is not None and s.parent.span_id == job.context.span_id),
                       key=lambda s: s.start_time)
     assert [s.name for s in children] == ["prepare", "queue_wait", "prefill", "decode", "postprocess"]
-    for earlier, later in zip(children, children[1:]):
+    for earlier, later in itertools.pairwise(children):
         assert earlier.end_time <= later.start_time + 1000  # in order, each where the last one ended
     assert job.attributes["paligemma.completion_tokens"] == 6
     assert not any(s.name.startswith("paligemma.") and s.name != "paligemma.caption" for s in spans)  # no warm-up
