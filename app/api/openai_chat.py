@@ -167,7 +167,7 @@ def _completion_id(request: Request) -> str:
 
 
 def _data(payload: Any) -> bytes:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
 
 
 class ChunkEvents:
@@ -210,7 +210,7 @@ _STREAMED: dict[int | str, dict[str, Any]] = {200: {"content": {EVENT_STREAM: {}
 
 
 @router.post("/chat/completions", response_model=ChatCompletion, summary="OpenAI-compatible chat completions",
-             responses=_STREAMED)
+             responses=_STREAMED, response_model_exclude_none=True)
 async def chat_completions(request: Request, service: ServiceDep) -> Any:
     try:
         payload = await request.json()
