@@ -71,3 +71,24 @@ def test_generate_splits_text_from_locations(client):
     assert body["segments"] is None
     caption = client.post("/v1/caption", files=files(image_bytes(training_image()), "a.png", "image/png"))
     assert caption.json()["text"] == "a red box on white"
+
+
+def test_a_paligemma_2_checkpoint_loads_through_from_pretrained_and_serves(tmp_path):
+    """PaliGemma 2's Gemma 2 layers have no sdpa attention: loading must not ask for it (it would fail at
+    load time), and the engine must serve what transformers picks instead."""
+    import torch
+
+    from app.model import presets
+
+    preset = presets.PRESETS["tiny-gemma2"]
+    processor = presets.build_processor(preset)
+    torch.manual_seed(0)
+    model = presets.build_model(preset, processor)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    with serve(Settings(model=str(tmp_path), default_max_new_tokens=40)) as c:
+        [card] = c.get("/v1/models").json()["data"]
+        assert card["random_weights"] is False
+        response = c.post("/v1/caption", files=files(encode(training_image())))
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["completion_tokens"] == 40  # past the sliding window of 32
