@@ -85,7 +85,10 @@ class DecodeGraphs:
         new_tokens = torch.tensor(tokens, dtype=torch.long)
         new_positions = torch.tensor(positions, dtype=torch.long)
         if bucket is None:
-            return self.step.decode(new_tokens.to(self.device), new_positions.to(self.device))
+            # Eager: attention reads only up to the furthest running row (idle rows sit at scratch).
+            real = [p for p in positions if p != self.step.scratch]
+            length = max(real) + 1 if real else 1
+            return self.step.decode(new_tokens.to(self.device), new_positions.to(self.device), length=length)
         captured = self._graphs[bucket]
         captured.tokens.fill_(self.pad_token_id)
         captured.positions.fill_(self.step.scratch)

@@ -47,17 +47,21 @@ class SlotKVCache:
         self._rows: torch.Tensor | None = None
         self._index: torch.Tensor | None = None
         self._leading_rows: int | None = None
+        self._length: int | None = None
 
-    def target(self, rows: torch.Tensor, index: torch.Tensor, leading_rows: int | None = None) -> None:
+    def target(self, rows: torch.Tensor, index: torch.Tensor, leading_rows: int | None = None,
+               length: int | None = None) -> None:
         """Aim the next forward: token (b, t) goes to row `rows[b]`, index `index[b, t]`.
 
         With `leading_rows=n` the batch is rows 0..n-1 in order and attention reads a view of the first
         n rows (no copy: what a decode step and its CUDA graph use); otherwise it reads a gathered copy
-        of `rows` (prefill of newcomers scattered over the cache).
+        of `rows` (prefill of newcomers scattered over the cache). With `length`, attention reads only
+        indices 0..length-1 (every key the batch can see lies there): less work when shapes may vary.
         """
         self._rows = rows
         self._index = index
         self._leading_rows = leading_rows
+        self._length = length
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,6 +72,7 @@ class SlotKVCache:
         # Advanced indices on dims 0 and 2 put (batch, tokens) first: the states go in as (b, t, h, d).
         keys[rows, :, self._index] = key_states.transpose(1, 2)
         values[rows, :, self._index] = value_states.transpose(1, 2)
+        span = slice(None, self._length)
         if self._leading_rows is not None:
-            return keys[: self._leading_rows], values[: self._leading_rows]
-        return keys[self._rows], values[self._rows]
+            return keys[: self._leading_rows, :, span], values[: self._leading_rows, :, span]
+        return keys[self._rows, :, span], values[self._rows, :, span]

@@ -164,6 +164,7 @@ class ModelStepRunner:
             torch.tensor([seq.computed[-1]], device=self.device),
             torch.tensor([seq.next_position], device=self.device),
             rows=torch.tensor([seq.row], device=self.device),
+            length=seq.next_position + 1,
         )
         return self._select([seq], logits)[0]
 

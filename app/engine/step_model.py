@@ -75,32 +75,36 @@ class StepModel:
         positions = torch.arange(tokens, device=self.device).expand(batch, tokens)
         real = positions < lengths[:, None]
         index = torch.where(real, positions, self.scratch)
-        self.cache.target(rows, index)
+        # Every key a prompt token sees lies below the longest prompt: attention reads only those.
+        self.cache.target(rows, index, length=tokens)
         is_image = input_ids == self.image_token_id
         embeds = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0))
         embeds = embeds.masked_scatter(is_image[..., None], image_features.to(embeds.dtype))
         # Prefix-LM: every prompt token sees every prompt token of its row (the sliding window does not
         # apply inside the bidirectional prefix either).
-        allowed = (self._key_index[None, :] < lengths[:, None])[:, None, None, :].expand(
-            batch, 1, tokens, self._key_index.numel())
+        keys = self._key_index[:tokens]
+        allowed = (keys[None, :] < lengths[:, None])[:, None, None, :].expand(batch, 1, tokens, tokens)
         hidden = self._forward(embeds, positions, self._attention_masks(allowed, None))
         last = hidden[torch.arange(batch, device=self.device), lengths - 1]
         return self._logits(last)
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor,
-               rows: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor | None = None,
+               length: int | None = None) -> torch.Tensor:
         """Feed one token per row at its own position; the next-token logits, (n, vocab).
 
         Without `rows`, the batch is rows 0..n-1 (idle ones at the scratch position): a fixed-shape step
         that `DecodeGraphs` can capture. With `rows`, any rows, gathered (used to isolate a fault).
+        `length` > every real row's position limits attention to the keys below it (eager steps only: a
+        captured graph keeps the whole row).
         """
         count = tokens.shape[0]
         if rows is None:
-            self.cache.target(torch.arange(count, device=self.device), positions[:, None], leading_rows=count)
+            self.cache.target(torch.arange(count, device=self.device), positions[:, None], leading_rows=count,
+                              length=length)
         else:
-            self.cache.target(rows, positions[:, None])
+            self.cache.target(rows, positions[:, None], length=length)
         embeds = self.language_model.embed_tokens(tokens[:, None])
-        keys = self._key_index[None, :]
+        keys = self._key_index[None, :length]
         full = keys <= positions[:, None]
         sliding = None
         if self.sliding_window is not None:
