@@ -11,6 +11,7 @@ A registry per app (not the process-global default) lets tests build several app
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -95,7 +96,7 @@ class Metrics:
 
     def __init__(self) -> None:
         # `*_created` timestamps double the output and no dashboard reads them.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry()
         self.collectors = {spec.name: self._build(spec) for spec in CONTRACT}
         # The standard process and runtime series every Prometheus client exports by default (memory,
@@ -120,7 +121,7 @@ class Metrics:
         self.ready = c["paligemma_ready"]
         self.feature_cache_hit_count = c["paligemma_feature_cache_hits"]
 
-    def _build(self, spec: MetricSpec):  # -> Counter | Gauge | Histogram
+    def _build(self, spec: MetricSpec) -> Any:  # a Counter, Gauge or Histogram: each has its own methods
         extra = {"buckets": spec.buckets} if spec.kind == "histogram" else {}
         return _KINDS[spec.kind](spec.name, spec.help, spec.labels, registry=self.registry, **extra)
 

@@ -61,7 +61,7 @@ class DecodeGraphs:
             positions = torch.full((size,), self.step.scratch, dtype=torch.long, device=self.device)
             # Run it eagerly first on a side stream: lazy initialisation (cuBLAS handles, kernel choice)
             # must not happen inside the capture.
-            side = torch.cuda.Stream(self.device)
+            side = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 for _ in range(2):

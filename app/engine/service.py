@@ -22,7 +22,7 @@ from PIL import Image
 from app.engine.engine import Completion, Engine, EngineConfig, EngineRequest, TokenCallback
 from app.engine.faults import is_out_of_memory, is_unrecoverable
 from app.engine.finishing import FinishedOutput, OutputFinisher
-from app.engine.jobs import ImageInput, Job, JobResult
+from app.engine.jobs import ImageInput, Job, JobResult, ObjectResult
 from app.engine.loop import StepRunner
 from app.engine.observer import EngineObserver
 from app.engine.results import object_results
@@ -216,8 +216,8 @@ class InferenceService:
         return decoded.width, decoded.height, self.transform(decoded.image), upload_key(data)
 
 
-def _job_result(completion: Completion, output: FinishedOutput, width: int, height: int, objects,
-                timings: dict[str, float]) -> JobResult:
+def _job_result(completion: Completion, output: FinishedOutput, width: int, height: int,
+                objects: list[ObjectResult] | None, timings: dict[str, float]) -> JobResult:
     return JobResult(
         text=output.text,
         width=width,

@@ -52,7 +52,7 @@ class StepModel:
 
     # Steps -----------------------------------------------------------------------------------------
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.model.lm_head(hidden)
+        logits: torch.Tensor = self.model.lm_head(hidden)
         if self.logit_softcap is not None:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits
@@ -62,7 +62,8 @@ class StepModel:
         # PaliGemma counts rotary positions from 1 (see PaliGemmaForConditionalGeneration).
         output = self.language_model(inputs_embeds=embeds, attention_mask=masks, position_ids=positions + 1,
                                      cache=self.cache, use_cache=True)
-        return output.last_hidden_state
+        hidden: torch.Tensor = output.last_hidden_state
+        return hidden
 
     def prefill(self, rows: torch.Tensor, input_ids: torch.Tensor, lengths: torch.Tensor,
                 image_features: torch.Tensor) -> torch.Tensor:

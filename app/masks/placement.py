@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 BoxXYXY = tuple[float, float, float, float]
+# COCO run-length encoding: {"size": [h, w], "counts": str (compressed), bytes, or a list of runs}.
+RLE = dict[str, Any]
 
 # Boxes come from loc tokens and so lie in [0, 1]; a little beyond is accepted (the mask is cropped at the
 # image border), but far-off boxes would only cost memory for pixels that are then thrown away.
@@ -90,7 +93,7 @@ def resize_bilinear(image: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.asarray(resized)
 
 
-def encode_rle(mask: np.ndarray) -> dict:
+def encode_rle(mask: np.ndarray) -> RLE:
     """COCO compressed RLE of a 2-D mask, exactly as `pycocotools.mask.encode` writes it, with `counts`
     decoded to str (JSON-ready): {"size": [h, w], "counts": "..."}. Column-major, as COCO defines it."""
     mask = np.asarray(mask)
@@ -101,18 +104,19 @@ def encode_rle(mask: np.ndarray) -> dict:
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
 
 
-def _coco_rle(rle: dict) -> dict:
+def _coco_rle(rle: RLE) -> dict[str, Any]:
     """A pycocotools-ready RLE: compressed counts as bytes; uncompressed (list) counts converted."""
     h, w = (int(v) for v in rle["size"])
     counts = rle["counts"]
     if isinstance(counts, list):
-        return mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
+        converted: dict[str, Any] = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
+        return converted
     if isinstance(counts, str):
         counts = counts.encode("ascii")
     return {"size": [h, w], "counts": counts}
 
 
-def decode_rle(rle: dict) -> np.ndarray:
+def decode_rle(rle: RLE) -> np.ndarray:
     """Inverse of `encode_rle`: bool (h, w). Also accepts bytes counts and uncompressed (list) counts.
 
     Malformed counts (too few or too many pixels, negative runs, a cut-off string) raise ValueError.
@@ -154,12 +158,12 @@ def _counts_from_string(counts: str | bytes) -> list[int]:
     return runs
 
 
-def mask_area(rle: dict) -> int:
+def mask_area(rle: RLE) -> int:
     """Number of True pixels (pycocotools `area`)."""
     return int(mask_utils.area(_coco_rle(rle)))
 
 
-def mask_bbox(rle: dict) -> BoxXYXY | None:
+def mask_bbox(rle: RLE) -> BoxXYXY | None:
     """Tight box (x_min, y_min, x_max, y_max) in pixels, end-exclusive (pycocotools `toBbox` gives
     x, y, w, h); None for an empty mask."""
     coco = _coco_rle(rle)
