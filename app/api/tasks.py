@@ -177,25 +177,29 @@ async def ocr(request: Request, service: ServiceDep) -> Any:
 @router.post("/detect", response_model=DetectResponse, summary="Detect objects: boxes in pixels",
              responses={**_STREAMABLE, **annotate.RESPONSES}, openapi_extra=request_body_doc(DetectBody))
 async def detect(request: Request, service: ServiceDep) -> Any:
-    body, image = await _read(request, service, DetectBody)
-    png = annotate.wants_image(request, body.render)
-    prefix = prompts.detect_prompt(_objects(body), _limits(service))
-    job = _job(request, service, Task.DETECT, prefix, body)
-    return await respond(request, service, job, body, image, lambda result: DetectResponse(
+    return await _locate(request, service, Task.DETECT, DetectBody, lambda result: DetectResponse(
         detections=[convert.detection(o) for o in result.objects or []], dropped=result.dropped_objects,
-        **convert.common_fields(result, service)), png)
+        **convert.common_fields(result, service)))
 
 
 @router.post("/segment", response_model=SegmentResponse, summary="Segment objects: boxes and masks",
              responses={**_STREAMABLE, **annotate.RESPONSES}, openapi_extra=request_body_doc(SegmentBody))
 async def segment(request: Request, service: ServiceDep) -> Any:
-    body, image = await _read(request, service, SegmentBody)
-    png = annotate.wants_image(request, body.render)
-    prefix = prompts.segment_prompt(_objects(body), _limits(service))
-    job = _job(request, service, Task.SEGMENT, prefix, body)
-    return await respond(request, service, job, body, image, lambda result: SegmentResponse(
+    return await _locate(request, service, Task.SEGMENT, SegmentBody, lambda result: SegmentResponse(
         segments=[convert.segment(o) for o in result.objects or []], dropped=result.dropped_objects,
-        **convert.common_fields(result, service)), png)
+        **convert.common_fields(result, service)))
+
+
+async def _locate(request: Request, service: InferenceService, task: Task,
+                  model: type[DetectBody] | type[SegmentBody],
+                  build: Callable[[JobResult], BaseModel]) -> Any:
+    """Detect and segment: objects in, boxes (and masks) out, as JSON, a stream or an annotated PNG."""
+    body, image = await _read(request, service, model)
+    png = annotate.wants_image(request, body.render)
+    objects = [body.objects] if isinstance(body.objects, str) else body.objects
+    prompt = prompts.detect_prompt if task is Task.DETECT else prompts.segment_prompt
+    job = _job(request, service, task, prompt(objects, _limits(service)), body)
+    return await respond(request, service, job, body, image, build, png)
 
 
 @router.post("/generate", response_model=GenerateResponse, summary="Run a raw PaliGemma prefix",
@@ -217,7 +221,3 @@ def generate_response(result: JobResult, service: InferenceService) -> GenerateR
         segments=[convert.segment(o) for o in with_masks] if with_masks else None,
         **convert.common_fields(result, service),
     )
-
-
-def _objects(body: DetectBody | SegmentBody) -> list[str]:
-    return [body.objects] if isinstance(body.objects, str) else body.objects

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from app.engine.observer import EngineObserver
 from app.engine.scheduler import Scheduler, Sequence
@@ -38,6 +38,8 @@ class StepRunner(Protocol):
     def release(self, seq: Sequence) -> None: ...
     def recover_memory(self) -> None: ...
 
+
+T = TypeVar("T")
 
 # Finishes the requests that ended this step, in the worker thread: one output per request.
 Finisher = Callable[[list[Sequence]], list[Any]]
@@ -59,6 +61,13 @@ class StepEvents:
 
 class _Fatal(Exception):
     pass
+
+
+def _one_each(seqs: list[Sequence], results: list[T]) -> list[T]:
+    """`results` if there is exactly one per request: a runner that loses or adds one is a bug."""
+    if len(results) != len(seqs):
+        raise RuntimeError(f"{len(results)} results for {len(seqs)} requests")
+    return results
 
 
 _WAKE = object()
@@ -211,9 +220,7 @@ class EngineLoop:
         started = time.perf_counter()
         hits = self.runner.feature_cache_hits
         try:
-            tokens = self.runner.prefill(seqs)
-            if len(tokens) != len(seqs):
-                raise RuntimeError(f"the runner returned {len(tokens)} tokens for {len(seqs)} requests")
+            tokens = _one_each(seqs, self.runner.prefill(seqs))
         except Exception as exc:
             self._guard(exc)
             self._prefill_failed(seqs, exc, finished)
@@ -248,9 +255,7 @@ class EngineLoop:
     def _decode(self, seqs: list[Sequence], finished: list[Sequence]) -> None:
         started = time.perf_counter()
         try:
-            tokens = self.runner.decode(seqs, self.scheduler.decode_width)
-            if len(tokens) != len(seqs):
-                raise RuntimeError(f"the runner returned {len(tokens)} tokens for {len(seqs)} requests")
+            tokens = _one_each(seqs, self.runner.decode(seqs, self.scheduler.decode_width))
         except Exception as exc:
             self._guard(exc)
             self._decode_apart(seqs, exc, finished)
@@ -278,9 +283,7 @@ class EngineLoop:
 
     def _finish(self, seqs: list[Sequence]) -> None:
         try:
-            outputs = self.finish(seqs)
-            if len(outputs) != len(seqs):
-                raise RuntimeError(f"{len(outputs)} outputs for {len(seqs)} requests")
+            outputs = _one_each(seqs, self.finish(seqs))
         except Exception as exc:
             self._guard(exc)
             if len(seqs) > 1:
