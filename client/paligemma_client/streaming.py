@@ -102,6 +102,7 @@ class _Events(Generic[R]):
             raise self._fail(StreamError(self._response.status_code, "invalid_event",
                                          f"unreadable `{event.event}` event: {exc}", None,
                                          self.request_id)) from exc
+        # The one event left: `error`, the server's error envelope.
         raise self._fail(error_from_event(data, self._response.status_code, self.request_id))
 
     def _fail(self, error: PaliGemmaError) -> PaliGemmaError:
