@@ -1,5 +1,7 @@
-"""Python client for paligemma-server: typed results for every task, `supervision` export, a CLI."""
+"""Python client for paligemma-server: typed results for every task, streamed answers, `supervision` export,
+a CLI."""
 
+from paligemma_client._core import GenerationOptions
 from paligemma_client.client import AsyncPaliGemmaClient, PaliGemmaClient
 from paligemma_client.errors import (
     APIConnectionError,
@@ -10,6 +12,7 @@ from paligemma_client.errors import (
     RateLimitError,
     ServerError,
     ServiceUnavailableError,
+    StreamError,
 )
 from paligemma_client.models import (
     RLE,
@@ -27,6 +30,7 @@ from paligemma_client.models import (
     TextResponse,
     Usage,
 )
+from paligemma_client.streaming import AsyncStream, Stream
 
 __version__ = "0.1.0"
 
@@ -36,12 +40,14 @@ __all__ = [
     "APIError",
     "AnswerResponse",
     "AsyncPaliGemmaClient",
+    "AsyncStream",
     "AuthenticationError",
     "BadRequestError",
     "Box",
     "DetectResponse",
     "Detection",
     "GenerateResponse",
+    "GenerationOptions",
     "ImageSize",
     "ModelCard",
     "ModelList",
@@ -52,6 +58,8 @@ __all__ = [
     "SegmentResponse",
     "ServerError",
     "ServiceUnavailableError",
+    "Stream",
+    "StreamError",
     "TaskResponse",
     "TextResponse",
     "Usage",

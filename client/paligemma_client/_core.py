@@ -9,14 +9,14 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Generic, TypeVar, Union
+from typing import IO, TYPE_CHECKING, Any, Generic, TypedDict, TypeVar, Union
 
 import httpx
 from pydantic import BaseModel
 
-from paligemma_client.errors import APIConnectionError, error_from_response
+from paligemma_client.errors import APIConnectionError
 from paligemma_client.models import (
     AnswerResponse,
     DetectResponse,
@@ -35,6 +35,7 @@ ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, IO[byt
 R = TypeVar("R", bound=BaseModel)
 
 DEFAULT_URL = "http://localhost:8000"
+EVENT_STREAM = "text/event-stream"
 RETRY_STATUSES = frozenset({429, 503})  # queue full; loading or draining: both say when to come back
 _SIGNATURES = ((b"\xff\xd8\xff", "image/jpeg"), (b"\x89PNG\r\n\x1a\n", "image/png"))
 # Modes a PNG can hold; anything else (CMYK, YCbCr, LAB, HSV, F, I) is sent as RGB.
@@ -50,6 +51,7 @@ class Request(Generic[R]):
     result: type[R]
     image: ImageInput | None = None
     fields: dict[str, str | list[str]] = field(default_factory=dict)
+    stream: bool = False  # answered with server-sent events (`stream=true` is among the fields)
 
     @property
     def method(self) -> str:
@@ -82,21 +84,14 @@ def _seconds(retry_after: str) -> float:
         return when.timestamp() - time.time()
 
 
-@dataclass
-class Prepared:
-    """A request ready to send (and to send again): the image is read once."""
-
-    path: str
-    files: dict[str, tuple[str, bytes, str]]
-    data: dict[str, str | list[str]] = field(default_factory=dict)
-
-
-def prepare(request: Request[Any]) -> Prepared | None:
-    """The request with its image read, or None for a request without one (a GET)."""
+def prepare(http: httpx.Client | httpx.AsyncClient, request: Request[Any]) -> httpx.Request:
+    """The HTTP request, ready to send (and to send again): the image is read once, here."""
     if request.image is None:
-        return None
+        return http.build_request("GET", request.path)
     name, data = read_image(request.image)
-    return Prepared(request.path, {"image": (name, data, content_type(data))}, request.fields)
+    headers = {"Accept": EVENT_STREAM} if request.stream else None
+    return http.build_request("POST", request.path, files={"image": (name, data, content_type(data))},
+                              data=request.fields, headers=headers)
 
 
 def read_image(image: ImageInput) -> tuple[str, bytes]:
@@ -129,8 +124,6 @@ def content_type(data: bytes) -> str:
 
 
 def result(request: Request[R], response: httpx.Response) -> R:
-    if response.status_code >= 400:
-        raise error_from_response(response)
     return request.result.model_validate_json(response.content)
 
 
@@ -139,8 +132,32 @@ def connection_error(request: Request[Any], base_url: str, exc: Exception) -> AP
                               "running there? (set the URL with base_url or PALIGEMMA_URL)")
 
 
-def _common(max_new_tokens: int | None) -> dict[str, str | list[str]]:
-    return {} if max_new_tokens is None else {"max_new_tokens": str(max_new_tokens)}
+class GenerationOptions(TypedDict, total=False):
+    """Keyword arguments every task method takes; left out (or None), the server's default applies.
+
+    max_new_tokens: most tokens to generate (the server caps it).
+    temperature: 0 (the server's default) decodes greedily; above 0 (at most 2) samples.
+    top_p: with temperature > 0, sample from the smallest set of tokens whose probability reaches it.
+    top_k: with temperature > 0, sample from the k likeliest tokens (0: no limit).
+    seed: makes sampling repeatable: the same request and seed give the same output.
+    """
+
+    max_new_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    seed: int | None
+
+
+_OPTIONS = tuple(GenerationOptions.__annotations__)
+
+
+def _options(options: GenerationOptions) -> dict[str, str | list[str]]:
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {unknown[0]!r}; the options every task takes are "
+                        f"{', '.join(_OPTIONS)}")
+    return {name: str(value) for name, value in options.items() if value is not None}
 
 
 def _objects(objects: str | Sequence[str]) -> str | list[str]:
@@ -148,38 +165,41 @@ def _objects(objects: str | Sequence[str]) -> str | list[str]:
     return objects if isinstance(objects, str) else list(objects)
 
 
+def streaming(request: Request[R]) -> Request[R]:
+    """The same request, asking for server-sent events: text deltas, then the result."""
+    return replace(request, fields={**request.fields, "stream": "true"}, stream=True)
+
+
 # The requests, one per task: the clients' methods are these plus sending.
 
 def caption(image: ImageInput, language: str, long: bool,
-            max_new_tokens: int | None) -> Request[TextResponse]:
-    fields = {"language": language, "long": "true" if long else "false", **_common(max_new_tokens)}
+            options: GenerationOptions) -> Request[TextResponse]:
+    fields = {"language": language, "long": "true" if long else "false", **_options(options)}
     return Request("/v1/caption", TextResponse, image, fields)
 
 
 def vqa(image: ImageInput, question: str, language: str,
-        max_new_tokens: int | None) -> Request[AnswerResponse]:
+        options: GenerationOptions) -> Request[AnswerResponse]:
     return Request("/v1/vqa", AnswerResponse, image,
-                   {"question": question, "language": language, **_common(max_new_tokens)})
+                   {"question": question, "language": language, **_options(options)})
 
 
-def ocr(image: ImageInput, max_new_tokens: int | None) -> Request[TextResponse]:
-    return Request("/v1/ocr", TextResponse, image, _common(max_new_tokens))
+def ocr(image: ImageInput, options: GenerationOptions) -> Request[TextResponse]:
+    return Request("/v1/ocr", TextResponse, image, _options(options))
 
 
 def detect(image: ImageInput, objects: str | Sequence[str],
-           max_new_tokens: int | None) -> Request[DetectResponse]:
-    return Request("/v1/detect", DetectResponse, image,
-                   {"objects": _objects(objects), **_common(max_new_tokens)})
+           options: GenerationOptions) -> Request[DetectResponse]:
+    return Request("/v1/detect", DetectResponse, image, {"objects": _objects(objects), **_options(options)})
 
 
 def segment(image: ImageInput, objects: str | Sequence[str],
-            max_new_tokens: int | None) -> Request[SegmentResponse]:
-    return Request("/v1/segment", SegmentResponse, image,
-                   {"objects": _objects(objects), **_common(max_new_tokens)})
+            options: GenerationOptions) -> Request[SegmentResponse]:
+    return Request("/v1/segment", SegmentResponse, image, {"objects": _objects(objects), **_options(options)})
 
 
-def generate(image: ImageInput, prompt: str, max_new_tokens: int | None) -> Request[GenerateResponse]:
-    return Request("/v1/generate", GenerateResponse, image, {"prompt": prompt, **_common(max_new_tokens)})
+def generate(image: ImageInput, prompt: str, options: GenerationOptions) -> Request[GenerateResponse]:
+    return Request("/v1/generate", GenerateResponse, image, {"prompt": prompt, **_options(options)})
 
 
 def models() -> Request[ModelList]:

@@ -4,8 +4,10 @@
     paligemma detect photo.jpg cat dog --draw out.png
     paligemma segment photo.jpg "the dog" --draw out.png
     paligemma detect images/ --objects car --out results.jsonl
+    paligemma caption photo.jpg --stream --temperature 0.7 --seed 1
 
-One image: the result on stdout (`--json` for the whole JSON). A folder: one JSON line per image (to
+One image: the result on stdout (`--json` for the whole JSON); with `--stream`, the text as it is
+generated first. A folder: one JSON line per image (to
 `--out`, or stdout) as answers come, at most `--concurrency` requests in flight, a progress bar on
 stderr, a summary at the end; a failing image is reported and the run goes on. Exit status: 0 when every
 image succeeded, 1 when any failed, 2 for a usage error.
@@ -26,6 +28,7 @@ import httpx
 from pydantic import BaseModel
 
 from paligemma_client import __version__
+from paligemma_client._core import GenerationOptions
 from paligemma_client.client import AsyncPaliGemmaClient, PaliGemmaClient
 from paligemma_client.convert import INSTALL_HINT, draw_file
 from paligemma_client.errors import APIError, PaliGemmaError
@@ -44,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     task = argparse.ArgumentParser(add_help=False)
     task.add_argument("--max-new-tokens", type=int, metavar="N", help="most tokens to generate")
+    task.add_argument("--temperature", type=float, metavar="T",
+                      help="0 (the server's default): greedy; above 0 (at most 2): sample")
+    task.add_argument("--top-p", type=float, metavar="P", help="sample from the likeliest tokens up to P")
+    task.add_argument("--top-k", type=int, metavar="K", help="sample from the K likeliest tokens")
+    task.add_argument("--seed", type=int, metavar="N", help="the same seed, the same sampled output")
+    task.add_argument("--stream", action="store_true",
+                      help="print the text as it is generated, then the result (one image)")
     task.add_argument("--json", action="store_true", help="print the whole JSON result (one image)")
     task.add_argument("--out", type=Path, metavar="FILE", help="write results as JSON lines to FILE")
     task.add_argument("--concurrency", type=int, default=4, metavar="N",
@@ -96,7 +106,7 @@ def _add_draw(command: argparse.ArgumentParser) -> None:
 
 def task_arguments(args: argparse.Namespace) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The positional and keyword arguments of the client method named `args.task`, after the image."""
-    options: dict[str, Any] = {"max_new_tokens": args.max_new_tokens}
+    options: dict[str, Any] = {name: getattr(args, name) for name in GenerationOptions.__annotations__}
     if args.task == "caption":
         return (), {**options, "language": args.language, "long": args.long}
     if args.task == "vqa":
@@ -112,11 +122,12 @@ def objects_of(result: TaskResponse) -> list[Detection]:
     return [*(getattr(result, "detections", None) or []), *(getattr(result, "segments", None) or [])]
 
 
-def describe(result: TaskResponse, task: str) -> str:
-    """A result as a person reads it: the text, then one line per object."""
+def describe(result: TaskResponse, task: str, with_text: bool = True) -> str:
+    """A result as a person reads it: the text (unless it was streamed already), then one line per
+    object."""
     lines = []
     text = result.answer if isinstance(result, AnswerResponse) else getattr(result, "text", None)
-    if text is not None:
+    if text is not None and with_text:
         lines.append(text)
     objects = objects_of(result)
     for obj in objects:
@@ -207,11 +218,27 @@ async def run_folder(args: argparse.Namespace, files: list[Path], out: IO[str], 
     return 1 if failures else 0
 
 
+def stream_one(client: PaliGemmaClient, args: argparse.Namespace, path: Path, out: IO[str]) -> Any:
+    """Print the text as it is generated (the raw output, <loc>/<seg> tokens included); return the result."""
+    positional, options = task_arguments(args)
+    with getattr(client, f"{args.task}_stream")(path, *positional, **options) as stream:
+        try:
+            for delta in stream:
+                out.write(delta)
+                out.flush()
+        finally:
+            out.write("\n")  # end the streamed line, also when the stream fails midway
+        return stream.result
+
+
 def run_one(args: argparse.Namespace, path: Path, out: IO[str], err: IO[str]) -> int:
     positional, options = task_arguments(args)
     with PaliGemmaClient(args.url, api_key=args.api_key, timeout=args.timeout) as client:
         try:
-            result = getattr(client, args.task)(path, *positional, **options)
+            if args.stream:
+                result = stream_one(client, args, path, out)
+            else:
+                result = getattr(client, args.task)(path, *positional, **options)
         except PaliGemmaError as exc:
             err.write(f"paligemma: {path}: {exc}\n")
             return 1
@@ -222,7 +249,9 @@ def run_one(args: argparse.Namespace, path: Path, out: IO[str], err: IO[str]) ->
     if args.json:
         out.write(result.model_dump_json(indent=2) + "\n")
     elif args.out is None:
-        out.write(describe(result, args.task) + "\n")
+        described = describe(result, args.task, with_text=not args.stream)
+        if described:
+            out.write(described + "\n")
     if getattr(args, "draw", None) is not None:
         draw_file(path, result, args.draw)
         count = len(objects_of(result))
@@ -253,6 +282,8 @@ def main(argv: list[str] | None = None, out: IO[str] | None = None, err: IO[str]
         files = images_in(path)
         if not files:
             parser.error(f"{path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        if args.stream:
+            parser.error("--stream prints one image's text as it is generated; leave it out for a folder")
         if getattr(args, "draw", None) is not None:
             args.draw.mkdir(parents=True, exist_ok=True)
         if args.out is None:

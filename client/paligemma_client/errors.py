@@ -57,6 +57,18 @@ class ServerError(APIError):
     """Any other 5xx: the server failed; quote the request id when reporting it."""
 
 
+class StreamError(APIError):
+    """The server reported a failure inside an event stream. Its response had begun (HTTP 200) when the
+    request failed, so the error envelope came as an `error` event; `status_code` is the stream's 200.
+    Refusals (a bad field, a full queue...) come before any stream begins, as the classes above."""
+
+    def __str__(self) -> str:
+        text = f"{self.type} (inside the stream): {self.message}"
+        if self.request_id:
+            text += f" [request id {self.request_id}]"
+        return text
+
+
 _BY_STATUS: dict[int, type[APIError]] = {400: BadRequestError, 401: AuthenticationError, 413: BadRequestError,
                                           415: BadRequestError, 422: BadRequestError, 429: RateLimitError,
                                           503: ServiceUnavailableError}
@@ -76,3 +88,14 @@ def error_from_response(response: httpx.Response) -> APIError:
     except (ValueError, KeyError, TypeError):
         text = response.text.strip()[:200] or response.reason_phrase
         return cls(status, "http_error", text, None, request_id, retry_after)
+
+
+def error_from_event(data: object, status: int, request_id: str | None) -> StreamError:
+    """The exception for a stream's `error` event (its data: the server's error envelope)."""
+    try:
+        error = data["error"]  # type: ignore[index]
+        return StreamError(status, str(error["type"]), str(error["message"]), error.get("param"),
+                           error.get("request_id") or request_id)
+    except (KeyError, TypeError, AttributeError):
+        return StreamError(status, "invalid_event", f"an error event without the error envelope: {data!r}",
+                           None, request_id)

@@ -38,8 +38,20 @@ def env(trained_server, monkeypatch):
     return {**os.environ}
 
 
-def cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
+class Written(io.StringIO):
+    """stdout that keeps each write, to see what was printed piece by piece."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def cli(*argv: str, out: io.StringIO | None = None) -> tuple[int, str, str]:
+    out, err = out or io.StringIO(), io.StringIO()
     code = main(list(argv), out, err)
     return code, out.getvalue(), err.getvalue()
 
@@ -157,14 +169,47 @@ def test_a_folder_run_reports_the_corrupt_file_and_finishes_the_rest(env, tmp_pa
 def test_objects_are_the_words_after_the_image_or_options():
     from paligemma_client.cli import build_parser, task_arguments
 
+    unset = {"max_new_tokens": None, "temperature": None, "top_p": None, "top_k": None, "seed": None}
     args = build_parser().parse_args(["detect", "photo.jpg", "cat", "dog", "--objects", "a ; b"])
-    assert task_arguments(args) == ((["cat", "dog", "a ; b"],), {"max_new_tokens": None})
-    args = build_parser().parse_args(["segment", "images/", "--objects", "the dog", "--max-new-tokens", "9"])
-    assert task_arguments(args) == ((["the dog"],), {"max_new_tokens": 9})
+    assert task_arguments(args) == ((["cat", "dog", "a ; b"],), unset)
+    args = build_parser().parse_args(["segment", "images/", "--objects", "the dog", "--max-new-tokens", "9",
+                                      "--temperature", "0.7", "--top-p", "0.9", "--top-k", "40", "--seed", "3"])
+    assert task_arguments(args) == ((["the dog"],), {"max_new_tokens": 9, "temperature": 0.7, "top_p": 0.9,
+                                                     "top_k": 40, "seed": 3})
+
+
+def test_stream_prints_the_text_as_it_is_generated(env, photo):
+    out = Written()
+    code, printed, _ = cli("caption", str(photo), "--stream", out=out)
+    assert (code, printed) == (0, "a red box on white\n")
+    assert len(out.writes) > 2  # piece by piece, then the line's end
+
+    out = Written()
+    code, printed, _ = cli("segment", str(photo), "red box", "--stream", out=out)
+    streamed, *objects = printed.splitlines()
+    _, json_out, _ = cli("segment", str(photo), "red box", "--json")
+    _, unstreamed, _ = cli("segment", str(photo), "red box")
+    assert code == 0 and len(out.writes) > 2
+    assert streamed == json.loads(json_out)["raw_text"]  # the raw output, <loc>/<seg> tokens and all
+    assert objects == unstreamed.splitlines() and objects[0].startswith("red box: [")  # then the objects
+
+
+def test_stream_with_sampling_options_repeats_with_a_seed(env, photo):
+    sampled = [cli("caption", str(photo), "--stream", "--temperature", "2", "--seed", str(seed),
+                   "--max-new-tokens", "12")[1] for seed in (1, 1, 2, 3, 4)]
+    assert sampled[0] == sampled[1]  # the same seed, the same sample
+    assert len(set(sampled)) > 1  # other seeds, other samples: the options reach the server
+
+
+def test_a_refused_stream_reports_the_servers_error(env, photo):
+    code, out, err = cli("caption", str(photo), "--stream", "--max-new-tokens", "100000")
+    assert code == 1 and out == ""
+    assert "422 validation_error: `max_new_tokens` must be <= 256" in err and "request id" in err
 
 
 def test_usage_errors_exit_2(photo):
-    for argv in (["detect", str(photo)], ["caption", str(photo.with_name("missing.png"))]):
+    for argv in (["detect", str(photo)], ["caption", str(photo.with_name("missing.png"))],
+                 ["caption", str(photo.parent), "--stream"]):
         with pytest.raises(SystemExit) as raised:
             cli(*argv)
         assert raised.value.code == 2
@@ -188,8 +233,9 @@ def test_a_folder_run_keeps_at_most_concurrency_requests_in_flight(tmp_path):
         in_flight -= 1
         return httpx.Response(200, json=body)
 
-    args = argparse.Namespace(task="caption", language="en", long=False, max_new_tokens=None, url="http://x",
-                              api_key=None, timeout=5.0, concurrency=3, progress="never", draw=None)
+    args = argparse.Namespace(task="caption", language="en", long=False, max_new_tokens=None, temperature=None,
+                              top_p=None, top_k=None, seed=None, url="http://x", api_key=None, timeout=5.0,
+                              concurrency=3, progress="never", draw=None)
     out, err = io.StringIO(), io.StringIO()
     code = asyncio.run(run_folder(args, files, out, err, transport=httpx.MockTransport(handle)))
     assert code == 0 and len(out.getvalue().splitlines()) == 10

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import signal
 
 import httpx
 import numpy as np
@@ -16,10 +17,12 @@ from paligemma_client import (
     DetectResponse,
     PaliGemmaClient,
     SegmentResponse,
+    StreamError,
 )
 from PIL import Image
 from pycocotools import mask as coco_mask
 
+from tests.served import served
 from tests.trained_model import DETECT_BINS, SEGMENT_BINS, image_bytes, training_image
 
 WIDTH, HEIGHT = 640, 400
@@ -139,3 +142,100 @@ def test_errors_carry_the_servers_message_type_and_request_id(trained_server, cl
             pytest.raises(AuthenticationError) as raised_auth:
         stranger.caption(IMAGE)
     assert raised_auth.value.status_code == 401 and "Bearer" in raised_auth.value.message
+
+
+# Each task with its arguments, as (method name, positional arguments after the image, keywords).
+TASK_CALLS = [
+    ("caption", (), {}),
+    ("vqa", ("what is it?",), {"max_new_tokens": 6}),
+    ("ocr", (), {"max_new_tokens": 6}),
+    ("detect", ("red box",), {}),
+    ("segment", (["red box"],), {}),
+    ("generate", ("segment red box",), {}),
+]
+
+
+@pytest.fixture(scope="module")
+def direct(trained_server):
+    """A client whose responses are read as they come (the recording transport reads them whole)."""
+    with PaliGemmaClient(trained_server.url, api_key=trained_server.key) as c:
+        yield c
+
+
+def _untimed(result) -> dict:
+    return result.model_dump(mode="json", exclude={"timings"})
+
+
+@pytest.mark.parametrize(("task", "args", "kwargs"), TASK_CALLS, ids=[call[0] for call in TASK_CALLS])
+def test_streamed_deltas_make_the_raw_text_and_the_result_equals_the_unstreamed_one(direct, task, args, kwargs):
+    plain = getattr(direct, task)(IMAGE, *args, **kwargs)
+    with getattr(direct, f"{task}_stream")(IMAGE, *args, **kwargs) as stream:
+        deltas = list(stream)
+    assert len(deltas) > 1 and all(deltas)
+    assert "".join(deltas) == stream.text == plain.raw_text
+    assert _untimed(stream.result) == _untimed(plain)
+    assert stream.request_id and len(stream.request_id) == 32
+
+
+def test_the_async_client_streams_concurrently(trained_server, direct):
+    expected = [direct.caption(IMAGE), direct.segment(IMAGE, "red box")]
+
+    async def run() -> list:
+        async with AsyncPaliGemmaClient(trained_server.url, api_key=trained_server.key) as aclient:
+            async def read(opened) -> tuple[str, object]:
+                async with await opened as stream:
+                    text = "".join([delta async for delta in stream])
+                return text, stream.result
+
+            return await asyncio.gather(read(aclient.caption_stream(IMAGE)),
+                                        read(aclient.segment_stream(IMAGE, "red box")))
+
+    for (text, result), plain in zip(asyncio.run(run()), expected, strict=True):
+        assert text == plain.raw_text and _untimed(result) == _untimed(plain)
+
+
+def test_a_stream_refused_before_it_begins_raises_the_servers_error(direct, trained_server):
+    for open_stream in (lambda: direct.caption_stream(IMAGE, max_new_tokens=100_000),
+                        lambda: asyncio.run(_async_caption_stream(trained_server, max_new_tokens=100_000))):
+        with pytest.raises(BadRequestError) as raised:
+            open_stream()
+        error = raised.value
+        assert (error.status_code, error.type, error.param) == (422, "validation_error", "max_new_tokens")
+        assert "Given: 100000" in error.message and error.request_id and len(error.request_id) == 32
+
+
+async def _async_caption_stream(trained_server, **options) -> None:
+    async with AsyncPaliGemmaClient(trained_server.url, api_key=trained_server.key) as aclient:
+        await aclient.caption_stream(IMAGE, **options)
+
+
+def test_a_seed_makes_sampling_repeatable(direct):
+    greedy = direct.caption(IMAGE, max_new_tokens=12)
+    assert direct.caption(IMAGE, max_new_tokens=12, temperature=0).raw_text == greedy.raw_text
+    sampled = {seed: direct.caption(IMAGE, max_new_tokens=12, temperature=2.0, seed=seed).raw_text
+               for seed in range(6)}
+    assert len(set(sampled.values())) > 1  # the options reach the model: other seeds, other samples
+    again = direct.caption_stream(IMAGE, max_new_tokens=12, temperature=2.0, seed=3)
+    assert again.get_result().raw_text == sampled[3]  # and the same seed, the same sample (streamed too)
+
+
+GREEN = image_bytes(Image.new("RGB", (64, 64), (0, 255, 0)))  # tests/fault_launcher.py: slow decode steps
+
+
+def test_an_error_inside_the_stream_raises_the_servers_error(tmp_path):
+    """The one failure that comes after a stream began, provoked for real: the server is stopped while a
+    slow generation streams, and its drain deadline passes before the generation ends."""
+    env = {"FAULT_STEP_S": "0.05", "PALIGEMMA_DRAIN_TIMEOUT_S": "0.3"}
+    with served(tmp_path, env=env, faults=True) as server, PaliGemmaClient(server.url) as client:
+        stream = client.caption_stream(GREEN, max_new_tokens=250)
+        deltas = []
+        with pytest.raises(StreamError) as raised:
+            for delta in stream:
+                deltas.append(delta)
+                if len(deltas) == 3:
+                    server.process.send_signal(signal.SIGTERM)
+        assert 3 <= len(deltas) < 100
+        error = raised.value
+        assert error.type == "shutting_down" and "shut down before this request finished" in error.message
+        assert error.request_id == stream.request_id and error.request_id in str(error)
+        assert server.process.wait(timeout=30) == 0

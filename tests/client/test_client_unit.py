@@ -16,17 +16,26 @@ import pytest
 from paligemma_client import (
     APIConnectionError,
     AsyncPaliGemmaClient,
+    AsyncStream,
+    BadRequestError,
     PaliGemmaClient,
     RateLimitError,
     ServerError,
     ServiceUnavailableError,
+    Stream,
+    StreamError,
+    TextResponse,
 )
 from paligemma_client.convert import decode_rle
 from paligemma_client.models import RLE
+from paligemma_client.streaming import Event, EventDecoder
 from pycocotools import mask as coco_mask
 from pydantic import BaseModel
 
 import app.schemas as server_schemas
+from app.api.errors import service_error_body
+from app.api.streaming import sse
+from app.errors import InferenceFailed
 from tests.served import free_port
 
 TEXT_RESULT = {
@@ -34,6 +43,7 @@ TEXT_RESULT = {
     "finish_reason": "stop", "raw_text": "hi", "warning": None, "text": "hi",
     "timings": {"prepare_ms": 1.0, "queue_and_inference_ms": 2.0, "postprocess_ms": 0.0, "total_ms": 3.0},
 }
+TASKS = ("caption", "vqa", "ocr", "detect", "segment", "generate")
 QUEUE_FULL = {"error": {"type": "queue_full", "message": "the queue is full", "param": None, "request_id": "r1"}}
 
 
@@ -134,6 +144,131 @@ def test_url_and_key_come_from_the_environment(monkeypatch):
     assert b'name="long"\r\n\r\ntrue' in body and b'name="max_new_tokens"\r\n\r\n5' in body
 
 
+# Event streams as the server writes them (its own `sse` and error envelope), read by the client.
+DELTAS = ("a red", " box", " on white")
+EVENT_STREAM = {"content-type": "text/event-stream", "x-request-id": "s1"}
+STREAMED = b"".join(sse("delta", {"text": text}) for text in DELTAS) + sse("result", TEXT_RESULT)
+FAILED = sse("delta", {"text": "a red"}) + sse("error", service_error_body(
+    InferenceFailed("the model failed on this request"), "s1"))
+
+
+def streaming_server(body: bytes, seen: list[httpx.Request] | None = None) -> httpx.MockTransport:
+    def handle(request: httpx.Request) -> httpx.Response:
+        if seen is not None:
+            seen.append(request)
+        return httpx.Response(200, content=body, headers=EVENT_STREAM)
+
+    return httpx.MockTransport(handle)
+
+
+def test_events_are_decoded_as_the_standard_reads_them():
+    decoder = EventDecoder()
+    lines = [": comment", "event: delta", "data:{\"text\":", "data: \"x\"}", "id: 7", "", "", "data: plain", ""]
+    events = [event for line in lines if (event := decoder.feed(line)) is not None]
+    assert events == [Event("delta", '{"text":\n"x"}'), Event("message", "plain")]
+
+
+def test_a_stream_gives_the_deltas_then_the_typed_result():
+    seen: list[httpx.Request] = []
+    body = b": a comment\n\n" + sse("keepalive", {}) + STREAMED  # what the client does not know is skipped
+    with PaliGemmaClient("http://server", transport=streaming_server(body, seen)) as client, \
+            client.caption_stream(b"img", long=True) as stream:
+        assert isinstance(stream, Stream) and stream.request_id == "s1"
+        with pytest.raises(RuntimeError, match="not been read to its end"):
+            stream.result  # noqa: B018
+        assert list(stream) == list(DELTAS)
+        assert stream.text == "a red box on white"
+        assert isinstance(stream.result, TextResponse) and stream.result.model_dump(mode="json") == TEXT_RESULT
+        assert list(stream.text_deltas()) == [] and stream.get_result() is stream.result  # read once
+    [request] = seen
+    body_sent = request.read()
+    assert b'name="stream"\r\n\r\ntrue' in body_sent and b'name="long"\r\n\r\ntrue' in body_sent
+    assert request.headers["accept"] == "text/event-stream"
+
+
+def test_get_result_reads_the_whole_stream():
+    with PaliGemmaClient("http://server", transport=streaming_server(STREAMED)) as client:
+        stream = client.generate_stream(b"img", "caption en")
+        assert stream.get_result().raw_text == "hi" and stream.text == "a red box on white"
+
+
+def test_an_error_event_raises_the_servers_error_after_the_deltas_before_it():
+    with PaliGemmaClient("http://server", transport=streaming_server(FAILED)) as client:
+        stream = client.ocr_stream(b"img")
+        deltas = []
+        with pytest.raises(StreamError) as raised:
+            for delta in stream:
+                deltas.append(delta)
+    assert deltas == ["a red"]
+    error = raised.value
+    assert (error.type, error.message, error.request_id) == ("internal_error", "the model failed on this request",
+                                                             "s1")
+    assert str(error) == "internal_error (inside the stream): the model failed on this request [request id s1]"
+    with pytest.raises(StreamError):
+        stream.result  # noqa: B018
+
+
+def test_a_stream_cut_off_before_its_result_is_a_connection_error():
+    with PaliGemmaClient("http://server", transport=streaming_server(sse("delta", {"text": "a"}))) as client, \
+            pytest.raises(APIConnectionError, match="the stream ended before its result"):
+        client.caption_stream(b"img").get_result()
+
+
+def test_a_stream_is_refused_before_it_begins_after_retrying_a_full_queue():
+    invalid = {"error": {"type": "validation_error", "message": "`max_new_tokens` must be <= 256",
+                         "param": "max_new_tokens", "request_id": "r3"}}
+    transport, times = scripted(httpx.Response(429, json=QUEUE_FULL, headers={"Retry-After": "0"}),
+                                httpx.Response(422, json=invalid))
+    with PaliGemmaClient("http://server", transport=transport) as client, \
+            pytest.raises(BadRequestError) as raised:
+        client.caption_stream(b"img", max_new_tokens=1000)  # raises here, before any iteration
+    assert len(times) == 2
+    assert (raised.value.status_code, raised.value.param, raised.value.request_id) == (422, "max_new_tokens", "r3")
+
+
+def test_the_async_stream_reads_the_same_events():
+    async def run() -> tuple[list[str], TextResponse, list[str], StreamError]:
+        async with AsyncPaliGemmaClient("http://server", transport=streaming_server(STREAMED)) as client:
+            async with await client.caption_stream(b"img") as stream:
+                assert isinstance(stream, AsyncStream)
+                deltas = [delta async for delta in stream]
+            result = stream.result
+        async with AsyncPaliGemmaClient("http://server", transport=streaming_server(FAILED)) as client:
+            failing = await client.vqa_stream(b"img", "what?")
+            before: list[str] = []
+            with pytest.raises(StreamError) as raised:
+                async for delta in failing:
+                    before.append(delta)
+        return deltas, result, before, raised.value
+
+    deltas, result, before, error = asyncio.run(run())
+    assert deltas == list(DELTAS) and result.model_dump(mode="json") == TEXT_RESULT
+    assert before == ["a red"] and error.request_id == "s1" and error.type == "internal_error"
+
+
+def test_sampling_options_are_sent_and_unknown_ones_refused():
+    seen: list[httpx.Request] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json=TEXT_RESULT)
+
+    with PaliGemmaClient("http://server", transport=httpx.MockTransport(handle)) as client:
+        client.caption(b"img", temperature=0.7, top_p=0.9, top_k=40, seed=0, max_new_tokens=None)
+        with pytest.raises(TypeError, match="'temprature'; the options every task takes are max_new_tokens, "
+                                            "temperature, top_p, top_k, seed"):
+            client.ocr(b"img", temprature=0.7)  # type: ignore[call-arg]
+    [request] = seen
+    body = request.read()
+    for name, value in (("temperature", b"0.7"), ("top_p", b"0.9"), ("top_k", b"40"), ("seed", b"0")):
+        assert f'name="{name}"'.encode() + b"\r\n\r\n" + value in body
+    assert b"max_new_tokens" not in body and b'name="stream"' not in body
+
+
+def _public(cls: type) -> list[str]:
+    return [name for name in vars(cls) if not name.startswith("_")]
+
+
 def _models(module) -> dict[str, type[BaseModel]]:
     return {name: cls for name, cls in vars(module).items()
             if isinstance(cls, type) and issubclass(cls, BaseModel) and cls.__module__ == module.__name__
@@ -153,12 +288,30 @@ def test_client_models_mirror_the_servers_schemas_both_ways():
         assert _shape(client[name]) == _shape(cls), name
 
 
+def _public(cls: type) -> list[str]:
+    return [name for name in vars(cls) if not name.startswith("_")]
+
+
 def test_the_async_client_has_the_sync_clients_methods():
-    public = [name for name in vars(PaliGemmaClient) if not name.startswith("_") and name != "close"]
-    for name in public:
-        sync, twin = getattr(PaliGemmaClient, name), getattr(AsyncPaliGemmaClient, name)
+    assert _public(AsyncPaliGemmaClient) == _public(PaliGemmaClient)
+    streamed = [name.removesuffix("_stream") for name in _public(PaliGemmaClient) if name.endswith("_stream")]
+    assert streamed == list(TASKS)
+    for name in _public(PaliGemmaClient):
+        sync, twin = inspect.signature(getattr(PaliGemmaClient, name)), getattr(AsyncPaliGemmaClient, name)
         assert inspect.iscoroutinefunction(twin), name
-        assert inspect.signature(twin) == inspect.signature(sync), name
+        assert inspect.signature(twin).parameters == sync.parameters, name
+        # A `_stream` method returns Stream[X] and its twin AsyncStream[X]; the rest return the same type.
+        expected = str(sync.return_annotation).replace("Stream[", "AsyncStream[")
+        assert inspect.signature(twin).return_annotation == expected, name
+
+
+def test_the_async_stream_has_the_sync_streams_methods():
+    assert _public(AsyncStream) == _public(Stream) == ["text_deltas", "get_result", "close"]
+    for name in _public(Stream):
+        assert inspect.signature(getattr(AsyncStream, name)).parameters == \
+            inspect.signature(getattr(Stream, name)).parameters, name
+    assert inspect.isgeneratorfunction(Stream.text_deltas) and inspect.isasyncgenfunction(AsyncStream.text_deltas)
+    assert inspect.iscoroutinefunction(AsyncStream.get_result) and inspect.iscoroutinefunction(AsyncStream.close)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (7, 5), (64, 48), (300, 200)])

@@ -14,6 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from pycocotools import mask as coco_mask
@@ -23,6 +24,9 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
+from app.api.errors import service_error_body
+from app.api.streaming import sse
+from app.errors import InferenceFailed
 from tests.trained_model import DETECT_BINS, SEGMENT_BINS, image_bytes, training_image
 
 OUTPUT = Path(__file__).resolve().parents[1] / "output"
@@ -46,6 +50,18 @@ const data = layer.getContext("2d").getImageData(0, 0, layer.width, layer.height
 let bytes = "";
 for (let i = 0; i < data.length; i += 1) bytes += String.fromCharCode(data[i]);
 return [layer.width, layer.height, btoa(bytes)];
+"""
+
+# Records, in order, what is added to the text box and to the JSON box (filled once the result arrived).
+OBSERVE = """
+window.observed = [];
+const observer = new MutationObserver((records) => {
+  for (const r of records) {
+    const added = [...r.addedNodes].map((node) => node.textContent).join("");
+    window.observed.push([r.target.id, added, r.removedNodes.length]);
+  }
+});
+for (const id of ["text", "json"]) observer.observe(document.getElementById(id), { childList: true });
 """
 
 
@@ -269,3 +285,80 @@ def test_a_dropped_image_is_taken_like_a_chosen_one(browser, trained_server):
     wait_for(browser, "ready")
     assert text(browser, "drop-hint") == "dropped.png (640 x 400)"
     assert "-F 'image=@dropped.png'" in text(browser, "curl")
+
+
+def test_streamed_text_fills_the_box_before_the_result_which_draws_the_boxes(browser, trained_server, images):
+    open_playground(browser, trained_server.url, trained_server.key)
+    browser.find_element(By.ID, "file").send_keys(str(images["box"]))
+    wait_for(browser, "ready")
+    Select(browser.find_element(By.ID, "task")).select_by_value("detect")
+    browser.find_element(By.ID, "objects").send_keys("red box")
+    assert browser.find_element(By.ID, "stream").is_selected()  # streaming is the default
+    curl = text(browser, "curl")
+    assert curl.startswith("curl -s -N ") and "--form-string 'stream=true'" in curl
+    browser.execute_script(OBSERVE)
+    browser.find_element(By.ID, "run").click()
+    assert wait_for(browser, "done", "error") == "done", text(browser, "error")
+
+    result = page_result(browser)
+    observed = browser.execute_script("return window.observed")
+    shown = next(i for i, (target, added, _) in enumerate(observed) if target == "json" and added)
+    deltas = [added for target, added, removed in observed[:shown] if target == "text" and added and not removed]
+    assert len(deltas) > 1  # the box filled piece by piece before the result came
+    assert "".join(deltas) == result["raw_text"]
+    assert int(browser.find_element(By.ID, "text").get_attribute("data-deltas")) == len(deltas)
+    assert text(browser, "text") == result["raw_text"]  # detect has no text field: the raw output stays
+    assert "first text after" in text(browser, "stats")
+
+    assert [d["label"] for d in result["detections"]] == ["red box", "box"]  # drawn from the result event
+    x1, y1, _, y2 = corners(result["detections"][0]["box"])
+    assert (layer(browser, "box-layer")[y1:y2, x1, 3] == 255).all()
+    assert not script_errors(browser)
+
+
+def test_sampling_controls_start_collapsed_and_a_seed_repeats_with_or_without_streaming(browser, trained_server,
+                                                                                        images):
+    open_playground(browser, trained_server.url, trained_server.key)
+    sampling = browser.find_element(By.ID, "sampling")
+    assert sampling.get_attribute("open") is None and not browser.find_element(By.ID, "temperature").is_displayed()
+    browser.find_element(By.CSS_SELECTOR, "#sampling summary").click()
+    for field, value in (("temperature", "2"), ("seed", "5")):
+        browser.find_element(By.ID, field).send_keys(value)
+    browser.find_element(By.ID, "stream").click()  # off
+    assert run_task(browser, "caption", images["box"], **{"max-new-tokens": "12"}) == "done", text(browser, "error")
+    curl = text(browser, "curl")
+    assert "--form-string 'temperature=2'" in curl and "--form-string 'seed=5'" in curl
+    assert " -N " not in curl and "stream=true" not in curl
+    unstreamed = page_result(browser)
+    assert browser.find_element(By.ID, "text").get_attribute("data-deltas") is None
+
+    direct = httpx.post(f"{trained_server.url}/v1/caption", files={"image": ("box.png", IMAGE, "image/png")},
+                        data={"temperature": "2", "seed": "5", "max_new_tokens": "12"},
+                        headers={"Authorization": f"Bearer {trained_server.key}"}).json()
+    assert unstreamed["raw_text"] == direct["raw_text"] and unstreamed["text"] == text(browser, "text")
+
+    browser.find_element(By.ID, "stream").click()  # on again: the same seed, the same sample, streamed
+    browser.find_element(By.ID, "run").click()
+    assert wait_for(browser, "done", "error") == "done", text(browser, "error")
+    assert page_result(browser)["raw_text"] == direct["raw_text"] and text(browser, "text") == direct["text"]
+    assert int(browser.find_element(By.ID, "text").get_attribute("data-deltas")) > 1
+    assert not script_errors(browser)
+
+
+def test_an_error_inside_the_stream_shows_the_servers_message_after_the_text_so_far(browser, trained_server, images):
+    """A failure after a stream began is rare and hard to provoke on purpose (the client tests do, with a
+    server stopped mid-generation); here the page's fetch answers with the events the server writes then."""
+    events = sse("delta", {"text": "a red"}) + sse("delta", {"text": " box"}) + sse(
+        "error", service_error_body(InferenceFailed("the model failed on this request"), "req-42"))
+    open_playground(browser, trained_server.url, trained_server.key)
+    browser.execute_script("""
+        const body = arguments[0];
+        window.fetch = async () => new Response(body, {
+            status: 200, headers: { "content-type": "text/event-stream", "x-request-id": "req-42" } });
+    """, events.decode())
+    assert run_task(browser, "caption", images["box"]) == "error"
+    assert text(browser, "error") == ("internal_error (after the stream began): the model failed on this request"
+                                      "\nrequest id: req-42")
+    assert text(browser, "text") == "a red box"  # what came before the error stays
+    assert browser.find_element(By.ID, "output").is_displayed() and text(browser, "json") == ""
+    assert not script_errors(browser)

@@ -1,5 +1,7 @@
 // The playground page: choose or drop an image, pick a task, run it, see the result drawn.
-// `document.body.dataset.state` tells where the page is: loading, empty, ready, running, done, error.
+// `document.body.dataset.state` tells where the page is: loading, empty, ready, running, streaming (text is
+// arriving), done, error. While a run streams, `#text` shows the output as it is generated and counts the
+// pieces received in its `data-deltas`; the final result then replaces it with the typed text.
 
 import { ApiError, buildRequest, curlCommand, modelCard, run } from "./api.js";
 import { Stage } from "./draw.js";
@@ -22,6 +24,11 @@ function values() {
     language: $("language").value,
     long: $("long").checked,
     max_new_tokens: $("max-new-tokens").value,
+    temperature: $("temperature").value,
+    top_p: $("top-p").value,
+    top_k: $("top-k").value,
+    seed: $("seed").value,
+    stream: $("stream").checked,
   };
 }
 
@@ -48,6 +55,16 @@ function clearResult() {
   $("error").hidden = true;
   $("error").textContent = "";
   for (const id of ["text", "objects-list", "stats", "json"]) $(id).textContent = "";
+  delete $("text").dataset.deltas;
+}
+
+function showDelta(text) {
+  if (document.body.dataset.state !== "streaming") {
+    setState("streaming", "Generating…");
+    $("output").hidden = false;
+  }
+  $("text").append(text);
+  $("text").dataset.deltas = String(Number($("text").dataset.deltas ?? 0) + 1);
 }
 
 async function choose(file) {
@@ -76,7 +93,7 @@ function describe(object) {
   return text;
 }
 
-function showResult({ result, elapsedMs }) {
+function showResult({ result, elapsedMs, streamed }) {
   const objects = [...(result.detections ?? []), ...(result.segments ?? [])];
   const locates = ["detect", "segment"].includes($("task").value) || objects.length > 0;
   $("text").textContent = result.text ?? result.answer ?? result.raw_text;
@@ -93,8 +110,9 @@ function showResult({ result, elapsedMs }) {
   }
   stage.drawObjects(objects, result.image);
   const t = result.timings;
+  const first = streamed?.firstDeltaMs != null ? `, first text after ${Math.round(streamed.firstDeltaMs)} ms` : "";
   $("stats").textContent =
-    `${Math.round(elapsedMs)} ms round trip (server: ${t.total_ms} ms, model ${t.queue_and_inference_ms} ms) · ` +
+    `${Math.round(elapsedMs)} ms round trip${first} (server: ${t.total_ms} ms, model ${t.queue_and_inference_ms} ms) · ` +
     `${result.usage.prompt_tokens} prompt tokens, ${result.usage.completion_tokens} generated · ` +
     `finish: ${result.finish_reason} · ${result.image.width} x ${result.image.height} px`;
   $("json").textContent = JSON.stringify(result, null, 2);
@@ -105,7 +123,8 @@ function showResult({ result, elapsedMs }) {
 function showError(error) {
   const box = $("error");
   if (error instanceof ApiError) {
-    const where = error.status ? `${error.status} ${error.type}` : error.type;
+    let where = error.status ? `${error.status} ${error.type}` : error.type;
+    if (error.inStream) where = `${error.type} (after the stream began)`;
     let text = `${where}: ${error.message}`;
     if (error.status === 401) text += "\nEnter the server's API key above.";
     if (error.requestId) text += `\nrequest id: ${error.requestId}`;
@@ -132,7 +151,7 @@ async function submit(event) {
   setState("running", "Running…");
   $("run").disabled = true;
   try {
-    await run(request, { apiKey: apiKey(), onResult: showResult });
+    await run(request, { apiKey: apiKey(), onDelta: showDelta, onResult: showResult });
     setState("done");
   } catch (error) {
     showError(error);
