@@ -5,13 +5,17 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test install lock system-deps lint bench clean
+.PHONY: serve test test-fast install lock system-deps lint bench clean
 
 serve: install
 	$(PY) -m app
 
 test: install system-deps
 	$(PY) -m pytest
+
+# The fast loop: pure units and fakes (tests/unit), no model, no served process; about half a minute.
+test-fast: install
+	$(PY) -m pytest -m unit
 
 install: $(STAMP)
 

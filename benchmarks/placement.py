@@ -1,5 +1,5 @@
 """How long placing one decoded mask takes: Pillow's resize (what `app.masks.placement` runs) against the
-numpy re-implementation of it that the server used before (`tests/masks/resize_reference.py`).
+numpy re-implementation of it that the server used before (`tests/unit/masks/resize_reference.py`).
 
 A mask is placed per segmented object, in the prepare threads: resize the 64x64 map to the object's
 pixel box, threshold, paste into an image-sized mask. The boxes here are the whole image (the worst
@@ -41,7 +41,7 @@ def run(repeats: int) -> tuple[list[Row], list[Row]]:
     from pycocotools import mask as mask_utils
 
     from app.masks.placement import decode_rle, encode_rle, place_mask
-    from tests.masks import resize_reference
+    from tests.unit.masks import resize_reference
 
     yy, xx = np.mgrid[0:64, 0:64] / 63.0
     m64 = (np.cos(5 * xx + 1) + np.sin(4 * yy) - 0.3).astype(np.float32)  # smooth, like a decoded mask
@@ -79,7 +79,7 @@ def render(placed: list[Row], decoded: list[Row], other_cores: float, repeats: i
         "",
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}, Pillow {PIL.__version__}, numpy {np.__version__}: "
         f"median of {repeats} runs, one thread (other processes took {other_cores:.2f} of the 2 cores "
-        "meanwhile). `old`: `tests/masks/resize_reference.py` (numpy, computes only the visible pixels); "
+        "meanwhile). `old`: `tests/unit/masks/resize_reference.py` (numpy, computes only the visible pixels); "
         "`new`: `app.masks.placement.place_mask` (Pillow). `same`: the two give the same mask.",
         "",
         "| place_mask | image | old ms | new ms | old / new | same |",

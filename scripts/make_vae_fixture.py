@@ -5,8 +5,9 @@ Needs JAX, Flax and Pillow, which the project does not depend on, so run it from
     python3 -m venv /tmp/jaxenv && /tmp/jaxenv/bin/pip install jax jaxlib flax numpy pillow
     cd /work/main && JAX_PLATFORMS=cpu /tmp/jaxenv/bin/python scripts/make_vae_fixture.py
 
-The weights (~4.8 MB of decoder) are not stored: `tests/masks/vae_fixture_weights.py` regenerates them from
-the seed, and the fixture keeps the seed, the weights' sha256, the code indices and the reference outputs.
+The weights (~4.8 MB of decoder) are not stored: `tests/unit/masks/vae_fixture_weights.py` regenerates them
+from the seed, and the fixture keeps the seed, the weights' sha256, the code indices and the reference
+outputs.
 The project's tests read the fixture with numpy only.
 """
 
@@ -33,7 +34,7 @@ BIG_VISION_COMMIT = "0127fb6b337ee2a27bf4e54dea79cff176527356"
 
 
 def _load_weights_helper():
-    path = ROOT / "tests" / "masks" / "vae_fixture_weights.py"
+    path = ROOT / "tests" / "unit" / "masks" / "vae_fixture_weights.py"
     spec = importlib.util.spec_from_file_location("vae_fixture_weights", path)
     module = importlib.util.module_from_spec(spec)
     assert spec.loader is not None

@@ -10,6 +10,28 @@ from tests.helpers import random_mask_decoder
 from tests.served import served
 from tests.trained_model import train
 
+TESTS = Path(__file__).resolve().parent
+# The test layers, one folder each; every test gets its folder's marker (`pytest -m unit`: `make test-fast`).
+LAYERS = {
+    "unit": "pure units and fakes: no model weights, no served process",
+    "model": "a real (tiny) PaliGemma in this process: the engine, the app through its ASGI client",
+    "e2e": "served processes (python -m app), real clients, Prometheus, curl, a browser",
+    "deploy": "the deployment files, checked by their tools",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for layer, what in LAYERS.items():
+        config.addinivalue_line("markers", f"{layer}: {what}")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        layer = Path(str(item.fspath)).resolve().relative_to(TESTS).parts[0]
+        if layer not in LAYERS:
+            raise pytest.UsageError(f"{item.nodeid}: tests live in one of the layer folders {sorted(LAYERS)}")
+        item.add_marker(layer)
+
 
 @pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -82,7 +82,7 @@ def metric_value(text: str, name: str, **labels: str) -> float:
 def random_mask_decoder(directory: Path, seed: int = 7) -> Path:
     """A mask-decoder file (vae-oid.npz layout) with seeded random weights, written into `directory`."""
     spec = importlib.util.spec_from_file_location(
-        "vae_weights", Path(__file__).parent / "masks" / "vae_fixture_weights.py")
+        "vae_weights", Path(__file__).parent / "unit" / "masks" / "vae_fixture_weights.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

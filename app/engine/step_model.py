@@ -6,7 +6,8 @@ and attending under a mask built here. The mask keeps PaliGemma's attention exac
 - prefill: the image tokens and the prefix attend to each other both ways (prefix-LM), nothing else;
 - decode: the token at index p attends to indices 0..p, and on Gemma 2's sliding layers only to the
   last `sliding_window` of them, as transformers' own masks do.
-Greedy outputs therefore equal `model.generate` for the same request alone (tests/engine checks it).
+Greedy outputs therefore equal `model.generate` for the same request alone
+(tests/model/test_engine_exactness.py checks it).
 """
 
 from __future__ import annotations

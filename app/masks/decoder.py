@@ -6,7 +6,7 @@ stores the original PyTorch layout, so the port loads it as it is; big_vision's 
 every kernel with (2, 3, 1, 0), and Flax `ConvTranspose(kernel 4, stride 2, padding 2,
 transpose_kernel=True)` is exactly `torch.nn.ConvTranspose2d(kernel 4, stride 2, padding=1)` on the
 PyTorch-layout weight (both pad the stride-dilated input by 2 and correlate with the flipped kernel).
-`tests/masks/test_decoder_reference.py` holds the port to the Flax module's outputs (fixture made by
+`tests/unit/masks/test_decoder_reference.py` holds the port to the Flax module's outputs (fixture made by
 `scripts/make_vae_fixture.py`).
 
 Hand-written because big_vision ships the decoder only as a Flax module and no PyTorch library has it.

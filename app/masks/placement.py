@@ -15,7 +15,7 @@ shrinking, like `antialias=True`). The loc bins are decoded by `app.tasks.parsin
 place that divides by 1023. Pillow 13 runs its vertical pass first when the height shrinks much more
 than the width, where Pillow <= 12 (what big_vision ran) always ran the horizontal one first; that
 changes float32 rounding by ~1 ulp, so a thresholded pixel can differ from big_vision's only where the
-map is within ~1e-7 of 0 (tests/masks/test_mask_placement.py pins both facts).
+map is within ~1e-7 of 0 (tests/unit/masks/test_mask_placement.py pins both facts).
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def decode_rle(rle: RLE) -> np.ndarray:
     Malformed counts (too few or too many pixels, negative runs, a cut-off string) raise ValueError.
     """
     # Not `pycocotools.mask.decode`: it returns uninitialised memory for counts that cover fewer than
-    # h * w pixels and warns on every call under numpy 2 (tests/masks/test_mask_placement.py pins both).
+    # h * w pixels and warns on every call under numpy 2 (tests/unit/masks/test_mask_placement.py pins both).
     h, w = (int(v) for v in rle["size"])
     counts = rle["counts"]
     runs = list(counts) if isinstance(counts, list) else _counts_from_string(counts)

@@ -23,7 +23,7 @@ from app.masks.placement import (
     resize_bilinear,
 )
 from app.tasks.parsing import decode_box
-from tests.masks import resize_reference as reference
+from tests.unit.masks import resize_reference as reference
 
 INSTALLED_PILLOW_13 = int(PIL.__version__.split(".")[0]) >= 13
 

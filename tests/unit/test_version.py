@@ -10,7 +10,7 @@ import app
 from app.main import create_app
 from app.settings import Settings
 
-PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 
 def test_pyproject_takes_the_version_from_the_package() -> None:

@@ -15,7 +15,7 @@ import pytest
 from app.engine.engine import Engine, EngineConfig, EngineRequest
 from app.engine.scheduler import Sequence
 from app.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull, ShuttingDown
-from tests.engine.fakes import DeviceBroken, FakeOOM, FakeRunner, Script
+from tests.unit.engine_fakes import DeviceBroken, FakeOOM, FakeRunner, Script
 
 STOP = 1
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from app.settings import ENV_PREFIX, Settings
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def documented() -> dict[str, str]:

@@ -15,7 +15,7 @@ import pytest
 
 from tests.served import served
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 DOCUMENTED_URL = "http://localhost:8000"
 

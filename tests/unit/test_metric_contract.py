@@ -9,7 +9,7 @@ from pathlib import Path
 
 from app.metrics import CONTRACT, Metrics
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 _ROW = re.compile(r"^\| `(paligemma_\w+)` \| (\w+) \| ([^|]*) \|", re.M)
 
 

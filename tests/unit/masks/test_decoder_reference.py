@@ -17,7 +17,7 @@ from app.masks.placement import place_mask
 from app.tasks.parsing import decode_box
 
 ATOL = 1e-5
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "vae_reference.npz"
+FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "vae_reference.npz"
 
 
 def test_fixture_is_small_and_complete(reference: dict[str, np.ndarray]) -> None:

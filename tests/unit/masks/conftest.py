@@ -11,7 +11,7 @@ import pytest
 
 from app.masks.decoder import MaskDecoder
 
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "vae_reference.npz"
+FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "vae_reference.npz"
 REGENERATE = "JAX_PLATFORMS=cpu /tmp/jaxenv/bin/python scripts/make_vae_fixture.py (see its docstring)"
 
 

@@ -24,7 +24,7 @@ import yaml
 
 from tests.served import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("deploy_validate", ROOT / "deploy" / "validate.py")
 assert _spec and _spec.loader
 validate = importlib.util.module_from_spec(_spec)
