@@ -4,8 +4,9 @@
 #
 #   deploy/check.sh              tools + invariants (seconds): hadolint, shellcheck, promtool (config,
 #                                rules, alert unit tests), docker compose / podman-compose config,
-#                                kubernetes-validate --strict; then grace periods, probes, scraping, job
-#                                names, metric contract (deploy/validate.py)
+#                                kubernetes-validate --strict; then grace periods, probes, server
+#                                settings, scraping, job names, metric contract (deploy/validate.py, whose
+#                                checks live in deploy/checks/)
 #   deploy/check.sh --build      also build the CPU image with podman, rebuild it after a one-line code
 #                                change (the size of the new layer), and run it as Kubernetes would
 #                                (read-only root, no capabilities, an API key): readiness, caption, a bad
@@ -122,7 +123,7 @@ skip "the ServiceMonitor's schema: kubernetes-validate has no schema for the Pro
 
 section "2. The project's invariants"
 if "$PY" deploy/validate.py invariants; then
-    pass "grace periods cover drain + exit, probes on /healthz and /readyz, Prometheus scrapes the server as job paligemma-server, metric contract"
+    pass "grace periods cover drain + exit, probes on /healthz and /readyz, every PALIGEMMA_* value read by the server's settings, Prometheus scrapes the server as job paligemma-server, metric contract"
 else
     fail "deployment invariants (see above)"
 fi
