@@ -41,6 +41,7 @@ system-deps:
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy app client/paligemma_client
+	$(VENV)/bin/mypy --explicit-package-bases deploy/checks deploy/validate.py
 
 # The benchmark against the peers (benchmarks/RESULTS.md says what it measures; ~25 min on 2 cores).
 bench: install

@@ -4,13 +4,17 @@
 #
 #   deploy/check.sh              tools + invariants (seconds): hadolint, shellcheck, promtool (config,
 #                                rules, alert unit tests), docker compose / podman-compose config,
-#                                kubernetes-validate --strict; then grace periods, probes, scraping, job
-#                                names, metric contract (deploy/validate.py)
-#   deploy/check.sh --build      also build the CPU image with podman, rebuild it after a one-line code
-#                                change (the size of the new layer), and run it as Kubernetes would
-#                                (read-only root, no capabilities, an API key): readiness, caption, a bad
+#                                kubernetes-validate --strict; then grace periods, probes, server
+#                                settings, scraping, job names, metric contract (deploy/validate.py, whose
+#                                checks live in deploy/checks/)
+#   deploy/check.sh --build      also build the CPU image with podman (and without its render extra, for
+#                                the size it adds), rebuild it after a one-line code change (the size of
+#                                the new layer), and run it as Kubernetes would (read-only root, no
+#                                capabilities, an API key): readiness, caption, an annotated PNG, a bad
 #                                upload, /metrics, a real Prometheus running the dashboard's queries,
-#                                SIGTERM with 32 requests in flight (minutes)
+#                                SIGTERM with 32 requests in flight; then SIGTERM under overload (64
+#                                requests of 256 tokens on 2 rows, a 4 s drain): only 200s and 503
+#                                envelopes, exit 0 within the drain + 6 s (minutes)
 #   deploy/check.sh --compose    also bring compose.yaml up with podman-compose (docker/compose.local.yaml:
 #                                Prometheus built from Debian's package) and check Prometheus scrapes the
 #                                server (minutes)
@@ -21,7 +25,8 @@
 #   --no-cache         build the image from scratch (the cold-build time)
 #   --port N           port the container listens on (host network; default: a free one)
 #   --ready-timeout S  seconds to wait for /readyz (default 300)
-# The image (localhost/paligemma-server:cpu-check) is kept: it is the layer cache of the next build.
+#   --image NAME       the tag to build and run (default localhost/paligemma-server:cpu-check)
+# The image is kept: it is the layer cache of the next build.
 #
 # Missing system tools are installed with scripts/install-system-deps.sh when running as root; the
 # Python ones come with `make install` (.venv). Everything started here (containers, Compose project,
@@ -47,7 +52,8 @@ while [ $# -gt 0 ]; do
         --base-image) BASE_IMAGE=$2; shift ;;
         --port) PORT=$2; shift ;;
         --ready-timeout) READY_TIMEOUT=$2; shift ;;
-        -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+        --image) IMAGE=$2; shift ;;
+        -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
         *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -122,12 +128,14 @@ skip "the ServiceMonitor's schema: kubernetes-validate has no schema for the Pro
 
 section "2. The project's invariants"
 if "$PY" deploy/validate.py invariants; then
-    pass "grace periods cover drain + exit, probes on /healthz and /readyz, Prometheus scrapes the server as job paligemma-server, metric contract"
+    pass "grace periods cover drain + exit, probes on /healthz and /readyz, every PALIGEMMA_* value read by the server's settings, Prometheus scrapes the server as job paligemma-server, metric contract"
 else
     fail "deployment invariants (see above)"
 fi
 
 # ------------------------------------------------------------------------------------------------
+free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
 podman_works() { "${PODMAN[@]}" run --rm --network host "$1" true >/dev/null 2>&1; }
 
 resolve_base_image() {
@@ -160,7 +168,7 @@ wait_ready() {
 
 run_prometheus_smoke() {
     local prom_port config="$WORK/prom/prometheus.yml"
-    prom_port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    prom_port=$(free_port)
     mkdir -p "$WORK/prom"
     cp deploy/prometheus/*.yml "$WORK/prom/"
     # The real configuration, pointed at the container instead of Compose's service name, scraping
@@ -236,7 +244,23 @@ build_and_run() {
     size=$("${PODMAN[@]}" image inspect -f '{{.Size}}' "$IMAGE")
     pass "podman build VARIANT=cpu ${NO_CACHE[*]} in $((SECONDS - started)) s: $IMAGE, $((size / 1000000)) MB"
     echo "  layers (largest first):"
-    "${PODMAN[@]}" history --format '{{.Size}}	{{.CreatedBy}}' "$IMAGE" | sort -h -r | head -4 | cut -c1-120 | sed 's/^/    /'
+    "${PODMAN[@]}" history --format json "$IMAGE" | "$PY" -c 'import json, sys
+for layer in sorted(json.load(sys.stdin), key=lambda h: -h.get("size", 0))[:5]:
+    print("    %7.1f MB  %s" % (layer.get("size", 0) / 1e6, layer.get("CreatedBy", "")[:100]))'
+
+    # The same build without the optional extras (EXTRAS=""), from the cache: what the render extra costs.
+    started=$SECONDS
+    if "${PODMAN[@]}" build --format docker --network host "${TORCH_ARGS[@]}" -f docker/Dockerfile \
+            --build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg VARIANT=cpu --build-arg EXTRAS= -t "$IMAGE-noextras" . \
+            >"$WORK/build-noextras.log" 2>&1; then
+        local lean
+        lean=$("${PODMAN[@]}" image inspect -f '{{.Size}}' "$IMAGE-noextras")
+        pass "EXTRAS=render (the default) adds $(((size - lean) / 1000000)) MB: $((size / 1000000)) MB with it, $((lean / 1000000)) MB with EXTRAS=\"\" (built in $((SECONDS - started)) s)"
+        "${PODMAN[@]}" rmi "$IMAGE-noextras" >/dev/null 2>&1 || true
+    else
+        tail -20 "$WORK/build-noextras.log" >&2
+        fail "podman build EXTRAS=\"\""
+    fi
 
     # A one-line code change: the same build from a copy of the context with one line added to the code.
     local context="$WORK/context"
@@ -285,7 +309,7 @@ build_and_run() {
         fail "PALIGEMMA_DEVICE=cuda without a GPU exited $code without the reason"
     fi
 
-    [ -n "$PORT" ] || PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    [ -n "$PORT" ] || PORT=$(free_port)
     CONTAINER=paligemma-check-$$
     # Read-only root, no capabilities, no privilege escalation: what deploy/kubernetes asks for. An API
     # key is set so that the probes and the scrape are shown to work without one, as they must.
@@ -321,6 +345,23 @@ build_and_run() {
     else
         fail "POST /v1/caption -> $code $(head -c 300 "$WORK/caption.json" 2>/dev/null)"
     fi
+    # Annotated PNGs: the render extra is in the image and draws there (slim base, read-only root).
+    code=$(curl -s -o "$WORK/annotated.png" -w '%{http_code}' "${AUTH[@]}" -H 'Accept: image/png' \
+        -F image=@"$WORK/test.png" -F objects=cat "http://127.0.0.1:$PORT/v1/detect" || true)
+    local png_size
+    png_size=$("$PY" deploy/validate.py png-size "$WORK/annotated.png" 2>/dev/null || true)
+    if [ "$code" = 200 ] && [ "$png_size" = 64x48 ]; then
+        pass "POST /v1/detect with Accept: image/png -> 200, a $png_size PNG (the upload's size)"
+    else
+        fail "POST /v1/detect with Accept: image/png -> $code ($png_size) $(head -c 200 "$WORK/annotated.png" 2>/dev/null)"
+    fi
+    if out=$("${PODMAN[@]}" exec -i "$CONTAINER" python - <deploy/checks/render_probe.py 2>&1); then
+        pass "supervision draws in the container: $out"
+    else
+        echo "$out" | tail -5 >&2
+        fail "drawing a box, label and mask in the container (deploy/checks/render_probe.py)"
+    fi
+
     printf 'not an image' >"$WORK/bad.txt"
     code=$(curl -s -o /dev/null -w '%{http_code}' "${AUTH[@]}" -F image=@"$WORK/bad.txt" "http://127.0.0.1:$PORT/v1/caption" || true)
     if [[ "$code" == 4* ]] && [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/readyz")" = 200 ]; then
@@ -376,6 +417,71 @@ build_and_run() {
         fail "podman stop (SIGTERM) -> exit code $exit_code"
     fi
     "${PODMAN[@]}" rm -f -v "$CONTAINER" >/dev/null 2>&1 && CONTAINER=""
+
+    overload_shutdown
+}
+
+# SIGTERM under overload: 64 requests of 256 tokens on 2 rows (the tiny model on the CPU: about 1 s each,
+# so ~32 s of work) and a 4 s drain. Every client must get a 200 or a 503 whose body is the JSON envelope
+# (type shutting_down): no plain-text 500, no dropped connection; and the container must exit 0 within
+# the drain + 6 s (deploy/checks/live.py).
+overload_shutdown() {
+    local drain=4 requests=64 dir="$WORK/overload" key=check-key-$$ port
+    port=$(free_port)
+    CONTAINER=paligemma-overload-$$
+    if ! "${PODMAN[@]}" run -d --name "$CONTAINER" --network host --read-only --cap-drop ALL \
+            --security-opt no-new-privileges -e PALIGEMMA_HOST=127.0.0.1 -e PALIGEMMA_PORT="$port" \
+            -e PALIGEMMA_API_KEYS="$key" -e PALIGEMMA_DRAIN_TIMEOUT_S=$drain -e PALIGEMMA_MAX_BATCH_SIZE=2 \
+            "$IMAGE" >"$WORK/overload.log" 2>&1; then
+        cat "$WORK/overload.log" >&2
+        fail "podman run (overload)"
+        return
+    fi
+    PORT=$port
+    if ! wait_ready; then
+        "${PODMAN[@]}" logs --tail 20 "$CONTAINER" >&2 || true
+        fail "the overload container never became ready"
+        return
+    fi
+    mkdir -p "$dir"
+    local pids=() i
+    for i in $(seq "$requests"); do
+        (
+            rc=0
+            status=$(curl -s -o "$dir/$i.body" -w '%{http_code}' -H "Authorization: Bearer $key" \
+                -F image=@"$WORK/test.png" -F max_new_tokens=256 "http://127.0.0.1:$port/v1/caption") || rc=$?
+            echo "$status $rc" >"$dir/$i.status"
+        ) &
+        pids+=($!)
+    done
+    # SIGTERM once every request is admitted: in the engine (queued or running) or already answered.
+    local admitted=0 deadline=$((SECONDS + 30))
+    while [ $SECONDS -lt $deadline ]; do
+        admitted=$(curl -s "http://127.0.0.1:$port/metrics" \
+            | awk -v done="$(find "$dir" -name '*.status' | wc -l)" \
+                '/^paligemma_(queue_depth|running_requests) / {n += $2} END {print n + done}')
+        admitted=${admitted%.*}
+        [ "${admitted:-0}" -ge "$requests" ] && break
+        sleep 0.2
+    done
+    local t0 t1 exit_code before
+    before=$(find "$dir" -name '*.status' | wc -l)
+    t0=$EPOCHREALTIME
+    "${PODMAN[@]}" kill --signal TERM "$CONTAINER" >/dev/null
+    # -1: still running a minute after the drain deadline (the cleanup kills it).
+    exit_code=$(timeout $((drain + 60)) "${PODMAN[@]}" wait "$CONTAINER") || exit_code=-1
+    t1=$EPOCHREALTIME
+    wait "${pids[@]}" || true
+    local exit_s summary
+    exit_s=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.1f", b - a}')
+    if summary=$("$PY" deploy/validate.py drain-outcome "$dir" "$requests" "$exit_code" "$exit_s" "$drain" 2>&1); then
+        pass "SIGTERM with $requests requests of 256 tokens in flight (${admitted:-0} admitted, $before of them answered before SIGTERM; 2 rows, PALIGEMMA_DRAIN_TIMEOUT_S=$drain): $(head -1 <<<"$summary")"
+    else
+        echo "$summary" >&2
+        "${PODMAN[@]}" logs --tail 20 "$CONTAINER" >&2 || true
+        fail "SIGTERM under overload: $(head -1 <<<"$summary")"
+    fi
+    "${PODMAN[@]}" rm -f -v "$CONTAINER" >/dev/null 2>&1 && CONTAINER=""
 }
 
 # Compose as a user runs it where no registry is reachable: podman-compose with docker/compose.local.yaml
@@ -387,8 +493,8 @@ compose_up() {
     ensure_tools podman-compose 2>/dev/null || true
     local compose prom_port server_port
     compose=$(PATH=".venv/bin:$PATH" command -v podman-compose) || { fail "podman-compose missing: make install"; return; }
-    server_port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-    prom_port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    server_port=$(free_port)
+    prom_port=$(free_port)
     mkdir -p "$WORK/compose-prometheus"
     cp deploy/prometheus/*.yml "$WORK/compose-prometheus/"
     sed -i -e "s/paligemma:8000/127.0.0.1:$server_port/" -e 's/scrape_interval: 15s/scrape_interval: 2s/' \

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the system tools that tests/test_deploy.py, deploy/check.sh and the browser tests need, from
+# Installs the system tools that tests/deployment/, deploy/check.sh and the browser tests need, from
 # Debian's packages. Idempotent: a tool already on PATH is left alone, and nothing runs apt when all are there.
 #
 #   scripts/install-system-deps.sh               kubectl (kustomize rendering), promtool, chromium(-driver),

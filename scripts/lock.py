@@ -11,6 +11,7 @@ what it needs and each image layer changes only with its own file:
     torch-cpu.lock      torch's CPU build (PyTorch's CPU index, or a wheel folder pip is told about)
     torch-cu130.lock    PyPI's build of the same torch release (CUDA 13.0) and the CUDA libraries
     base.lock           everything else the server imports (the image's second layer)
+    render.lock         the `render` extra (annotated PNGs) over base.lock: the image's EXTRAS=render layer
     dev.lock            the optional extras (tests, linters, deployment checkers) and the build backend
 
 Every file lists, in its header, the requirements it was made from; `check` compares that list with
@@ -46,7 +47,7 @@ PYTORCH_CPU_WHEELS = "https://download.pytorch.org/whl/cpu/torch/"
 UV_VERSION = "0.13.8"
 PYTHON_VERSION = "3.11"
 PLATFORM = "x86_64-manylinux_2_28"
-FILES = ("torch-cpu.lock", f"torch-{CUDA_LINE}.lock", "base.lock", "dev.lock")
+FILES = ("torch-cpu.lock", f"torch-{CUDA_LINE}.lock", "base.lock", "render.lock", "dev.lock")
 HINT = "Run `make lock` and commit requirements/ (it needs PyPI; it takes seconds)."
 
 
@@ -136,6 +137,11 @@ def pins(blocks: dict[str, str]) -> list[str]:
     return [block.split(" ", 1)[0].strip() for block in blocks.values()]
 
 
+def constraints(blocks: dict[str, str]) -> list[str]:
+    """`pins` without extras (`urllib3[socks]==2` -> `urllib3==2`): constraints cannot carry them."""
+    return [re.sub(r"\[[^\]]*\]", "", pin) for pin in pins(blocks)]
+
+
 def compile_requirements(uv: str, requirements: list[str], constraints: list[str], extra: list[str],
                          workdir: Path, label: str) -> dict[str, str]:
     req_file, con_file = workdir / f"{label}.in", workdir / f"{label}.constraints"
@@ -182,6 +188,7 @@ def lock() -> None:
     data = tomllib.loads(PYPROJECT.read_text())
     project = data["project"].get("dependencies", [])
     extras = [r for reqs in data["project"].get("optional-dependencies", {}).values() for r in reqs]
+    render_extra = data["project"].get("optional-dependencies", {}).get("render", [])
     build = data.get("build-system", {}).get("requires", [])
     version = torch_version()
     source_inputs = inputs()
@@ -193,6 +200,9 @@ def lock() -> None:
         gpu = compile_requirements(uv, [*project, f"torch=={version}"], shared, [], work, "runtime-gpu")
         dev = compile_requirements(uv, [*project, *extras, *build, f"torch=={version}+cpu"], pins(cpu),
                                    cpu_torch_source(version), work, "dev")
+        # The same versions as dev.lock, so `make install` and an image with EXTRAS=render agree.
+        render = compile_requirements(uv, [*project, *render_extra, f"torch=={version}+cpu"],
+                                      constraints(dev), cpu_torch_source(version), work, "render")
     base = {k: v for k, v in cpu.items() if k in gpu and v.split(" ", 1)[0] == gpu[k].split(" ", 1)[0]
             and k != "torch"}
     runtime = [k for k in gpu if k.startswith("nvidia-cuda-runtime")]
@@ -205,6 +215,10 @@ def lock() -> None:
         raise SystemExit(f"PyPI's torch=={version} is built for {line}, not {CUDA_LINE}: update CUDA_LINE in "
                          "scripts/lock.py, the Dockerfile's TORCH_CUDA default and the driver notes")
     driver = DRIVER_FOR_CUDA.get(cuda.group(1), "see NVIDIA's CUDA compatibility table")
+    render_only = {k: v for k, v in render.items() if k not in cpu}
+    if set(render_only) & set(gpu):
+        raise SystemExit(f"the render extra needs {sorted(set(render_only) & set(gpu))}, which the CUDA "
+                         "torch pins too: render.lock could not go over both torch builds")
     write("torch-cpu.lock", f"torch {version}, CPU build. Installed with base.lock.", source_inputs,
           {k: v for k, v in cpu.items() if k not in base})
     write(f"torch-{CUDA_LINE}.lock",
@@ -212,6 +226,8 @@ def lock() -> None:
           f"{driver}. Installed with base.lock.", source_inputs,
           {k: v for k, v in gpu.items() if k not in base})
     write("base.lock", "Everything the server needs except torch (torch-*.lock).", source_inputs, base)
+    write("render.lock", "The `render` extra (annotated PNGs), over base.lock: the image's EXTRAS=render.",
+          source_inputs, render_only)
     write("dev.lock", "The optional extras and the build backend, for `make install` (over base.lock).",
           source_inputs, {k: v for k, v in dev.items() if k not in cpu})
 

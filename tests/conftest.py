@@ -16,7 +16,7 @@ LAYERS = {
     "unit": "pure units and fakes: no model weights, no served process",
     "model": "a real (tiny) PaliGemma in this process: the engine, the app through its ASGI client",
     "e2e": "served processes (python -m app), real clients, Prometheus, curl, a browser",
-    "deploy": "the deployment files, checked by their tools",
+    "deployment": "the deployment files, checked by their tools",
 }
 
 

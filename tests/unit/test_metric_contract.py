@@ -1,6 +1,6 @@
 """The metric contract (app/metrics.CONTRACT) is what the server exports and what the README documents,
-in both directions; deploy/validate.py holds the dashboard, alerts and autoscaler to the same contract
-(tests/test_deploy.py)."""
+in both directions; deploy/checks/ holds the dashboard, alerts and autoscaler to the same contract
+(tests/deployment/)."""
 
 from __future__ import annotations
 
