@@ -4,10 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+SERVE_STAMP := $(VENV)/.installed-serve
+LOCK_INPUTS := pyproject.toml client/pyproject.toml requirements/torch.in $(wildcard requirements/*.lock)
 
 .PHONY: serve test test-fast install lock system-deps lint bench clean
 
-serve: install
+serve: $(SERVE_STAMP)
 	$(PY) -m app
 
 test: install system-deps
@@ -22,10 +24,17 @@ install: $(STAMP)
 # The locked set (requirements/*.lock, hash-checked): torch's CPU build, or its CUDA build where
 # nvidia-smi exists, then everything else, then the project itself (editable). It stops, naming the
 # differences, when pyproject.toml has changed since the locks were made: run `make lock` then.
-$(STAMP): pyproject.toml client/pyproject.toml requirements/torch.in $(wildcard requirements/*.lock)
+$(STAMP): $(LOCK_INPUTS)
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) scripts/lock.py install
 	touch $(STAMP)
+
+# What serving needs only (torch, the server, annotated PNGs): no test or lint tools. Seconds when the
+# full set is already installed.
+$(SERVE_STAMP): $(LOCK_INPUTS)
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) scripts/lock.py install --no-dev
+	touch $(SERVE_STAMP)
 
 # Regenerate requirements/*.lock from pyproject.toml and requirements/torch.in: after adding, removing or
 # bumping a dependency, and after merging branches that did. Needs PyPI; takes seconds.

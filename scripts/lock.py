@@ -254,14 +254,15 @@ def install(torch: str, dev: bool) -> None:
               f"{platform.machine()}: installing unlocked from pyproject.toml", file=sys.stderr)
         version = torch_version()
         pip("install", "-q", f"torch=={version}")
-        pip("install", "-q", "-e", ".[dev]" if dev else ".")
+        pip("install", "-q", "-e", ".[dev]" if dev else ".[render]")
         return
     problems = stale_report()
     if problems:
         print("\n".join(["lock.py: pyproject.toml and requirements/*.lock disagree:", *problems, HINT]),
               file=sys.stderr)
         raise SystemExit(1)
-    files = [f"torch-{torch}.lock", "base.lock", *(["dev.lock"] if dev else [])]
+    # Serving: torch, the server and its annotated PNGs; the dev set holds the test and lint tools too.
+    files = [f"torch-{torch}.lock", "base.lock", "dev.lock" if dev else "render.lock"]
     pip("install", "-q", "--no-deps", "--require-hashes",
         *(arg for name in files for arg in ("-r", str(REQUIREMENTS / name))))
     pip("check")
@@ -282,7 +283,8 @@ def main(argv: list[str]) -> int:
     inst = sub.add_parser("install", help="install the locked set into this interpreter")
     inst.add_argument("--torch", choices=["auto", "cpu", CUDA_LINE], default="auto",
                       help="which torch build (auto: the CUDA one when nvidia-smi exists)")
-    inst.add_argument("--no-dev", dest="dev", action="store_false", help="leave out dev.lock")
+    inst.add_argument("--no-dev", dest="dev", action="store_false",
+                      help="what serving needs only: torch, base.lock and render.lock (no dev.lock)")
     args = parser.parse_args(argv)
     if args.command == "lock":
         lock()

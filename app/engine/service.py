@@ -121,7 +121,7 @@ class InferenceService:
                                for job in _WARM_UP_JOBS))
         if self.mask_decoder is not None:
             await asyncio.to_thread(self._warm_masks)
-        logger.info("warm-up: every task path ran in %.1f s", time.perf_counter() - started)
+        logger.info("warm-up: every task path ran in %.2f s", time.perf_counter() - started)
 
     def _warm_masks(self) -> None:
         assert self.mask_decoder is not None
