@@ -57,7 +57,7 @@ async def models(request: Request, service: ServiceDep) -> ModelList:
         masks=service.masks_enabled,
         mask_decoder=MaskDecoderInfo(path=str(decoder.path), sha256=decoder.sha256,
                                      matches_published=decoder.matches_published) if decoder else None,
-        max_batch_size=service.settings.max_batch_size,
+        max_batch_size=service.engine.scheduler.rows,
         max_prompt_tokens=service.settings.max_prompt_tokens,
         decode_graphs=service.decode_graphs,
         max_new_tokens=service.settings.max_new_tokens,

@@ -32,6 +32,9 @@ class StepRunner(Protocol):
 
     feature_cache_hits: int  # a running count, read after each prefill
 
+    @property
+    def rows(self) -> int: ...  # rows of its KV cache: the most requests that can run together
+
     def prefill(self, seqs: list[Sequence]) -> list[int]: ...
     def decode(self, seqs: list[Sequence], width: int) -> list[int]: ...
     def decode_alone(self, seq: Sequence) -> int: ...

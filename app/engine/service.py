@@ -76,7 +76,7 @@ class InferenceService:
         self.engine = Engine(
             self.runner,
             OutputFinisher(self.encoder, mask_decoder.decoder if mask_decoder else None),
-            rows=settings.max_batch_size,
+            rows=self.runner.rows,  # what fits: the runner sizes its cache to the memory it finds
             stop_tokens=frozenset(loaded.eos_token_ids),
             config=EngineConfig(settings.max_queue, settings.prefill_tokens),
             observer=observer,

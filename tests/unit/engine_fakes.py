@@ -34,6 +34,7 @@ class FakeRunner:
     """Implements `app.engine.loop.StepRunner`."""
 
     feature_cache_hits: int = 0
+    rows: int = 64  # the tests size the engine themselves
     prefills: list[list[int]] = field(default_factory=list)  # request ids per prefill
     decodes: list[tuple[list[int], int]] = field(default_factory=list)  # (request ids, width) per decode
     alone: list[int] = field(default_factory=list)
