@@ -78,7 +78,8 @@ class ModelStepRunner:
             rows = rows_that_fit(self.shape, loaded.dtype, free)
             if rows < self.shape.rows:
                 logger.warning("a KV cache of %d rows would take %.1f GiB of the %.1f GiB free: using %d "
-                               "rows (lower PALIGEMMA_MAX_NEW_TOKENS or PALIGEMMA_MAX_PROMPT_TOKENS for more)",
+                               "rows (lower PALIGEMMA_MAX_NEW_TOKENS or PALIGEMMA_MAX_PROMPT_TOKENS for "
+                               "more)",
                                self.shape.rows, self.shape.bytes(loaded.dtype) / 2**30, free / 2**30, rows)
                 self.shape = dataclasses.replace(self.shape, rows=rows)
         logger.info("KV cache: %d rows of %d positions, %.2f GiB", self.shape.rows, self.shape.length,
