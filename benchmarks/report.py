@@ -58,10 +58,17 @@ def _other(row: dict[str, Any]) -> float:
     return float(row.get("cpu", {}).get("other_cores", 0.0))
 
 
+def _ceiling_runs(results: dict[str, Any]) -> list[tuple[str, str]]:
+    """(key, label) of every ceiling measurement of the results: before and after the servers, and any
+    added by measuring again (run.py --merge-into)."""
+    runs = [("ceiling", "before the servers"), ("ceiling_again", "again after them")]
+    return runs + [(key, label) for key, label in results["meta"].get("ceiling_runs", [])]
+
+
 def _ceiling_rows(results: dict[str, Any], concurrency: int, mode: str) -> list[dict[str, Any]]:
-    """The ceiling measurements used, of the runs before and after the servers: all those during which
-    other processes took at most QUIET_CORES (averaged), else the one where they took the least."""
-    rows = [row for key in ("ceiling", "ceiling_again") for row in (results.get(key) or {}).get("results", [])
+    """The ceiling measurements used, of all runs: all those during which other processes took at most
+    QUIET_CORES (averaged), else the one where they took the least."""
+    rows = [row for key, _ in _ceiling_runs(results) for row in (results.get(key) or {}).get("results", [])
             if row["concurrency"] == concurrency and row["mode"] == mode]
     quiet = [row for row in rows if _other(row) <= QUIET_CORES]
     return quiet or ([min(rows, key=_other)] if rows else [])
@@ -170,6 +177,10 @@ def render_run(results: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v}" for k, v in meta["machine"]["versions"].items()),
         f"- Code: commit {meta['machine']['commit']}"
         + (" with uncommitted changes under app/" if meta["machine"]["app_dirty"] else ""),
+        *(f"- Measured again on {again['date']} (`{again['command']}`, commit {again['commit']}"
+          + (" with uncommitted changes under app/" if again["app_dirty"] else "")
+          + f"): {', '.join(again['systems'])}; their tables below are from that run (other processes "
+          "took CPU during their first windows)." for again in meta.get("remeasured", [])),
         f"- Model: preset `{config['model']}` (seed {config['seed']}, {meta['parameters']}), float32 on the "
         "CPU, the same weights in every system. Ours: the step engine with "
         f"{config['rows']} KV-cache rows (PALIGEMMA_MAX_BATCH_SIZE"
@@ -212,14 +223,15 @@ def _ceiling_table(results: dict[str, Any]) -> list[str]:
              f"prepared beforehand by the server's own functions. Window {_ceiling_window(results)}. "
              "`server path`: the server's feature cache, as `ours` runs; `no cache`: feature cache size 0, "
              "as `ours_nocache` runs. Step times and rows come from the engine's own observer hooks (what "
-             "feeds /metrics); `engine busy` is the share of the window spent inside model steps. Each "
-             "mode and N was measured before and after the servers; the comparisons use the mean of the "
+             "feeds /metrics); `engine busy` is the share of the window spent inside model steps (steps "
+             "that began in the warm-up count too, so it can pass 100 %). Each mode and N was measured "
+             "before and after the servers (and again where said); the comparisons use the mean of the "
              f"measurements during which other processes took at most {QUIET_CORES} cores (**used**), or "
              "else the quietest one.", "",
              "| run | mode | in flight | req/s | tokens/s | p50 ms | decode steps | mean decode rows | "
              "decode step ms (median) | prefill steps (mean rows) | prefill step ms (median) | engine busy | "
              "other cores |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for tag, key in (("before the servers", "ceiling"), ("again after them", "ceiling_again")):
+    for key, tag in _ceiling_runs(results):
         for row in (results.get(key) or {}).get("results", []):
             used = any(row is r for r in _ceiling_rows(results, row["concurrency"], row["mode"]))
             d, p = row["decode"], row["prefill"]
@@ -240,7 +252,8 @@ def _ceiling_window(results: dict[str, Any]) -> str:
 
 
 def _system_lines(name: str, entry: dict[str, Any]) -> list[str]:
-    lines = [f"### {entry['title']}", ""]
+    again = f" (measured again, {entry['measured']})" if "measured" in entry else ""
+    lines = [f"### {entry['title']}{again}", ""]
     if entry.get("error"):
         lines += [f"Failed: {entry['error']}", ""]
     if not entry.get("levels"):

@@ -85,7 +85,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "or RESULTS-partial.md)")
     parser.add_argument("--section", default="run", help="the file's section to rewrite (default run): "
                         "give a partial run its own section instead of replacing the full run's")
+    parser.add_argument("--merge-into", type=Path, metavar="RUN_JSON",
+                        help="an earlier run's raw benchmarks/out/run-*.json: measure --systems again "
+                        "(at its concurrencies and windows unless told) and report that run with these "
+                        "systems replaced, saying which were measured when (for systems whose windows "
+                        "other processes disturbed)")
     args = parser.parse_args(argv)
+    base = json.loads(args.merge_into.read_text())["meta"] if args.merge_into else None
+    if base:
+        args.concurrency = args.concurrency or ",".join(map(str, base["concurrency"]))
+        args.duration = args.duration or base["duration_s"]
+        args.warmup = args.warmup if args.warmup is not None else base["warmup_s"]
+        args.ceiling_duration = args.ceiling_duration or base["ceiling_duration_s"]
+        if args.ceiling_warmup is None:
+            args.ceiling_warmup = base["ceiling_warmup_s"]
     systems = args.systems or ",".join(s for s in ALL_SYSTEMS if not (args.quick and s == "ours_nocache"))
     args.systems = [s.strip() for s in systems.split(",") if s.strip()]
     unknown = set(args.systems) - set(ALL_SYSTEMS)
@@ -103,6 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.retries = 0 if args.quick else 1
     if args.ceiling_again is None:
         args.ceiling_again = not args.quick
+    if args.results is None and base:
+        args.results = OUT / "RESULTS-quick.md" if base["quick"] else ROOT / "RESULTS.md"
     if args.results is None:
         # Only a complete full run replaces the published results; partial or quick runs (a subset of
         # systems or concurrencies, shorter windows) report next to their raw JSON instead.
@@ -313,18 +328,46 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parameters = results["systems"]["ours"]["models"]["data"][0]["parameters"]
         results["meta"]["parameters"] = f"{parameters / 1e6:.1f} M parameters"
     results["meta"]["wall_s"] = time.perf_counter() - started
-    results["summary"] = report.summarise(results)
-
     samples = {name: {str(level["concurrency"]): level.pop("samples") for level in entry["levels"]}
                for name, entry in results["systems"].items()}
-    (OUT / f"run-{stamp}.json").write_text(json.dumps(results, indent=2))
+    results["summary"] = report.summarise(results)
+    raw = OUT / f"run-{stamp}.json"
+    raw.write_text(json.dumps(results, indent=2))
     (OUT / f"samples-{stamp}.json").write_text(json.dumps(samples))
+    if args.merge_into:  # this run's own measurements stay in its raw file; the report is of the merge
+        results = merge(json.loads(args.merge_into.read_text()), results)
+        results["summary"] = report.summarise(results)
+        raw = OUT / f"run-{stamp}-merged.json"
+        raw.write_text(json.dumps(results, indent=2))
     markdown = report.render_run(results)
     report.update_section(args.results, args.section, markdown)
     print("\n" + markdown)
-    print(f"\nraw results: {OUT / f'run-{stamp}.json'}; report: {args.results}; "
+    print(f"\nraw results: {raw}; report: {args.results}; "
           f"wall time {results['meta']['wall_s'] / 60:.1f} min")
     return results
+
+
+def merge(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """`base` with the systems of `new` in place of its own, and `new`'s ceiling measurements added to
+    its own; meta says which were measured again, when and by which command."""
+    merged = {**base, "systems": dict(base["systems"]), "meta": dict(base["meta"])}
+    for name, entry in new["systems"].items():
+        merged["systems"][name] = {**entry, "measured": new["meta"]["date"]}
+    measured = list(new["systems"])
+    # Ceiling measurements are added, not replaced: the report averages every quiet one of them.
+    runs = list(base["meta"].get("ceiling_runs", []))
+    for key, when in (("ceiling", "measured again"), ("ceiling_again", "measured again, after the servers")):
+        if new.get(key):
+            name = f"{key}_{len(base['meta'].get('remeasured', [])) + 1}"
+            merged[name] = new[key]
+            runs.append([name, f"{when} ({new['meta']['date']})"])
+    if new.get("ceiling"):
+        measured.insert(0, "ceiling")
+    merged["meta"]["ceiling_runs"] = runs
+    merged["meta"]["remeasured"] = [*base["meta"].get("remeasured", []), {
+        "date": new["meta"]["date"], "command": new["meta"]["command"], "systems": measured,
+        "commit": new["meta"]["machine"]["commit"], "app_dirty": new["meta"]["machine"]["app_dirty"]}]
+    return merged
 
 
 if __name__ == "__main__":

@@ -65,3 +65,19 @@ def test_mixed_lengths_cycle_through_every_length_and_the_bodies_ask_for_them():
     assert [r.max_new_tokens for r in mix[:4]] == [8, 64, 8, 64]
     for request in mix[:2]:
         assert f'name="max_new_tokens"\r\n\r\n{request.max_new_tokens}\r\n'.encode() in request.body
+
+
+def test_a_system_measured_again_replaces_its_tables_and_the_report_says_when():
+    from benchmarks.run import merge
+
+    base = _results({1: 3.0, 4: 2.0}, {1: 3.5, 4: 4.0}, p50_at_1=280.0)
+    base["meta"].update(date="day 1", command="python -m benchmarks.run")
+    again = _results({1: 3.1, 4: 3.9}, {}, p50_at_1=270.0)
+    again["ceiling"] = None
+    again["meta"].update(date="day 2", command="python -m benchmarks.run --systems ours",
+                         machine={"commit": "abc1234", "app_dirty": False})
+    merged = merge(base, again)
+    assert merged["systems"]["ours"]["measured"] == "day 2"
+    assert merged["ceiling"] == base["ceiling"] and not merged["meta"]["ceiling_runs"]
+    assert merged["meta"]["remeasured"][0]["systems"] == ["ours"]
+    assert report.summarise(merged)["efficiency"]["ours"][1]["met"] is True  # 3.9 / 4.0
