@@ -1,240 +1,344 @@
-"""PaliGemma-3B (224 px) on one GPU: in-process throughput, served throughput, and the physical limits.
+r"""PaliGemma-3B (224 px) on one GPU: the step engine's ceiling, the served server, and the physical limits.
 
-    python -m benchmarks.gpu              # one H100: about 4-5 min, must stay under 8
-    python -m benchmarks.gpu --dry-run    # the same code on the CPU with the `tiny` preset, in ~1 min
+    python -m benchmarks.gpu              # one H100 or H200: about 6 min, stops starting stages at 8
+    python -m benchmarks.gpu --dry-run    # the same code on the CPU with the `tiny` preset, about 1 min
 
-1. Builds the `paligemma-3b-224` preset (the exact PaliGemma-3B architecture, random weights) in
-   bfloat16 on CUDA through `app.model.loader.load_model`.
-2. In-process: batches of 1, 8 and 32 prepared requests (every one max_new_tokens 32; random weights
-   never emit <eos>, so every row generates 32 tokens) through `ModelRunner.generate`: requests/s and
-   tokens/s; plus one batch at max_new_tokens 1 per size, to split a batch into prefill and decode steps.
-3. Starts our server on the same preset (PALIGEMMA_MAX_BATCH_SIZE 32) and measures served requests/s at
-   1, 8 and 32 in flight with the benchmark's mixed workload (all at max_new_tokens 32).
-4. Prints these next to the physical limits: a decode step must read every weight the language model
-   uses (bytes computed from the model's parameters) plus the KV cache, at the H100's 3.35 TB/s; a
-   prefill needs about 2 x parameters x tokens FLOPs, at ~990 dense bf16 TFLOP/s.
+On a lent GPU machine of this workplace (the device tool: Python 3.12, torch with CUDA, transformers
+5.17, no FastAPI stack, no network), first run here `bash benchmarks/gpu_wheels.sh` (the server's
+dependencies that image lacks, as wheels in the git-ignored .whl/, at the lock's versions), then make
+one call of the device tool's `run`:
+
+    kind: nvidia-h100-x1 (or nvidia-h200), timeout_s: 600, carry: [".whl"], command:
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; \
+        PYTHONUNBUFFERED=1 python3 -m benchmarks.gpu
+
+With OUT set (the device tool sets it), gpu.json, gpu.md and the servers' logs are also written there.
+
+For the `paligemma-3b-224` preset (the exact PaliGemma-3B architecture, random weights) in bfloat16;
+every request generates 32 tokens unless said otherwise (random weights never emit <eos>):
+1. In-process ceiling: the server's engine loop, scheduler and runner (`benchmarks.ceiling.EngineDriver`)
+   over 32 KV-cache rows, its decode steps captured as CUDA graphs as the server's warm-up captures them
+   (timed), N = 1, 8, 32 requests always in flight: req/s, tokens/s, step times by phase and rows.
+2. Decode step at 1 and 32 rows, by the engine's own step timer during (1) and as the captured graph
+   replayed alone (CUDA events), next to the bandwidth floor: the bytes a step must read (the language
+   model's weights, a tied head once, plus every row's live KV cache) over the GPU's memory bandwidth
+   (H100 SXM 3.35 TB/s or H200 4.8 TB/s, from torch.cuda.get_device_name()).
+3. Served: `python -m app` on the same preset and its default rows, at 1, 8, 32 and 64 in flight, with
+   decode-step rows and times from its /metrics and the graph-capture time from its log.
+4. Mixed lengths, same server, 64 in flight: max_new_tokens cycling over 8, 16, ..., 64; the p50 of the
+   8-token and of the 64-token requests reported apart.
+5. The tutorial server (`benchmarks/peers/tutorial.py`, one `generate` per request) on the same GPU.
+The issue's targets are checked at the end. Each stage's results are written as soon as it ends, and a
+stage is not started once the time budget (--budget-s) would be passed, so a run cut short keeps what
+it measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import gc
 import json
+import os
+import re
+import statistics
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks import procs, report
-from benchmarks.ceiling import measure, prepare
-from benchmarks.loadgen import run_load
-from benchmarks.workload import TASKS, build_mix
+from benchmarks import gpu_report, procs
+from benchmarks.run import measure_level
+from benchmarks.systems import SERVER_ROWS, SYSTEMS, Config
+from benchmarks.workload import TASKS, build_mix, skimage_available, spread_new_tokens
 
 ROOT = Path(__file__).resolve().parent
-H100_BANDWIDTH = 3.35e12  # bytes/s, H100 SXM HBM3
-H100_BF16_FLOPS = 990e12  # dense bf16 tensor-core FLOP/s, H100 SXM
 NEW_TOKENS = 32
+STARTUP_S = 60.0  # what a server start is budgeted at (the 3B preset: build, graph capture, warm-up)
+MIXED_LENGTHS = (8, 16, 24, 32, 40, 48, 56, 64)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclass(frozen=True)
 class Plan:
     preset: str
     device: str
-    batch_sizes: tuple[int, ...]
-    inproc_s: float
+    rows: int  # KV-cache rows, in-process and served: the server's default
+    ceiling: tuple[int, ...]  # requests in flight in-process
+    served: tuple[int, ...]  # requests in flight against the server
+    mixed: int  # requests in flight for the mixed-length workload
+    tutorial: tuple[int, ...]
+    ceiling_warmup_s: float
+    ceiling_s: float
     warmup_s: float
     window_s: float
+    mixed_warmup_s: float
+    mixed_s: float
+    tutorial_warmup_s: float
+    tutorial_s: float
     variants: int
 
 
-FULL = Plan("paligemma-3b-224", "cuda", (1, 8, 32), 12.0, 8.0, 20.0, 4)
-DRY = Plan("tiny", "cpu", (1, 2, 4), 2.0, 1.0, 3.0, 1)
+FULL = Plan("paligemma-3b-224", "cuda", SERVER_ROWS, (1, 8, 32), (1, 8, 32, 64), 64, (1, 8),
+            5.0, 15.0, 5.0, 15.0, 10.0, 30.0, 3.0, 10.0, 4)
+DRY = Plan("tiny", "cpu", SERVER_ROWS, (1, 2, 4), (1, 2, 4, 8), 8, (1, 2),
+           1.0, 2.0, 1.0, 2.0, 1.0, 3.0, 1.0, 3.0, 1)
 
 
-def physical_limits(loaded, prompt_tokens: int) -> dict[str, Any]:
-    """Bytes a decode step must read and FLOPs a prefill must do, from the model's own parameters."""
-    model = loaded.model
-    inner = model.model
+class Budget:
+    """Wall time since the start; a stage is skipped when it would end past the budget."""
 
-    def size(module) -> tuple[int, int]:
-        params = list(module.parameters())
-        return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.started = time.perf_counter()
 
-    total_params, total_bytes = size(model)  # parameters() yields a tied head's weight once
-    vision_params, vision_bytes = size(inner.vision_tower)
-    projector_params, projector_bytes = size(inner.multi_modal_projector)
-    text = inner.language_model
-    embed_params = text.embed_tokens.weight.numel()
-    tied = model.lm_head.weight is text.embed_tokens.weight
-    # A decode step runs the language model on one token per row and the output head over the whole
-    # vocabulary: it reads every language-model weight except the unused rows of the embedding table,
-    # plus the head (the same matrix when tied, so read once, as the head).
-    lm_params, lm_bytes = size(text)
-    head_bytes = model.lm_head.weight.numel() * model.lm_head.weight.element_size()
-    embed_bytes = embed_params * text.embed_tokens.weight.element_size()
-    decode_bytes = lm_bytes - embed_bytes + head_bytes
-    config = model.config.text_config
-    kv_bytes_per_token = (2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
-                          * model.lm_head.weight.element_size())
-    image_tokens = loaded.image_seq_length
-    # Prefill: 2 FLOPs per parameter per token it touches. The vision tower sees the image's patches, the
-    # language model (without the embedding lookup) every prompt token, the head only the last one.
-    vision_flops = 2 * vision_params * image_tokens + 2 * projector_params * image_tokens
-    text_flops = 2 * (lm_params - embed_params) * prompt_tokens + 2 * model.lm_head.weight.numel()
-    return {
-        "parameters": total_params,
-        "weight_bytes": total_bytes,
-        "vision_bytes": vision_bytes + projector_bytes,
-        "decode_weight_bytes": decode_bytes,
-        "tied_head": tied,
-        "kv_bytes_per_token": kv_bytes_per_token,
-        "prompt_tokens": prompt_tokens,
-        "min_decode_step_ms_all_weights": total_bytes / H100_BANDWIDTH * 1000,
-        "min_decode_step_ms": decode_bytes / H100_BANDWIDTH * 1000,
-        "prefill_flops_simple": 2 * total_params * prompt_tokens,
-        "prefill_flops": vision_flops + text_flops,
-        "min_prefill_ms_simple": 2 * total_params * prompt_tokens / H100_BF16_FLOPS * 1000,
-        "min_prefill_ms": (vision_flops + text_flops) / H100_BF16_FLOPS * 1000,
-    }
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    @property
+    def left(self) -> float:
+        return max(0.0, self.seconds - self.elapsed)
+
+    def allows(self, stage: str, estimate_s: float) -> bool:
+        if self.elapsed + estimate_s <= self.seconds:
+            return True
+        print(f"[{stage}] SKIPPED: {self.elapsed:.0f} s spent, about {estimate_s:.0f} s more would pass the "
+              f"{self.seconds:.0f} s budget", flush=True)
+        return False
 
 
-def in_process(plan: Plan) -> dict[str, Any]:
-    """Measure in-process, then free the model: the server about to start needs the GPU memory."""
+# In-process ----------------------------------------------------------------------------------------
+def in_process(plan: Plan, photos: str) -> dict[str, Any]:
+    """The ceiling and the step timings, then free the model: the server about to start needs the GPU."""
     import torch
 
-    result = _in_process(plan)
+    result = _in_process(plan, photos)
     gc.collect()
     if plan.device == "cuda":
         torch.cuda.empty_cache()
     return result
 
 
-def _in_process(plan: Plan) -> dict[str, Any]:
+def _in_process(plan: Plan, photos: str) -> dict[str, Any]:
     import torch
 
     from app.model.loader import load_model
-    from app.model.runner import ModelRunner
     from app.settings import Settings
+    from benchmarks.ceiling import EngineDriver, prepare, steady_state
 
+    settings = Settings(model=plan.preset, device=plan.device, max_batch_size=plan.rows)
     started = time.perf_counter()
-    loaded = load_model(Settings(model=plan.preset, device=plan.device))
+    loaded = load_model(settings)
     load_s = time.perf_counter() - started
-    mix = build_mix(plan.variants, tokens=dict.fromkeys(TASKS, NEW_TOKENS))
-    inputs = prepare(loaded, mix)
-    runner = ModelRunner(loaded)
-    prompt_tokens = round(sum(len(i.input_ids) for i in inputs) / len(inputs))
-    limits = physical_limits(loaded, prompt_tokens)
-    rows = []
-    for batch_size in plan.batch_sizes:
-        row = measure(runner, inputs, batch_size, plan.inproc_s)
-        row.pop("cpu", None)
-        # One batch generating a single token is (almost) all prefill: what is left is decode steps.
-        first = [dataclasses.replace(item, max_new_tokens=1) for item in inputs[:batch_size]]
-        row["prefill_ms"] = report.median_ms(lambda batch=first: runner.generate(batch), 3)
-        row["decode_step_ms"] = (row["batch_ms_median"] - row["prefill_ms"]) / (NEW_TOKENS - 1)
-        seq = prompt_tokens + NEW_TOKENS // 2  # the KV cache's mean length over the decode steps
-        row["min_decode_step_ms"] = ((limits["decode_weight_bytes"] + batch_size * seq
-                                      * limits["kv_bytes_per_token"]) / H100_BANDWIDTH * 1000)
-        row["min_prefill_ms"] = limits["min_prefill_ms"] * batch_size
+    gpu = torch.cuda.get_device_name() if plan.device == "cuda" else None
+    items = prepare(loaded, build_mix(plan.variants, tokens=dict.fromkeys(TASKS, NEW_TOKENS), photos=photos))
+    prompt_tokens = round(statistics.mean(len(item.row.input_ids) for item in items))
+    limits = gpu_report.physical_limits(loaded, prompt_tokens, gpu)
+    driver = EngineDriver(loaded, settings)
+    print(f"[in-process] {plan.preset} built in {load_s:.0f} s; decode graphs captured in "
+          f"{driver.capture_s:.1f} s ({_graphs(driver)})", flush=True)
+    rows, index = [], 0
+    for n in plan.ceiling:
+        row = steady_state(driver, items, n, plan.ceiling_warmup_s, plan.ceiling_s, index)
+        index = row.pop("next_index")
         rows.append(row)
-        print(f"[in-process] batch {batch_size}: {row['requests_per_s']:.2f} req/s, "
-              f"{row['tokens_per_s']:.0f} tokens/s, prefill {row['prefill_ms']:.1f} ms, "
-              f"decode step {row['decode_step_ms']:.2f} ms", flush=True)
+        print(f"[in-process] {n} in flight: {row['requests_per_s']:.2f} req/s, {row['tokens_per_s']:.0f} "
+              f"tokens/s, decode step {_ms(row['decode']['ms_median'])} ms over "
+              f"{_ms(row['decode']['rows_mean'])} rows, prefill step {_ms(row['prefill']['ms_median'])} ms",
+              flush=True)
+    position = prompt_tokens + NEW_TOKENS // 2  # a row's mean length over its decode steps
+    replay = {str(width): replay_ms(driver, width, position) for width in sorted({1, plan.rows})}
     memory = torch.cuda.max_memory_allocated() / 1e9 if plan.device == "cuda" else None
-    return {"load_s": load_s, "dtype": str(loaded.dtype), "device": str(loaded.device),
-            "gpu": torch.cuda.get_device_name() if plan.device == "cuda" else None,
-            "max_memory_allocated_gb": memory, "limits": limits, "rows": rows}
+    return {"load_s": load_s, "dtype": str(loaded.dtype), "device": str(loaded.device), "gpu": gpu,
+            "rows": plan.rows, "cache_length": driver.runner.shape.length,
+            "cache_gb": driver.runner.cache_bytes / 1e9, "capture_s": driver.capture_s,
+            "graphs": driver.runner.graphs.captured, "max_memory_allocated_gb": memory, "limits": limits,
+            "ceiling": rows, "replay_ms": replay, "replay_position": position}
 
 
+def _graphs(driver) -> str:
+    captured = driver.runner.graphs.captured
+    return f"buckets {captured}" if captured else "none: eager decode"
 
-def served(plan: Plan) -> list[dict[str, Any]]:
+
+def replay_ms(driver, width: int, position: int, repeats: int = 50) -> float:
+    """One decode step over rows 0..width-1 as the runner runs it (the captured graph on CUDA, eager
+    otherwise), without sampling: mean of `repeats` back-to-back steps, timed with CUDA events on a GPU.
+    The driver must hold no request: the steps write keys and values into rows nobody reads."""
+    import torch
+
+    runner = driver.runner
+    tokens, positions = [driver.loaded.pad_token_id] * width, [position] * width
+    with torch.inference_mode():
+        runner.graphs.run(tokens, positions)
+        if runner.device.type != "cuda":
+            started = time.perf_counter()
+            for _ in range(repeats):
+                runner.graphs.run(tokens, positions)
+            return (time.perf_counter() - started) / repeats * 1000
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(repeats):
+            runner.graphs.run(tokens, positions)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / repeats
+
+
+# Served --------------------------------------------------------------------------------------------
+def served(plan: Plan, photos: str, budget: Budget, logs: Path, result: dict[str, Any],
+           save: Callable[[], object]) -> None:
+    """Our server: the served levels, then the mixed-length workload, on one server process; into
+    `result` as they end (`save` writes what there is so far)."""
     port = procs.free_port()
-    env = {"PALIGEMMA_MODEL": plan.preset, "PALIGEMMA_DEVICE": plan.device, "PALIGEMMA_HOST": procs.HOST,
-           "PALIGEMMA_PORT": str(port), "PALIGEMMA_MAX_BATCH_SIZE": str(max(plan.batch_sizes))}
-    mix = build_mix(plan.variants, tokens=dict.fromkeys(TASKS, NEW_TOKENS))
-    log = ROOT / "out" / "logs" / f"gpu-server-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.log"
-    rows = []
-    command = [procs.python(), "-m", "app"]
-    with procs.running("ours", command, env, "/readyz", log, port, timeout_s=600) as server:
+    command, env = SYSTEMS["ours"].command(port, Config(model=plan.preset, rows=plan.rows))
+    env["PALIGEMMA_DEVICE"] = plan.device
+    mix = build_mix(plan.variants, tokens=dict.fromkeys(TASKS, NEW_TOKENS), photos=photos)
+    mixed = spread_new_tokens(build_mix(plan.variants, photos=photos), MIXED_LENGTHS)
+    log = logs / "gpu-server.log"
+    result.update({"levels": [], "mixed": None, "log": str(log)})
+    started = time.perf_counter()
+    with procs.running("ours", command, env, "/readyz", log, port, timeout_s=budget.left) as server:
+        result["startup_s"] = time.perf_counter() - started
+        result["pid"] = server.pid
+        result.update(server_log_timings(log))
+        print(f"[served] ready in {result['startup_s']:.0f} s (decode graphs: {result['capture_log']})",
+              flush=True)
         index = 0
-        for concurrency in plan.batch_sizes:
-            result = asyncio.run(run_load(server.base_url, mix, concurrency, plan.warmup_s, plan.window_s,
-                                          start_index=index))
-            index += result.sent
-            row = result.to_json()
-            rows.append(row)
-            print(f"[served] {concurrency} in flight: {row['requests_per_s']:.2f} req/s, "
-                  f"p50 {row['latency_ms']['p50']:.0f} ms, errors {row['errors'] or 0}", flush=True)
-    return rows
+        for n in plan.served:
+            if not budget.allows(f"served {n}", plan.warmup_s + plan.window_s + 20):
+                break
+            level = asyncio.run(measure_level(server, True, mix, n, plan.warmup_s, plan.window_s, index))
+            index += level.pop("sent")
+            level.pop("samples")
+            result["levels"].append(level)
+            m = level.get("server_metrics", {})
+            print(f"[served] {n} in flight: {level['requests_per_s']:.2f} req/s, p50 "
+                  f"{level['latency_ms']['p50']:.0f} ms, decode step {_ms(m.get('mean_decode_step_ms'))} "
+                  f"ms over {_ms(m.get('mean_decode_rows'))} rows, errors {level['errors'] or 0}", flush=True)
+            save()
+        if budget.allows("mixed", plan.mixed_warmup_s + plan.mixed_s + 30):
+            level = asyncio.run(measure_level(server, True, mixed, plan.mixed, plan.mixed_warmup_s,
+                                              plan.mixed_s, 0))
+            level.pop("sent")
+            level.pop("samples")
+            result["mixed"] = level
+            lengths = level["per_length"]
+            print(f"[mixed] {plan.mixed} in flight, max_new_tokens {MIXED_LENGTHS[0]}..{MIXED_LENGTHS[-1]}: "
+                  f"{level['requests_per_s']:.2f} req/s; p50 by length: "
+                  + ", ".join(f"{k}: {v['p50_ms']:.0f} ms" for k, v in lengths.items()), flush=True)
 
 
-def render(inproc: dict[str, Any], served_rows: list[dict[str, Any]], plan: Plan, dry_run: bool) -> str:
-    limits = inproc["limits"]
-    lines = [
-        "## GPU: PaliGemma-3B 224 px on one GPU (`python -m benchmarks.gpu`)"
-        + (" (DRY RUN on the CPU with the tiny preset: numbers meaningless)" if dry_run else ""),
-        "",
-        f"- {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}; device {inproc['gpu'] or inproc['device']}, "
-        f"{inproc['dtype']}; preset `{plan.preset}`, {limits['parameters'] / 1e9:.3f} B parameters, "
-        f"{limits['weight_bytes'] / 1e9:.3f} GB of weights ({limits['vision_bytes'] / 1e9:.3f} GB vision "
-        f"tower + projector); model built in {inproc['load_s']:.0f} s"
-        + (f"; peak GPU memory in-process {inproc['max_memory_allocated_gb']:.1f} GB"
-           if inproc["max_memory_allocated_gb"] else "") + ".",
-        f"- Every request generates {NEW_TOKENS} tokens; mean prompt {limits['prompt_tokens']} tokens "
-        "(256 image tokens + the prefix).",
-        f"- Physical limits on an H100 SXM (3.35 TB/s, ~990 dense bf16 TFLOP/s): a decode step reads "
-        f"{limits['decode_weight_bytes'] / 1e9:.3f} GB of language-model weights (all weights: "
-        f"{limits['weight_bytes'] / 1e9:.3f} GB -> {limits['min_decode_step_ms_all_weights']:.2f} ms) -> at "
-        f"least **{limits['min_decode_step_ms']:.2f} ms per step** plus the KV cache "
-        f"({limits['kv_bytes_per_token'] / 1e3:.0f} kB per token); a prefill needs "
-        f"{limits['prefill_flops'] / 1e12:.2f} TFLOP per request (2 x all parameters x prompt tokens: "
-        f"{limits['prefill_flops_simple'] / 1e12:.2f} TFLOP) -> at least **{limits['min_prefill_ms']:.2f} ms "
-        "per request**.",
-        "",
-        "| batch | in-process req/s | tokens/s | ms per batch | prefill ms (min) | decode ms/step (min) | "
-        "served req/s at that many in flight | served p50 ms |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    served_by_n = {row["concurrency"]: row for row in served_rows}
-    for row in inproc["rows"]:
-        s = served_by_n.get(row["batch_size"])
-        lines.append(
-            f"| {row['batch_size']} | {row['requests_per_s']:.2f} | {row['tokens_per_s']:.0f} | "
-            f"{row['batch_ms_median']:.1f} | {row['prefill_ms']:.1f} ({row['min_prefill_ms']:.1f}) | "
-            f"{row['decode_step_ms']:.2f} ({row['min_decode_step_ms']:.2f}) | "
-            + (f"{s['requests_per_s']:.2f} | {s['latency_ms']['p50']:.0f} |" if s else "n/a | n/a |"))
-    return "\n".join(lines)
+def server_log_timings(log: Path) -> dict[str, Any]:
+    """The server's own start-up lines: model load, decode-graph capture (its last progress line) and
+    the warm-up of every task path."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    capture = re.findall(r"capturing decode graphs: (\d+)/(\d+) batch sizes, ([\d.]+) s", text)
+    warm = re.findall(r"warm-up: every task path ran in ([\d.]+) s", text)
+    loaded = re.findall(r"loaded .* in ([\d.]+) s", text)
+    return {
+        "capture_log": f"{capture[-1][0]}/{capture[-1][1]} buckets in {capture[-1][2]} s" if capture
+        else "none logged",
+        "capture_log_s": float(capture[-1][2]) if capture else None,
+        "warm_up_log_s": float(warm[-1]) if warm else None,
+        "load_log_s": float(loaded[-1]) if loaded else None,
+    }
 
 
-def main() -> None:
+def tutorial(plan: Plan, photos: str, budget: Budget, logs: Path) -> dict[str, Any]:
+    port = procs.free_port()
+    command, _ = SYSTEMS["tutorial"].command(port, Config(model=plan.preset))
+    env = {"PALIGEMMA_DEVICE": plan.device}  # the peers load through the server's own loader
+    mix = build_mix(plan.variants, tokens=dict.fromkeys(TASKS, NEW_TOKENS), photos=photos)
+    levels: list[dict[str, Any]] = []
+    with procs.running("tutorial", command, env, "/healthz", logs / "gpu-tutorial.log", port,
+                       timeout_s=budget.left) as server:
+        pid = server.pid
+        index = 0
+        for n in plan.tutorial:
+            if not budget.allows(f"tutorial {n}", plan.tutorial_warmup_s + plan.tutorial_s + 30):
+                break
+            level = asyncio.run(measure_level(server, False, mix, n, plan.tutorial_warmup_s, plan.tutorial_s,
+                                              index))
+            index += level.pop("sent")
+            level.pop("samples")
+            levels.append(level)
+            print(f"[tutorial] {n} in flight: {level['requests_per_s']:.2f} req/s, p50 "
+                  f"{level['latency_ms']['p50']:.0f} ms, errors {level['errors'] or 0}", flush=True)
+    return {"levels": levels, "pid": pid}
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+# Main ----------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny preset, short windows")
+    parser.add_argument("--budget-s", type=float, default=480.0,
+                        help="start no stage that would end after this many seconds (default 480)")
     parser.add_argument("--results", type=Path, help="Markdown file whose `gpu` section to rewrite "
                         "(default benchmarks/RESULTS.md; dry run: benchmarks/out/RESULTS-gpu-dry-run.md)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     plan = DRY if args.dry_run else FULL
     if not args.dry_run:
         import torch
 
         if not torch.cuda.is_available():
             parser.error("no CUDA device: run on a GPU host, or use --dry-run")
-    started = time.perf_counter()
-    inproc = in_process(plan)
-    try:
-        served_rows = served(plan)
-    except Exception as exc:  # keep the in-process numbers even if the server cannot start
-        print(f"[served] FAILED: {type(exc).__name__}: {exc}", flush=True)
-        served_rows = []
-    markdown = render(inproc, served_rows, plan, args.dry_run)
-    print("\n" + markdown + f"\n\n(total {time.perf_counter() - started:.0f} s)")
-    out = ROOT / "out" / ("gpu-dry-run.json" if args.dry_run else "gpu.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"in_process": inproc, "served": served_rows}, indent=2, default=str))
+    photos = "skimage" if skimage_available() else "synthetic"
+    if photos == "synthetic" and not args.dry_run:
+        parser.error("scikit-image is missing: pip install -r benchmarks/requirements.txt")
+    budget = Budget(args.budget_s)
+    # With OUT set, everything goes there (the servers' logs too); else under benchmarks/out/.
+    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "out"
+    stamp = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
+    logs = out_dir if os.environ.get("OUT") else out_dir / "logs" / f"gpu-{stamp}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = "gpu-dry-run" if args.dry_run else "gpu"
+    results: dict[str, Any] = {
+        "meta": {"date": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}", "dry_run": args.dry_run,
+                 "plan": asdict(plan), "photos": photos, "new_tokens": NEW_TOKENS,
+                 "mixed_lengths": list(MIXED_LENGTHS), "command": "python -m benchmarks.gpu"
+                 + (" --dry-run" if args.dry_run else "")},
+        "in_process": None, "served": None, "tutorial": None,
+    }
+
+    def save() -> str:
+        results["meta"]["wall_s"] = budget.elapsed
+        results["targets"] = gpu_report.targets(results)
+        markdown = gpu_report.render(results)
+        (out_dir / f"{name}.json").write_text(json.dumps(results, indent=2, default=str))
+        (out_dir / f"{name}.md").write_text(markdown + "\n")
+        return markdown
+
+    results["in_process"] = in_process(plan, photos)
+    save()
+    # A server start is budgeted at STARTUP_S: loading the 3B preset, capturing graphs, warming up.
+    if budget.allows("served", STARTUP_S + plan.warmup_s + plan.window_s):
+        results["served"] = {}
+        try:
+            served(plan, photos, budget, logs, results["served"], save)
+        except Exception as exc:  # keep what the other stages measured
+            print(f"[served] FAILED: {type(exc).__name__}: {exc}", flush=True)
+            results["served"]["error"] = f"{type(exc).__name__}: {exc}"
+        save()
+    if budget.allows("tutorial", STARTUP_S + plan.tutorial_warmup_s + plan.tutorial_s):
+        try:
+            results["tutorial"] = tutorial(plan, photos, budget, logs)
+        except Exception as exc:
+            print(f"[tutorial] FAILED: {type(exc).__name__}: {exc}", flush=True)
+            results["tutorial"] = {"error": f"{type(exc).__name__}: {exc}"}
+    markdown = save()
+    print("\n" + markdown + f"\n\n(total {budget.elapsed:.0f} s)")
     default = ROOT / "out" / "RESULTS-gpu-dry-run.md" if args.dry_run else ROOT / "RESULTS.md"
-    results = args.results or default
-    report.update_section(results, "gpu", markdown)
+    gpu_report.update_section(args.results or default, "gpu", markdown)
+    return results
 
 
 if __name__ == "__main__":

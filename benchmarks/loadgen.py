@@ -31,6 +31,7 @@ class Sample:
     start: float  # seconds since the run started
     end: float
     status: int  # HTTP status; 0 when the request failed without one (see `error`)
+    max_new_tokens: int = 0  # what the request asked for
     completion_tokens: int | None = None
     error: str | None = None
 
@@ -49,6 +50,7 @@ class LoadResult:
     latency_ms: dict[str, float]  # p50, p90, p99, mean, max over the window's successes
     errors: dict[str, int]  # non-200 outcomes inside the window, by status (or exception name)
     per_task: dict[str, dict[str, float]]
+    per_length: dict[str, dict[str, float]]  # by max_new_tokens asked for: completed, p50_ms, p90_ms
     token_mismatches: int  # successes whose reported completion_tokens differ from max_new_tokens
     sent: int
     abandoned: int  # still in flight when the drain timed out
@@ -112,7 +114,7 @@ async def run_load(base_url: str, mix: list[Request], concurrency: int, warmup_s
 
         async def one(request: Request) -> None:
             start = time.perf_counter() - t0
-            sample = Sample(request.task, start, start, 0)
+            sample = Sample(request.task, start, start, 0, request.max_new_tokens)
             try:
                 response = await client.post(request.path, content=request.body,
                                              headers={"content-type": request.content_type})
@@ -158,6 +160,11 @@ async def run_load(base_url: str, mix: list[Request], concurrency: int, warmup_s
     for task in sorted({s.task for s in ok}):
         lat = [s.latency for s in ok if s.task == task]
         per_task[task] = {"completed": len(lat), "p50_ms": percentile([v * 1000 for v in lat], 50)}
+    per_length = {}
+    for length in sorted({s.max_new_tokens for s in ok}):
+        ms = [s.latency * 1000 for s in ok if s.max_new_tokens == length]
+        per_length[str(length)] = {"completed": len(ms), "p50_ms": percentile(ms, 50),
+                                   "p90_ms": percentile(ms, 90)}
     return LoadResult(
         concurrency=concurrency,
         warmup_s=warmup_s,
@@ -167,6 +174,7 @@ async def run_load(base_url: str, mix: list[Request], concurrency: int, warmup_s
         latency_ms=_latency_summary([s.latency for s in ok]),
         errors=dict(errors),
         per_task=per_task,
+        per_length=per_length,
         token_mismatches=sum(s.error == "token_mismatch" for s in ok),
         sent=next_index - start_index,
         abandoned=len(pending),

@@ -1,7 +1,8 @@
 """What our server's /metrics says about a measurement window: the difference of two scrapes.
 
-Batch sizes, queue waits and per-batch inference times are histograms; the difference of their
-buckets, sums and counts between the window's start and end describes only the window's batches.
+Step rows and durations (by phase: prefill, decode), queue waits and times to first token are
+histograms; the difference of their buckets, sums and counts between the window's start and end
+describes only the window's steps and requests.
 """
 
 from __future__ import annotations
@@ -45,39 +46,49 @@ class Histogram:
     def mean(self) -> float:
         return self.total / self.count if self.count else float("nan")
 
-    def share_at_most(self, bound: str) -> float:
-        return self.buckets.get(bound, float("nan")) / self.count if self.count else float("nan")
 
-
-def histogram(before: Scrape, after: Scrape, name: str) -> Histogram:
+def histogram(before: Scrape, after: Scrape, name: str, **labels: str) -> Histogram:
     bounds = sorted({dict(key)["le"] for key in after.get(name + "_bucket", {})}, key=float)
     return Histogram(
-        count=_delta(before, after, name + "_count"),
-        total=_delta(before, after, name + "_sum"),
-        buckets={le: _delta(before, after, name + "_bucket", le=le) for le in bounds},
+        count=_delta(before, after, name + "_count", **labels),
+        total=_delta(before, after, name + "_sum", **labels),
+        buckets={le: _delta(before, after, name + "_bucket", le=le, **labels) for le in bounds},
     )
 
 
-def window_summary(before: Scrape, after: Scrape) -> dict[str, object]:
-    """The figures the report quotes about how the server batched during the window."""
-    batch = histogram(before, after, "paligemma_batch_size")
-    wait = histogram(before, after, "paligemma_queue_wait_seconds")
-    inference = histogram(before, after, "paligemma_inference_duration_seconds")
-    # Bucket counts are cumulative: the share of batches in (a, b] is F(b) - F(a).
-    distribution = {}
+def distribution(hist: Histogram) -> dict[str, float]:
+    """Observations per bucket (upper bound -> count in (previous bound, bound]), empty buckets left out;
+    Prometheus' buckets are cumulative."""
+    result = {}
     previous = 0.0
-    for le, cumulative in batch.buckets.items():
+    for le, cumulative in hist.buckets.items():
         if cumulative - previous > 0:
-            distribution[le] = cumulative - previous
+            result[le] = cumulative - previous
         previous = cumulative
+    return result
+
+
+def window_summary(before: Scrape, after: Scrape) -> dict[str, object]:
+    """The figures the report quotes about how the engine stepped during the window."""
+    decode_rows = histogram(before, after, "paligemma_step_rows", phase="decode")
+    prefill_rows = histogram(before, after, "paligemma_step_rows", phase="prefill")
+    decode_time = histogram(before, after, "paligemma_step_duration_seconds", phase="decode")
+    prefill_time = histogram(before, after, "paligemma_step_duration_seconds", phase="prefill")
+    wait = histogram(before, after, "paligemma_queue_wait_seconds")
+    first = histogram(before, after, "paligemma_time_to_first_token_seconds")
     return {
-        "batches": batch.count,
-        "mean_batch_size": batch.mean,
-        "batch_size_distribution": distribution,  # upper bound -> batches in the bucket ending there
+        "decode_steps": decode_rows.count,
+        "mean_decode_rows": decode_rows.mean,
+        "decode_rows_distribution": distribution(decode_rows),  # upper bound -> steps in its bucket
+        "mean_decode_step_ms": decode_time.mean * 1000,
+        "prefill_steps": prefill_rows.count,
+        "mean_prefill_rows": prefill_rows.mean,
+        "mean_prefill_step_ms": prefill_time.mean * 1000,
+        # Seconds the worker spent inside model steps that ended in the window.
+        "step_busy_s": decode_time.total + prefill_time.total,
         "mean_queue_wait_ms": wait.mean * 1000,
-        "queue_wait_at_most_100ms": wait.share_at_most("0.1"),
-        "mean_inference_ms_per_batch": inference.mean * 1000,
-        "inference_busy_s": inference.total,  # seconds the worker spent in batches during the window
+        "mean_time_to_first_token_ms": first.mean * 1000,
+        "generated_tokens": _delta(before, after, "paligemma_generated_tokens_total"),
         "feature_cache_hits": _delta(before, after, "paligemma_feature_cache_hits_total"),
         "rejections": _delta(before, after, "paligemma_rejections_total"),
     }

@@ -2,9 +2,9 @@
 
 A leak shows as RSS that keeps climbing once the server is warm (allocator pools, caches and the
 feature cache fill during the first minutes, then RSS should be flat). RSS also swings by a few hundred
-MB with every batch (activations allocated and freed), so two slopes are reported, in MB per minute:
-least squares through all samples after the warm-up, and through each minute's lowest sample (the
-floor between batches, where a leak would show without the batch cycle's noise).
+MB with every large prefill (activations allocated and freed), so two slopes are reported, in MB per
+minute: least squares through all samples after the warm-up, and through each minute's lowest sample
+(the floor between prefills, where a leak would show without their swing).
 
     python -m benchmarks.soak              # 10 min at 16 in flight
     python -m benchmarks.soak --quick      # 60 s
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from benchmarks import procs, report
 from benchmarks.loadgen import run_load
-from benchmarks.systems import SYSTEMS, Config
+from benchmarks.systems import SERVER_ROWS, SYSTEMS, Config
 from benchmarks.workload import build_mix
 
 ROOT = Path(__file__).resolve().parent
@@ -118,18 +118,18 @@ def render(r: dict, config: Config) -> str:
     return "\n".join([
         "## Memory soak (`python -m benchmarks.soak`)",
         "",
-        f"- {r['date']}: our server, preset `{config.model}`, max batch "
-        f"{config.max_batch_size}, {r['concurrency']} requests in flight for {r['duration_s'] / 60:.1f} min "
+        f"- {r['date']}: our server, preset `{config.model}`, {config.rows} KV-cache rows, "
+        f"{r['concurrency']} requests in flight for {r['duration_s'] / 60:.1f} min "
         f"({r['requests']} requests, {r['requests_per_s']:.2f} req/s, errors: {errors}); RSS of the server "
         f"process sampled every {r['interval_s']:.0f} s ({r['samples']} samples).",
         f"- RSS: {r['rss_start_mb']:.0f} MB at the start, {r['rss_after_warmup_mb']:.0f} MB after the "
         f"{r['warmup_s']:.0f} s warm-up, {r['rss_end_mb']:.0f} MB at the end; peak (VmHWM) "
         f"{r['peak_mb']:.0f} MB.",
-        f"- Each minute's lowest RSS (the floor between batches), MB: {floors}.",
+        f"- Each minute's lowest RSS (the floor between prefills), MB: {floors}.",
         f"- **RSS slope after warm-up: {floor:+.2f} ± {error:.2f} MB/min through the per-minute floors** "
         f"({verdict}); "
         f"{r['slope_mb_per_min']:+.2f} MB/min by least squares through every sample after the warm-up, "
-        "which the batch-to-batch swing makes noisy.",
+        "which the swing of each prefill's activations makes noisy.",
     ])
 
 
@@ -142,12 +142,13 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--interval", type=float, default=5.0, help="seconds between RSS samples")
     parser.add_argument("--model", default="bench")
-    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--rows", type=int, default=SERVER_ROWS,
+                        help="KV-cache rows, PALIGEMMA_MAX_BATCH_SIZE (default: the server's default)")
     parser.add_argument("--results", type=Path, help="Markdown file whose `soak` section to rewrite "
                         "(default benchmarks/RESULTS.md; quick: benchmarks/out/RESULTS-quick.md)")
     parser.add_argument("--render", type=Path, help="only rewrite the section from a saved soak.json")
     args = parser.parse_args()
-    config = Config(model=args.model, max_batch_size=args.max_batch_size)
+    config = Config(model=args.model, rows=args.rows)
     if args.render:
         import json
 

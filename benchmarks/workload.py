@@ -9,16 +9,23 @@ and every round of sessions uses a fresh *variant* of each photo (shifted by a f
 pixels differ). Repeats therefore occur within a session only, and a server-side image cache gets the
 hits real traffic would give it, not a free ride on a workload of nine images.
 
-Output lengths are fixed per task (`MAX_NEW_TOKENS`). The benchmark presets have random weights and
-never emit <eos>, so every request generates exactly its `max_new_tokens` on every system; the load
-generator checks the servers' reported `completion_tokens` to make sure.
+Output lengths are fixed per task (`MAX_NEW_TOKENS`), or spread over a range per request
+(`spread_new_tokens`, for mixed-length runs). The benchmark presets have random weights and never emit
+<eos>, so every request generates exactly its `max_new_tokens` on every system; the load generator
+checks the servers' reported `completion_tokens` to make sure.
+
+Without scikit-image (it comes with benchmarks/requirements.txt, not with the project), `photos=
+"synthetic"` builds the same sequence from seeded synthetic pictures of the same sizes: enough to check
+a benchmark's code paths (`benchmarks.gpu --dry-run` in the tests), not what a published number uses.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import random
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -42,6 +49,13 @@ _PHOTOS: dict[str, tuple[str, tuple[int, int] | None]] = {
     "retina": ("retina", None),  # 1411 x 1411
     "hubble_deep_field": ("hubble_deep_field", None),  # 1000 x 872
 }
+# The bundled photos' sizes (width, height) and modes, for synthetic stand-ins.
+_SIZES: dict[str, tuple[tuple[int, int], str]] = {
+    "astronaut": ((512, 512), "RGB"), "coffee": ((600, 400), "RGB"), "chelsea": ((451, 300), "RGB"),
+    "rocket": ((640, 427), "RGB"), "immunohistochemistry": ((512, 512), "RGB"), "camera": ((512, 512), "L"),
+    "retina": ((1411, 1411), "RGB"), "hubble_deep_field": ((1000, 872), "RGB"),
+}
+PHOTO_SOURCES = ("skimage", "synthetic")
 
 # Sessions: one image and the questions a user asks about it, in order. (task, fields)
 _SESSIONS: dict[str, list[tuple[str, dict[str, str]]]] = {
@@ -99,8 +113,18 @@ def build_prefix(task: str, fields: dict[str, str]) -> str:
     raise ValueError(f"unknown task {task!r}")
 
 
+def skimage_available() -> bool:
+    try:
+        import skimage.data  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 @cache
-def _photo(loader: str) -> Image.Image:
+def _photo(loader: str, source: str = "skimage") -> Image.Image:
+    if source == "synthetic":
+        return _synthetic(loader)
     import skimage.data
 
     array = getattr(skimage.data, loader)()
@@ -111,12 +135,25 @@ def _photo(loader: str) -> Image.Image:
     return image.convert("RGB") if image.mode not in ("RGB", "L") else image
 
 
-def _variant(key: str, variant: int) -> Image.Image:
+def _synthetic(loader: str) -> Image.Image:
+    """A seeded picture of the photo's size and mode: smooth gradients plus noise."""
+    (width, height), mode = _SIZES[loader]
+    rng = np.random.default_rng(sum(map(ord, loader)))
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    channels = 1 if mode == "L" else 3
+    planes = [127 + 100 * np.sin(x / rng.uniform(20, 80) + y / rng.uniform(20, 80) + c)
+              for c in range(channels)]
+    array = np.stack(planes, axis=-1) + rng.normal(0, 12, (height, width, channels))
+    array = np.clip(array, 0, 255).astype(np.uint8)
+    return Image.fromarray(array[..., 0] if mode == "L" else array)
+
+
+def _variant(key: str, variant: int, source: str = "skimage") -> Image.Image:
     """The photo at its benchmark size, shifted by `variant` pixels (variant 0: the photo itself)."""
     loader, size = _PHOTOS[key]
-    image = _photo(loader)
+    image = _photo(loader, source)
     if size is not None:
-        image = _upscaled(loader, size)
+        image = _upscaled(loader, size, source)
     if variant:
         # Crop a few pixels off the top-left: different pixels and bytes, the same picture and size class.
         shift = 2 * variant
@@ -125,8 +162,8 @@ def _variant(key: str, variant: int) -> Image.Image:
 
 
 @cache
-def _upscaled(loader: str, size: tuple[int, int]) -> Image.Image:
-    return _photo(loader).resize(size, Image.Resampling.LANCZOS)
+def _upscaled(loader: str, size: tuple[int, int], source: str = "skimage") -> Image.Image:
+    return _photo(loader, source).resize(size, Image.Resampling.LANCZOS)
 
 
 def encode_jpeg(image: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
@@ -150,12 +187,16 @@ def multipart(fields: dict[str, str], image: bytes) -> tuple[bytes, str]:
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
-def build_mix(variants: int = 16, seed: int = 0, tokens: dict[str, int] | None = None) -> list[Request]:
+def build_mix(variants: int = 16, seed: int = 0, tokens: dict[str, int] | None = None,
+              photos: str = "skimage") -> list[Request]:
     """The request sequence: `variants` rounds, each with every session once, in a seeded order.
 
-    The load generator cycles through it; the ceiling runs it in consecutive batches. With 16 variants
-    the sequence is 16 x 23 = 368 requests over 144 distinct JPEGs. `tokens` overrides MAX_NEW_TOKENS.
+    The load generator cycles through it; the in-process ceiling takes requests from it in the same
+    order. With 16 variants the sequence is 16 x 23 = 368 requests over 144 distinct JPEGs. `tokens`
+    overrides MAX_NEW_TOKENS; `photos` is one of PHOTO_SOURCES.
     """
+    if photos not in PHOTO_SOURCES:
+        raise ValueError(f"photos must be one of {PHOTO_SOURCES}; got {photos!r}")
     tokens_for = {**MAX_NEW_TOKENS, **(tokens or {})}
     rng = random.Random(seed)
     requests: list[Request] = []
@@ -163,15 +204,23 @@ def build_mix(variants: int = 16, seed: int = 0, tokens: dict[str, int] | None =
         order = list(_SESSIONS)
         rng.shuffle(order)
         for key in order:
-            image = _variant(key, variant)
+            image = _variant(key, variant, photos)
             jpeg = encode_jpeg(image)
             for task, extra in _SESSIONS[key]:
-                tokens = tokens_for[task]
-                form = {**extra, "max_new_tokens": str(tokens)}
-                body, content_type = multipart(form, jpeg)
-                requests.append(Request(task, f"{key}#{variant}", jpeg, image.width, image.height,
-                                        dict(extra), tokens, body, content_type))
+                requests.append(_with_tokens(Request(task, f"{key}#{variant}", jpeg, image.width,
+                                                     image.height, dict(extra), 0), tokens_for[task]))
     return requests
+
+
+def _with_tokens(request: Request, tokens: int) -> Request:
+    body, content_type = multipart({**request.fields, "max_new_tokens": str(tokens)}, request.jpeg)
+    return dataclasses.replace(request, max_new_tokens=tokens, body=body, content_type=content_type)
+
+
+def spread_new_tokens(mix: list[Request], lengths: Sequence[int]) -> list[Request]:
+    """The same sequence with max_new_tokens cycling through `lengths`, request by request (a
+    mixed-length workload: short and long requests interleaved, every length equally often)."""
+    return [_with_tokens(request, lengths[i % len(lengths)]) for i, request in enumerate(mix)]
 
 
 def describe_mix(requests: list[Request]) -> dict[str, object]:
@@ -185,6 +234,6 @@ def describe_mix(requests: list[Request]) -> dict[str, object]:
         "tasks": tasks,
         "distinct_images": len(images),
         "photos": [{"name": n, "width": w, "height": h, "jpeg_bytes": b} for n, w, h, b in sizes],
-        "max_new_tokens": dict(MAX_NEW_TOKENS),
+        "max_new_tokens": {t: sorted({r.max_new_tokens for r in requests if r.task == t}) for t in TASKS},
         "mean_new_tokens": sum(r.max_new_tokens for r in requests) / len(requests),
     }

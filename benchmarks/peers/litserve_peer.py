@@ -4,9 +4,10 @@ The LitAPI is written the way LitServe documents batching: `decode_request` turn
 (image, text, max_new_tokens), `batch` runs `PaliGemmaProcessor` over the list (left padding, as batched
 generation needs), `predict` makes one `generate` call for the whole batch with the longest request's
 `max_new_tokens`, `unbatch` cuts every row to its own length, `encode_response` decodes it.
-`max_batch_size` and `batch_timeout` are our server's PALIGEMMA_MAX_BATCH_SIZE and
-PALIGEMMA_MAX_BATCH_WAIT_MS; `timeout` (how long a request may wait in LitServe's queue) is our
-PALIGEMMA_REQUEST_TIMEOUT_S.
+`max_batch_size` and `batch_timeout` are LitServe's own batch settings (`benchmarks.run`'s
+--litserve-batch-size and --litserve-batch-wait-ms: 16 and 5 ms unless told); our server has no
+counterpart any more (its requests join a running batch at the next model step). `timeout` (how long a
+request may wait in LitServe's queue) is our PALIGEMMA_REQUEST_TIMEOUT_S.
 
 Routing: LitServe's documented way to serve several endpoints is one LitAPI per path, but each LitAPI
 gets its own inference worker process and model copy, so four task endpoints would split every batch four

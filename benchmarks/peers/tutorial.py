@@ -22,6 +22,9 @@ def create_app(model_name: str, seed: int) -> FastAPI:
     def run(data: bytes, text: str, max_new_tokens: int) -> dict[str, object]:
         inputs = processor(text=text, images=open_image(data), return_tensors="pt")
         inputs.pop("labels", None)  # the processor adds training labels; generate does not take them
+        # The processor's tensors are on the CPU and its pixels float32: move them to the model (on a GPU,
+        # bfloat16); BatchFeature.to casts only the floating-point ones, the token ids stay integers.
+        inputs = inputs.to(model.device, dtype=model.dtype)
         length = inputs["input_ids"].shape[-1]
         with torch.inference_mode():
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)

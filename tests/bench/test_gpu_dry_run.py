@@ -1,0 +1,52 @@
+"""`python -m benchmarks.gpu --dry-run`: the GPU benchmark's whole code path on the CPU (tiny preset).
+
+The GPU run happens on a machine lent for a few minutes, where a crash in its last stage would waste the
+whole lease; this runs the same stages here: the in-process ceiling through the server's engine, our
+server at several concurrencies and with mixed lengths, the tutorial server, the report. It checks what
+ran and that nothing failed, never how fast (timings belong in the benchmark's output).
+In-process, so a timeout still unwinds through the `procs.running` blocks that stop the servers.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import gpu
+from benchmarks.procs import group_pids
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_the_dry_run_measures_every_stage_and_writes_its_report(tmp_path, monkeypatch):
+    monkeypatch.setenv("OUT", str(tmp_path))
+    results_md = tmp_path / "RESULTS.md"
+    gpu.main(["--dry-run", "--results", str(results_md)])
+
+    results = json.loads((tmp_path / "gpu-dry-run.json").read_text())
+    plan = gpu.DRY
+    ceiling = results["in_process"]["ceiling"]
+    assert [row["concurrency"] for row in ceiling] == list(plan.ceiling)
+    assert all(row["decode"]["steps"] > 0 for row in ceiling)
+    assert set(results["in_process"]["replay_ms"]) == {"1", str(plan.rows)}
+
+    served = results["served"]
+    assert "error" not in served
+    assert [level["concurrency"] for level in served["levels"]] == list(plan.served)
+    for level in [*served["levels"], served["mixed"]]:
+        assert level["errors"] == {} and level["token_mismatches"] == 0
+        assert level["server_metrics"]["decode_steps"] > 0  # /metrics scraped around the window
+    assert sum(level["completed"] for level in served["levels"]) > 0
+    assert set(served["mixed"]["per_length"]) <= {str(n) for n in gpu.MIXED_LENGTHS}
+    assert [level["concurrency"] for level in results["tutorial"]["levels"]] == list(plan.tutorial)
+    assert all(level["errors"] == {} for level in results["tutorial"]["levels"])
+    assert {check["name"].split(" ")[0] for check in results["targets"]} >= {"served", "decode", "mixed"}
+
+    markdown = (tmp_path / "gpu-dry-run.md").read_text()
+    assert "DRY RUN" in markdown and "### Targets" in markdown
+    assert "<!-- BEGIN gpu -->" in results_md.read_text()
+    for log in ("gpu-server.log", "gpu-tutorial.log"):
+        assert (tmp_path / log).stat().st_size > 0
+    # Both servers were stopped with everything they started (each ran in a process group of its own).
+    assert group_pids(served["pid"]) == [] and group_pids(results["tutorial"]["pid"]) == []
