@@ -79,8 +79,8 @@ def render(placed: list[Row], decoded: list[Row], other_cores: float, repeats: i
         "",
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}, Pillow {PIL.__version__}, numpy {np.__version__}: "
         f"median of {repeats} runs, one thread (other processes took {other_cores:.2f} of the 2 cores "
-        "meanwhile). `old`: `tests/unit/masks/resize_reference.py` (numpy, computes only the visible pixels); "
-        "`new`: `app.masks.placement.place_mask` (Pillow). `same`: the two give the same mask.",
+        "meanwhile). `old`: `tests/unit/masks/resize_reference.py` (numpy, computes only the visible pixels);"
+        " `new`: `app.masks.placement.place_mask` (Pillow). `same`: the two give the same mask.",
         "",
         "| place_mask | image | old ms | new ms | old / new | same |",
         "|---|---|---|---|---|---|",

@@ -143,7 +143,7 @@ class Engine:
             slot.release()
             raise ShuttingDown("the server shut down before this request could run; retry on another replica")
         seq = Sequence(request.prompt_length, request.max_new_tokens, self.stop_tokens, request.payload,
-                       request.context, request.label, submitted)
+                       request.context, request.label, submitted, streams=on_tokens is not None)
         handle = _Handle(seq, asyncio.get_running_loop().create_future(), slot, on_tokens)
         self._handles[seq.request_id] = handle
         self.worker.submit(seq)

@@ -213,7 +213,7 @@ class EngineLoop:
                 seq.finished_at = now
                 finished.append(seq)
                 self.runner.release(seq)
-            if seq.finish_reason != "stop" and seq.cancel_reason is None:
+            if seq.streams and seq.finish_reason != "stop" and seq.cancel_reason is None:
                 self._events.tokens.append((seq, [token]))  # a stop token is not part of the output
             by_label[seq.label] = by_label.get(seq.label, 0) + 1
         for label, count in by_label.items():

@@ -42,6 +42,9 @@ class Sequence:
     context: Any = None  # what the caller needs to finish the output (the task, say)
     label: str = ""  # for metrics: the endpoint it came from
     submitted_at: float = 0.0  # time.monotonic() when it reached the engine
+    # Whether someone reads its tokens as they come (streaming): only then does every step post them to
+    # the event loop; others are woken once, when they finish.
+    streams: bool = False
     # Set by the worker (time.monotonic()): when it got a row, when its prefill produced the first token,
     # and when its last token was computed. For traces and latency metrics.
     admitted_at: float | None = None

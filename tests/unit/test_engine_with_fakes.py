@@ -297,6 +297,27 @@ def test_a_request_cut_at_its_limit_streams_its_last_token_too():
     assert seen == result.tokens == [4, 5, 6]
 
 
+def test_only_streamed_requests_wake_the_event_loop_every_step():
+    # Each wake-up is a thread switch the worker pays for on every step; a request nobody streams needs
+    # the event loop only when it starts and when it finishes.
+    async def main(stream: bool):
+        engine, _, _ = make(rows=2)
+        posted: list[object] = []
+        post = engine.worker.post
+        engine.worker.post = lambda events: (posted.append(events), post(events))
+        engine.start()
+        seen: list[int] = []
+        result = await run(engine, request(*range(2, 10)), on_tokens=seen.extend if stream else None)
+        await engine.stop(1)
+        return len(posted), seen, result
+
+    quiet_posts, _, quiet = asyncio.run(main(stream=False))
+    streamed_posts, seen, streamed = asyncio.run(main(stream=True))
+    assert quiet.tokens == streamed.tokens == seen == list(range(2, 10))
+    assert quiet_posts <= 3  # started, first token (the prefill's step), finished
+    assert streamed_posts >= 8
+
+
 def test_the_worker_reports_how_long_it_has_been_inside_one_step():
     async def main():
         engine, _, _ = make(rows=1)
