@@ -52,7 +52,7 @@ lint: install
 	$(VENV)/bin/mypy app client/paligemma_client
 	$(VENV)/bin/mypy --explicit-package-bases deploy/checks deploy/validate.py
 
-# The benchmark against the peers (benchmarks/RESULTS.md says what it measures; ~25 min on 2 cores).
+# The benchmark against the peers (benchmarks/RESULTS.md says what it measures; ~40 min on 2 cores).
 bench: install
 	$(PIP) install -q -r benchmarks/requirements.txt
 	$(PY) -m benchmarks.run

@@ -2,7 +2,7 @@
 
 `CONTRACT` is the one list of what the server exports: the collectors are built from it, and the README's
 metrics table, the Grafana dashboard, the alert rules and the autoscaler are checked against it in both
-directions (tests/test_metric_contract.py), so none of them can name a metric the server lacks, nor the
+directions (tests/unit/test_metric_contract.py), so none of them can name a metric the server lacks, nor the
 server add one they do not show.
 
 A registry per app (not the process-global default) lets tests build several apps in one process.

@@ -146,7 +146,7 @@ def render(result: dict[str, float], rows: list[tuple[str, float, float]], other
         "the block; Pillow drops an IFD that runs past the end), Pillow alone for "
         f"{result.get('only_pillow_oriented', 0):.0f}, each a different one for "
         f"{result.get('oriented_differently', 0):.0f}. On damaged blocks no answer is the right one; on "
-        "well-formed files both give the same pixels (`tests/test_images.py`).",
+        "well-formed files both give the same pixels (`tests/unit/test_images.py`).",
         "",
         f"Median decode time of a well-formed photo, one thread (other processes took {other_cores:.2f} of "
         "the 2 cores meanwhile):",

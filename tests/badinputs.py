@@ -15,7 +15,7 @@ Decisions recorded here (see also `app.images`):
   re-serve the bytes, so the appended part is inert. Browsers and most servers accept them too.
 * Animated PNG / WebP: 200, the first frame is used.
 * Pillow modes I (32-bit int) and F (float) cannot be stored in JPEG, PNG or WebP (a 16-bit grey PNG
-  decodes as I;16), so they have no upload here; `tests/test_images.py` checks them via `to_rgb`.
+  decodes as I;16), so they have no upload here; `tests/unit/test_images.py` checks them via `to_rgb`.
 
 No pytest import: the HTTP tests can reuse this module.
 """

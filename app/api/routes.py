@@ -22,7 +22,7 @@ class Endpoint:
 def _flat(routes: Iterable[object]) -> Iterator[object]:
     """Every route, routers included with `include_router` opened up. FastAPI >= 0.16x keeps included
     routers as one entry each and offers `iter_route_contexts` to walk them; older releases flatten them
-    into `app.routes` themselves (tests/test_api.py checks the listing either way)."""
+    into `app.routes` themselves (tests/model/test_api.py checks the listing either way)."""
     try:
         from fastapi.routing import iter_route_contexts
     except ImportError:  # pragma: no cover - older FastAPI

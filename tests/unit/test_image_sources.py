@@ -1,6 +1,6 @@
 """app.image_sources without a network: base64 and data URLs, the host list, the address policy, settings.
 
-Fetching from a real server is in tests/test_image_urls.py.
+Fetching from a real server is in tests/unit/test_image_urls.py.
 """
 
 from __future__ import annotations
