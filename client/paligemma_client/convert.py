@@ -55,6 +55,8 @@ def decode_rle(rle: RLE) -> np.ndarray:
 
 
 def _runs(counts: str) -> list[int]:
+    # The same decoder as the server's app.masks.placement.decode_rle, copied: the client must install
+    # without the server (torch). Both are tested against pycocotools.
     # pycocotools' rleFrString: 5-bit groups offset by 48, 0x20 "more follows", 0x10 in the last group the
     # sign; from the third number on, each is a difference to the number two before it.
     runs: list[int] = []
