@@ -8,7 +8,7 @@ On a lent GPU machine of this workplace (the device tool: Python 3.12, torch wit
 dependencies that image lacks, as wheels in the git-ignored .whl/, at the lock's versions), then make
 one call of the device tool's `run`:
 
-    kind: nvidia-h100-x1 (or nvidia-h200), timeout_s: 600, carry: [".whl"], command:
+    timeout_s: 600, carry: [".whl"], command:
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; \
         PYTHONUNBUFFERED=1 python3 -m benchmarks.gpu
