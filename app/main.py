@@ -19,6 +19,7 @@ from app.api.auth import ApiKeyMiddleware, api_key_scheme, bearer_scheme
 from app.api.errors import install_error_handlers
 from app.api.limits import BodyLimitMiddleware
 from app.api.middleware import REQUEST_ID_HEADER, RequestContextMiddleware
+from app.engine.model_thread import ModelThread
 from app.engine.service import InferenceService, RunnerFactory
 from app.lifecycle import Lifecycle, StartupError
 from app.metrics import Metrics
@@ -46,18 +47,19 @@ async def _bring_up(app: FastAPI) -> None:
     lifecycle: Lifecycle = app.state.lifecycle
     metrics: Metrics = app.state.metrics
     try:
-        loaded = await asyncio.to_thread(load_model, settings)
-        decoder = await asyncio.to_thread(_load_mask_decoder, settings, loaded.device)
+        # Everything that touches the model runs on this one thread (app.engine.model_thread says why).
+        model_thread = app.state.model_thread = ModelThread()
+        loaded = await model_thread.run(load_model, settings)
+        decoder = await model_thread.run(_load_mask_decoder, settings, loaded.device)
         def worker_died(exc: BaseException) -> None:
             lifecycle.fail(f"model worker failed: {exc!r}")
             metrics.ready.set(0)
             app.state.on_fatal()
 
-        service = InferenceService(settings, loaded, metrics, decoder, on_fatal=worker_died,
-                                   tracer=app.state.tracer,
-                                   **({"runner_factory": app.state.runner_factory}
-                                      if app.state.runner_factory else {}))
-        await service.start()
+        service = await model_thread.run(lambda: InferenceService(
+            settings, loaded, metrics, decoder, on_fatal=worker_died, tracer=app.state.tracer,
+            **({"runner_factory": app.state.runner_factory} if app.state.runner_factory else {})))
+        await service.start(model_thread)
         app.state.service = service
         await service.warm_up()
     except StartupError as exc:
@@ -96,6 +98,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             # Whatever is left of the drain: the signal handler usually spent it already.
             remaining = max(0.0, (lifecycle.drain_deadline or 0) - time.monotonic())
             await service.stop(remaining)
+        if app.state.model_thread is not None:
+            app.state.model_thread.close()
         if app.state.tracing is not None:
             await asyncio.to_thread(app.state.tracing.shutdown)  # exports what is still buffered
         logger.info("stopped")
@@ -121,6 +125,7 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] | 
     app.state.metrics = Metrics()
     app.state.lifecycle = Lifecycle()
     app.state.service = None
+    app.state.model_thread = None  # set when the model starts loading
     app.state.on_fatal = on_fatal or (lambda: None)
     app.state.runner_factory = runner_factory
 

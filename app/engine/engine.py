@@ -16,12 +16,15 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.engine.loop import EngineLoop, Finisher, StepEvents, StepRunner
 from app.engine.observer import EngineObserver, NullObserver
 from app.engine.scheduler import Scheduler, Sequence
 from app.errors import DeadlineExceeded, NotReady, QueueFull, ShuttingDown
+
+if TYPE_CHECKING:
+    from app.engine.model_thread import ModelThread
 
 logger = logging.getLogger(__name__)
 
@@ -219,9 +222,10 @@ class Engine:
                 handle.future.set_exception(error)
 
     # Life ------------------------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, on: ModelThread | None = None) -> None:
+        """Start taking requests; the worker loop runs on `on` if given (see EngineLoop.start)."""
         self._loop = asyncio.get_running_loop()
-        self.worker.start()
+        self.worker.start(on)
 
     def stop_intake(self) -> None:
         self._accepting = False

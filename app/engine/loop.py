@@ -17,12 +17,17 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent import futures
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from app.engine.observer import EngineObserver
 from app.engine.scheduler import Scheduler, Sequence
 from app.errors import InferenceFailed
+
+if TYPE_CHECKING:
+    from app.engine.model_thread import ModelThread
 
 logger = logging.getLogger(__name__)
 
@@ -90,14 +95,21 @@ class EngineLoop:
         self.is_oom = is_oom
         self.is_fatal = is_fatal
         self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
+        self._thread: threading.Thread | None = None
+        self._running: Future[None] | None = None  # the loop, when it runs on a ModelThread
         # When the worker last finished a step or went idle: a stuck worker stops moving it.
         self.last_progress = time.monotonic()
         self.working = False
         self._events = StepEvents()
 
     # Called from other threads ---------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, on: ModelThread | None = None) -> None:
+        """Run the loop on `on` (the thread that loaded the model: see app.engine.model_thread), where it
+        stays until stopped, or else on a thread of its own."""
+        if on is not None:
+            self._running = on.submit(self._run)
+            return
+        self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
         self._thread.start()
 
     def submit(self, seq: Sequence) -> None:
@@ -113,8 +125,10 @@ class EngineLoop:
 
     def stop(self, timeout_s: float) -> None:
         self._inbox.put(_STOP)
-        if self._thread.is_alive():
+        if self._thread is not None and self._thread.is_alive():
             self._thread.join(timeout_s)
+        elif self._running is not None:
+            futures.wait([self._running], timeout_s)
 
     def run_until_idle(self, max_steps: int = 1_000_000) -> int:
         """Take what is in the inbox and step until nothing is left, in the calling thread; the number

@@ -24,6 +24,7 @@ from app.engine.faults import is_out_of_memory, is_unrecoverable
 from app.engine.finishing import FinishedOutput, OutputFinisher
 from app.engine.jobs import ImageInput, Job, JobResult, ObjectResult
 from app.engine.loop import StepRunner
+from app.engine.model_thread import ModelThread
 from app.engine.observer import EngineObserver
 from app.engine.results import object_results
 from app.engine.runner import ModelStepRunner, RowInput, RunnerConfig
@@ -104,23 +105,24 @@ class InferenceService:
         return self.engine.stalled_for()
 
     # Life ------------------------------------------------------------------------------------------
-    async def start(self) -> None:
-        self.engine.start()
-
-    async def warm_up(self) -> None:
-        """Capture the decode graphs, then run every task path and the mask decoder once, so the first
-        clients pay no lazy set-up. Client-facing limits (pixels, bytes) are not applied here: they must
-        not stop start-up."""
-        started = time.perf_counter()
+    async def start(self, model_thread: ModelThread) -> None:
+        """Capture the decode graphs and run the mask decoder once, then start the engine's loop; all on
+        `model_thread`, the thread that loaded the model (app.engine.model_thread says why)."""
         capture = getattr(self.runner, "capture_graphs", None)
         if capture is not None:
-            await asyncio.to_thread(capture)
+            await model_thread.run(capture)
+        if self.mask_decoder is not None:
+            await model_thread.run(self._warm_masks)
+        self.engine.start(model_thread)
+
+    async def warm_up(self) -> None:
+        """Run every task path once through the engine, so the first clients pay no lazy set-up.
+        Client-facing limits (pixels, bytes) are not applied here: they must not stop start-up."""
+        started = time.perf_counter()
         image = io.BytesIO()
         Image.new("RGB", (48, 32), (127, 127, 127)).save(image, format="PNG")
         await asyncio.gather(*(self._run(job, ImageInput(image.getvalue()), None, max_pixels=48 * 32)
                                for job in _WARM_UP_JOBS))
-        if self.mask_decoder is not None:
-            await asyncio.to_thread(self._warm_masks)
         logger.info("warm-up: every task path ran in %.2f s", time.perf_counter() - started)
 
     def _warm_masks(self) -> None:
