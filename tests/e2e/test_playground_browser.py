@@ -29,7 +29,7 @@ from app.api.streaming import sse
 from app.errors import InferenceFailed
 from tests.trained_model import DETECT_BINS, SEGMENT_BINS, image_bytes, training_image
 
-OUTPUT = Path(__file__).resolve().parents[2] / "output"
+OUTPUT = Path(__file__).resolve().parents[1] / "output"  # tests/output, git-ignored
 WIDTH, HEIGHT = 640, 400
 IMAGE = image_bytes(training_image().resize((WIDTH, HEIGHT)))
 # ENVIRONMENT.md's flags for headless Chromium here, plus: resolve nothing but the loopback address.
