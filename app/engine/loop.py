@@ -14,20 +14,17 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
+from app.engine.model_thread import ModelThread
 from app.engine.observer import EngineObserver
 from app.engine.scheduler import Scheduler, Sequence
 from app.errors import InferenceFailed
-
-if TYPE_CHECKING:
-    from app.engine.model_thread import ModelThread
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +92,7 @@ class EngineLoop:
         self.is_oom = is_oom
         self.is_fatal = is_fatal
         self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._running: Future[None] | None = None  # the loop, when it runs on a ModelThread
+        self._running: Future[None] | None = None  # the loop, once started: done when it returns
         # When the worker last finished a step or went idle: a stuck worker stops moving it.
         self.last_progress = time.monotonic()
         self.working = False
@@ -105,12 +101,11 @@ class EngineLoop:
     # Called from other threads ---------------------------------------------------------------------
     def start(self, on: ModelThread | None = None) -> None:
         """Run the loop on `on` (the thread that loaded the model: see app.engine.model_thread), where it
-        stays until stopped, or else on a thread of its own."""
-        if on is not None:
-            self._running = on.submit(self._run)
-            return
-        self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
-        self._thread.start()
+        stays until stopped, or else on a model thread of its own that ends with the loop."""
+        thread = on or ModelThread(name="model-worker")
+        self._running = thread.submit(self._run)
+        if on is None:
+            thread.close()
 
     def submit(self, seq: Sequence) -> None:
         self._inbox.put(seq)
@@ -125,9 +120,7 @@ class EngineLoop:
 
     def stop(self, timeout_s: float) -> None:
         self._inbox.put(_STOP)
-        if self._thread is not None and self._thread.is_alive():
-            self._thread.join(timeout_s)
-        elif self._running is not None:
+        if self._running is not None:
             futures.wait([self._running], timeout_s)
 
     def run_until_idle(self, max_steps: int = 1_000_000) -> int:
