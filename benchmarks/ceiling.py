@@ -44,6 +44,7 @@ from app.model.loader import LoadedModel
 from app.settings import Settings
 from app.tasks.prompts import Task
 from benchmarks.loadgen import percentile
+from benchmarks.report import fmt
 from benchmarks.workload import PHOTO_SOURCES, Request, build_mix, skimage_available
 
 SERVER_PATH = "server_path"
@@ -241,19 +242,11 @@ def run(model: str, seed: int, concurrency: list[int], rows: int, duration_s: fl
             row.pop("next_index")
             results.append({"mode": mode, "feature_cache_size": cache, **row})
             print(f"[ceiling] {mode} N={n}: {row['requests_per_s']:.2f} req/s, decode step "
-                  f"{_ms(row['decode']['ms_median'])} ms over {_rows(row['decode']['rows_mean'])} rows "
+                  f"{fmt(row['decode']['ms_median'], 1)} ms over {fmt(row['decode']['rows_mean'], 1)} rows "
                   f"(other processes {row['cpu']['other_cores']:.2f} cores)", flush=True)
     return {"model": model, "seed": seed, "parameters": loaded.parameters, "dtype": str(loaded.dtype),
             "device": str(loaded.device), "rows": rows, "prefill_tokens": settings.prefill_tokens,
             "feature_cache_size": settings.feature_cache_size, "photos": photos, "results": results}
-
-
-def _ms(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1f}"
-
-
-def _rows(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1f}"
 
 
 def main() -> None:

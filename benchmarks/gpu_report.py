@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.report import update_section
+from benchmarks.report import check, fmt, update_section
 
 __all__ = ["physical_limits", "render", "targets", "update_section"]
 
@@ -92,8 +92,7 @@ def _step_ms(ceiling_row: dict[str, Any] | None, rows: int) -> float | None:
 
 
 def _check(name: str, value: float | None, target: float, at_most: bool) -> dict[str, Any]:
-    met = None if value is None else (value <= target if at_most else value >= target)
-    return {"name": name, "value": value, "target": target, "at_most": at_most, "met": met}
+    return {"name": name, **check(value, target, at_most)}
 
 
 def _served_levels(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -138,10 +137,6 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     return checks
 
 
-def _f(value: float | None, digits: int = 2) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
 def render(results: dict[str, Any]) -> str:
     meta, inproc = results["meta"], results.get("in_process") or {}
     limits = inproc.get("limits") or {}
@@ -162,7 +157,7 @@ def render(results: dict[str, Any]) -> str:
         f"({inproc.get('cache_gb', 0):.2f} GB); decode graphs {inproc.get('graphs') or 'none (eager)'} "
         f"captured in {inproc.get('capture_s', 0):.1f} s in-process (`ModelStepRunner.capture_graphs`, "
         f"timed); the server's log: {(results.get('served') or {}).get('capture_log', 'n/a')}, ready in "
-        f"{_f((results.get('served') or {}).get('startup_s'), 0)} s.",
+        f"{fmt((results.get('served') or {}).get('startup_s'), 0)} s.",
         f"- Every request generates {meta['new_tokens']} tokens unless said otherwise; mean prompt "
         f"{limits.get('prompt_tokens')} tokens (image tokens + the prefix). Photos: {meta['photos']}.",
         f"- Bandwidth: {limits.get('bandwidth_source')}. A decode step must read "
@@ -175,10 +170,10 @@ def render(results: dict[str, Any]) -> str:
     lines += _ceiling_lines(inproc) + _step_lines(inproc) + _served_lines(results) + _tutorial_lines(results)
     lines += ["### Targets (issue 8)" + (" (dry run: no meaning)" if dry else ""), "",
               "| target | value | limit | verdict |", "|---|---|---|---|"]
-    for check in results.get("targets") or []:
-        verdict = {True: "**met**", False: "**not met**", None: "not measured"}[check["met"]]
-        lines.append(f"| {check['name']} | {_f(check['value'])} | {'<=' if check['at_most'] else '>='} "
-                     f"{check['target']:g} | {verdict} |")
+    for target in results.get("targets") or []:
+        verdict = {True: "**met**", False: "**not met**", None: "not measured"}[target["met"]]
+        lines.append(f"| {target['name']} | {fmt(target['value'])} | {'<=' if target['at_most'] else '>='} "
+                     f"{target['target']:g} | {verdict} |")
     return "\n".join(lines)
 
 
@@ -193,9 +188,9 @@ def _ceiling_lines(inproc: dict[str, Any]) -> list[str]:
     for r in rows:
         d, p = r["decode"], r["prefill"]
         lines.append(f"| {r['concurrency']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
-                     f"{_f(r['latency_ms']['p50'], 0)} | {d['steps']} | {_f(d['rows_mean'], 1)} | "
-                     f"{_f(d['ms_median'])} | {p['steps']} ({_f(p['rows_mean'], 1)}) | "
-                     f"{_f(p['ms_median'], 1)} | {r['busy']:.0%} |")
+                     f"{fmt(r['latency_ms']['p50'], 0)} | {d['steps']} | {fmt(d['rows_mean'], 1)} | "
+                     f"{fmt(d['ms_median'])} | {p['steps']} ({fmt(p['rows_mean'], 1)}) | "
+                     f"{fmt(p['ms_median'], 1)} | {r['busy']:.0%} |")
     return [*lines, ""]
 
 
@@ -219,8 +214,8 @@ def _step_lines(inproc: dict[str, Any]) -> list[str]:
         step = _step_ms(level, rows)
         floor = floor_ms(limits, rows, position)
         whole = floor_ms(limits, rows, inproc["cache_length"] + 1)
-        lines.append(f"| {rows} | {_f(step)} | {replay_ms:.2f} | {floor:.2f} | {whole:.2f} | "
-                     f"{_f(step / floor if step else None)} |")
+        lines.append(f"| {rows} | {fmt(step)} | {replay_ms:.2f} | {floor:.2f} | {whole:.2f} | "
+                     f"{fmt(step / floor if step else None)} |")
     return [*lines, ""]
 
 
@@ -240,12 +235,12 @@ def _served_lines(results: dict[str, Any]) -> list[str]:
             m, lat = level.get("server_metrics") or {}, level["latency_ms"]
             c = ceiling.get(level["concurrency"])
             lines.append(
-                f"| {level['concurrency']} | {level['requests_per_s']:.2f} | {_f(lat['p50'], 0)} | "
-                f"{_f(lat['p90'], 0)} | {_f(lat['p99'], 0)} | {level['errors'] or 0} | "
-                f"{_f(m.get('mean_decode_rows'), 1)} | {_f(m.get('mean_decode_step_ms'))} | "
-                f"{_f(m.get('prefill_steps'), 0)} ({_f(m.get('mean_prefill_rows'), 1)}) | "
-                f"{_f(m.get('mean_time_to_first_token_ms'), 0)} | "
-                f"{_f(level['requests_per_s'] / c if c else None)} |")
+                f"| {level['concurrency']} | {level['requests_per_s']:.2f} | {fmt(lat['p50'], 0)} | "
+                f"{fmt(lat['p90'], 0)} | {fmt(lat['p99'], 0)} | {level['errors'] or 0} | "
+                f"{fmt(m.get('mean_decode_rows'), 1)} | {fmt(m.get('mean_decode_step_ms'))} | "
+                f"{fmt(m.get('prefill_steps'), 0)} ({fmt(m.get('mean_prefill_rows'), 1)}) | "
+                f"{fmt(m.get('mean_time_to_first_token_ms'), 0)} | "
+                f"{fmt(level['requests_per_s'] / c if c else None)} |")
         lines.append("")
     mixed = served.get("mixed")
     if mixed:
@@ -255,8 +250,8 @@ def _served_lines(results: dict[str, Any]) -> list[str]:
                   f"{mixed['errors'] or 0}.", "",
                   "| max_new_tokens | completed | p50 ms | p90 ms |", "|---|---|---|---|"]
         for length, row in mixed["per_length"].items():
-            lines.append(f"| {length} | {row['completed']} | {_f(row['p50_ms'], 0)} | "
-                         f"{_f(row['p90_ms'], 0)} |")
+            lines.append(f"| {length} | {row['completed']} | {fmt(row['p50_ms'], 0)} | "
+                         f"{fmt(row['p90_ms'], 0)} |")
         lines.append("")
     return lines
 
@@ -271,6 +266,6 @@ def _tutorial_lines(results: dict[str, Any]) -> list[str]:
     lines += ["| in flight | req/s | p50 ms | p90 ms | errors |", "|---|---|---|---|---|"]
     for level in tutorial["levels"]:
         lat = level["latency_ms"]
-        lines.append(f"| {level['concurrency']} | {level['requests_per_s']:.2f} | {_f(lat['p50'], 0)} | "
-                     f"{_f(lat['p90'], 0)} | {level['errors'] or 0} |")
+        lines.append(f"| {level['concurrency']} | {level['requests_per_s']:.2f} | {fmt(lat['p50'], 0)} | "
+                     f"{fmt(lat['p90'], 0)} | {level['errors'] or 0} |")
     return [*lines, ""]

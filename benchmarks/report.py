@@ -92,7 +92,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def _check(value: float | None, target: float | None, at_most: bool = False) -> dict[str, Any]:
+def check(value: float | None, target: float | None, at_most: bool = False) -> dict[str, Any]:
+    """A target's verdict: met, not met, or None when either number is missing."""
     met = None if value is None or target is None else (value <= target if at_most else value >= target)
     return {"value": value, "target": target, "at_most": at_most, "met": met}
 
@@ -106,7 +107,7 @@ def _efficiency(results: dict[str, Any], system: str) -> list[dict[str, Any]]:
         disturbed = any(_other(row) > QUIET_CORES for row in _ceiling_rows(results, n, mode))
         target = TARGET_EFFICIENCY if n >= EFFICIENCY_FROM else None
         rows.append({"concurrency": n, "served": served, "ceiling": ceiling, "ceiling_disturbed": disturbed,
-                     **_check(_ratio(served, ceiling), target)})
+                     **check(_ratio(served, ceiling), target)})
     return rows
 
 
@@ -126,7 +127,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     ours = [system for system in CEILING_MODE if system in results["systems"]]
     efficiency = {system: _efficiency(results, system) for system in ours}
     # The p50 target compares with the static batcher at 1 in flight; at another lowest level: no target.
-    p50_static = {system: _check(_p50(results, system, low),
+    p50_static = {system: check(_p50(results, system, low),
                                  STATIC_P50_AT_1_MS[system] if low == 1 else None, at_most=True)
                   for system in ours}
     p50_ratio = _ratio(_p50(results, "ours", low), _p50(results, "tutorial", low))
@@ -140,16 +141,17 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         "p50_vs_static": p50_static,
         "batching_gain": gain,
         "ours_over_tutorial": _ratio(ours_top, tutorial_top),
-        "gain_realised": _check(_gain_realised(ours_top, tutorial_top, gain), TARGET_GAIN_REALISED),
+        "gain_realised": check(_gain_realised(ours_top, tutorial_top, gain), TARGET_GAIN_REALISED),
         "no_cache_batching_gain": plain_gain,
-        "no_cache_gain_realised": _check(_gain_realised(nocache_top, tutorial_top, plain_gain),
+        "no_cache_gain_realised": check(_gain_realised(nocache_top, tutorial_top, plain_gain),
                                          TARGET_GAIN_REALISED),
-        "ours_over_litserve": _check(_ratio(ours_top, _rps(results, "litserve", top)), TARGET_VS_LITSERVE),
-        "p50_low_ours_over_tutorial": _check(p50_ratio, TARGET_P50_AT_1, at_most=True),
+        "ours_over_litserve": check(_ratio(ours_top, _rps(results, "litserve", top)), TARGET_VS_LITSERVE),
+        "p50_low_ours_over_tutorial": check(p50_ratio, TARGET_P50_AT_1, at_most=True),
     }
 
 
-def _f(value: float | None, digits: int = 2) -> str:
+def fmt(value: float | None, digits: int = 2) -> str:
+    """A number for a table: `digits` decimals, or n/a when it was not measured."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return f"{value:.{digits}f}"
@@ -236,11 +238,11 @@ def _ceiling_table(results: dict[str, Any]) -> list[str]:
             used = any(row is r for r in _ceiling_rows(results, row["concurrency"], row["mode"]))
             d, p = row["decode"], row["prefill"]
             lines.append(f"| {tag}{' (**used**)' if used else ''} | {row['mode'].replace('_', ' ')} | "
-                         f"{row['concurrency']} | {_f(row['requests_per_s'])} | "
-                         f"{_f(row['tokens_per_s'], 1)} | "
-                         f"{_f(row['latency_ms']['p50'], 0)} | {d['steps']} | {_f(d['rows_mean'], 1)} | "
-                         f"{_f(d['ms_median'], 1)} | {p['steps']} ({_f(p['rows_mean'], 1)}) | "
-                         f"{_f(p['ms_median'], 0)} | {row['busy']:.0%} | {_f(_other(row))} |")
+                         f"{row['concurrency']} | {fmt(row['requests_per_s'])} | "
+                         f"{fmt(row['tokens_per_s'], 1)} | "
+                         f"{fmt(row['latency_ms']['p50'], 0)} | {d['steps']} | {fmt(d['rows_mean'], 1)} | "
+                         f"{fmt(d['ms_median'], 1)} | {p['steps']} ({fmt(p['rows_mean'], 1)}) | "
+                         f"{fmt(p['ms_median'], 0)} | {row['busy']:.0%} | {fmt(_other(row))} |")
     return [*lines, ""]
 
 
@@ -264,15 +266,15 @@ def _system_lines(name: str, entry: dict[str, Any]) -> list[str]:
         lat, cpu = level["latency_ms"], level.get("cpu", {})
         n = f"{level['concurrency']}" + (" (retried)" if level.get("discarded_attempts") else "")
         lines.append(
-            f"| {n} | {_f(level['requests_per_s'])} | {_f(lat['p50'], 0)} | "
-            f"{_f(lat['p90'], 0)} | {_f(lat['p99'], 0)} | {_errors(level)} | {_f(level['peak_mb'], 0)} | "
-            f"{_f(cpu.get('server_cores'))} | {_f(cpu.get('other_cores'))} |")
+            f"| {n} | {fmt(level['requests_per_s'])} | {fmt(lat['p50'], 0)} | "
+            f"{fmt(lat['p90'], 0)} | {fmt(lat['p99'], 0)} | {_errors(level)} | {fmt(level['peak_mb'], 0)} | "
+            f"{fmt(cpu.get('server_cores'))} | {fmt(cpu.get('other_cores'))} |")
     for level in entry["levels"]:
         for attempt in level.get("discarded_attempts") or []:
             lines.append(f"\nN={level['concurrency']} was measured again: its first window had "
-                         f"{_f(attempt['cpu'].get('other_cores'))} cores taken by other processes "
-                         f"({_f(attempt['requests_per_s'])} req/s, p50 "
-                         f"{_f(attempt['latency_ms']['p50'], 0)} ms); the table shows the quieter attempt.")
+                         f"{fmt(attempt['cpu'].get('other_cores'))} cores taken by other processes "
+                         f"({fmt(attempt['requests_per_s'])} req/s, p50 "
+                         f"{fmt(attempt['latency_ms']['p50'], 0)} ms); the table shows the quieter attempt.")
     mismatches = sum(level["token_mismatches"] for level in entry["levels"])
     if mismatches:
         lines.append(f"\n{mismatches} responses reported a completion_tokens other than max_new_tokens.")
@@ -308,10 +310,11 @@ def _server_metrics_table(levels: list[dict[str, Any]]) -> list[str]:
         m = level["server_metrics"]
         dist = ", ".join(f"<={float(k):g}: {v:.0f}" for k, v in m["decode_rows_distribution"].items())
         busy = m["step_busy_s"] / level["duration_s"]
-        lines.append(f"| {level['concurrency']} | {m['decode_steps']:.0f} | {_f(m['mean_decode_rows'], 1)} | "
-                     f"{dist} | {_f(m['mean_decode_step_ms'], 1)} | {m['prefill_steps']:.0f} | "
-                     f"{_f(m['mean_prefill_rows'], 1)} | {_f(m['mean_prefill_step_ms'], 0)} | {busy:.0%} | "
-                     f"{_f(m['mean_queue_wait_ms'], 0)} | {_f(m['mean_time_to_first_token_ms'], 0)} | "
+        lines.append(f"| {level['concurrency']} | {m['decode_steps']:.0f} | "
+                     f"{fmt(m['mean_decode_rows'], 1)} | {dist} | {fmt(m['mean_decode_step_ms'], 1)} | "
+                     f"{m['prefill_steps']:.0f} | "
+                     f"{fmt(m['mean_prefill_rows'], 1)} | {fmt(m['mean_prefill_step_ms'], 0)} | {busy:.0%} | "
+                     f"{fmt(m['mean_queue_wait_ms'], 0)} | {fmt(m['mean_time_to_first_token_ms'], 0)} | "
                      f"{m['feature_cache_hits']:.0f} |")
     return [*lines, ""]
 
@@ -337,8 +340,8 @@ def _summary_lines(summary: dict[str, Any], results: dict[str, Any]) -> list[str
     for system, rows in summary["efficiency"].items():
         for row in rows:
             target = f">= {row['target']}" if row["target"] is not None else ""
-            lines.append(f"| {system} | {row['concurrency']} | {_f(row['served'])} | {_f(row['ceiling'])} | "
-                         f"{_f(row['value'])} | {target} | "
+            lines.append(f"| {system} | {row['concurrency']} | {fmt(row['served'])} | "
+                         f"{fmt(row['ceiling'])} | {fmt(row['value'])} | {target} | "
                          f"{_verdict(row, disturbed=row['ceiling_disturbed'])} |")
     met = summary["efficiency_met"]
     lines += ["", "Our server's efficiency target (every N from 4 up): "
@@ -346,21 +349,21 @@ def _summary_lines(summary: dict[str, Any], results: dict[str, Any]) -> list[str
               "| measure | value | target | verdict |", "|---|---|---|---|"]
     for system, check in summary["p50_vs_static"].items():
         target = f"<= {check['target']:g} ms (static batching)" if check["target"] is not None else ""
-        lines.append(f"| {system}: p50 at {low} in flight, ms | {_f(check['value'], 0)} | {target} | "
+        lines.append(f"| {system}: p50 at {low} in flight, ms | {fmt(check['value'], 0)} | {target} | "
                      f"{_verdict(check)} |")
     gain, lit, p50 = (summary[k] for k in ("gain_realised", "ours_over_litserve",
                                            "p50_low_ours_over_tutorial"))
     plain, plain_gain = summary["no_cache_gain_realised"], summary["no_cache_batching_gain"]
     lines += [
-        f"| ours@{top} / tutorial@{top} (req/s) | {_f(summary['ours_over_tutorial'])}x | | |",
+        f"| ours@{top} / tutorial@{top} (req/s) | {fmt(summary['ours_over_tutorial'])}x | | |",
         f"| batching gain realised: (ours@{top} / tutorial@{top} - 1) / (ceiling@{top} / ceiling@{low} - 1), "
-        f"ceiling gain {_f(summary['batching_gain'])}x | {_f(gain['value'])} | >= {gain['target']} | "
+        f"ceiling gain {fmt(summary['batching_gain'])}x | {fmt(gain['value'])} | >= {gain['target']} | "
         f"{_verdict(gain, summary['batching_gain'])} |",
-        f"| the same, feature cache off (ceiling gain {_f(plain_gain)}x) | "
-        f"{_f(plain['value'])} | >= {plain['target']} | {_verdict(plain, plain_gain)} |",
-        f"| ours@{top} / LitServe@{top} (req/s) | {_f(lit['value'])}x | >= {lit['target']}x | "
+        f"| the same, feature cache off (ceiling gain {fmt(plain_gain)}x) | "
+        f"{fmt(plain['value'])} | >= {plain['target']} | {_verdict(plain, plain_gain)} |",
+        f"| ours@{top} / LitServe@{top} (req/s) | {fmt(lit['value'])}x | >= {lit['target']}x | "
         f"{_met(lit)} |",
-        f"| p50 at {low} in flight: ours / tutorial | {_f(p50['value'])} | <= {p50['target']} | "
+        f"| p50 at {low} in flight: ours / tutorial | {fmt(p50['value'])} | <= {p50['target']} | "
         f"{_met(p50)} |",
         "",
         "The p50 target compares with the static batcher's p50 at 1 in flight as this file recorded it "
