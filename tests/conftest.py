@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +10,10 @@ import pytest
 from tests.helpers import random_mask_decoder
 from tests.served import served
 from tests.trained_model import train
+
+# The tests' model is the `tiny` preset (random weights, built in milliseconds), not the default `demo`:
+# every `Settings()` and every served process the tests start reads this, unless a test names another.
+os.environ["PALIGEMMA_MODEL"] = "tiny"
 
 TESTS = Path(__file__).resolve().parent
 # The test layers, one folder each; every test gets its folder's marker (`pytest -m unit`: `make test-fast`).

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
+from app import demo
 from app.lifecycle import StartupError
 from app.model import presets
 from app.model.sources import ModelUnavailable, explain
@@ -37,6 +38,11 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     random_weights: bool
+    # What the model is, when the server knows (the built-in demo says what world it was trained on).
+    about: str | None
+    # A mask decoder that belongs to the checkpoint (the demo's own VQ-VAE), used when
+    # PALIGEMMA_MASK_DECODER is not set.
+    bundled_mask_decoder: Path | None
     image_size: int
     image_seq_length: int
     eos_token_ids: tuple[int, ...]
@@ -153,10 +159,13 @@ def load_model(settings: Settings) -> LoadedModel:
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     preset = presets.PRESETS.get(settings.model)
+    is_demo = settings.model == demo.MODEL_NAME
     if preset is not None:
         model, processor = _from_preset(preset, device, dtype, settings.seed)
     else:
-        model, processor = _from_pretrained(settings.model, settings.revision, device, dtype)
+        # The demo is an ordinary checkpoint directory inside the package.
+        source = str(demo.WEIGHTS_DIR) if is_demo else settings.model
+        model, processor = _from_pretrained(source, None if is_demo else settings.revision, device, dtype)
     model.eval()
     # Batched generation is only exact with left padding (right padding changes greedy outputs).
     processor.tokenizer.padding_side = "left"
@@ -169,6 +178,8 @@ def load_model(settings: Settings) -> LoadedModel:
         device=device,
         dtype=dtype,
         random_weights=preset is not None,
+        about=demo.ABOUT if is_demo else None,
+        bundled_mask_decoder=demo.WEIGHTS_DIR / demo.MASK_DECODER_FILE if is_demo else None,
         image_size=int(vision.image_size),
         image_seq_length=int(processor.image_seq_length),
         eos_token_ids=_eos_ids(model, processor),
@@ -183,4 +194,6 @@ def load_model(settings: Settings) -> LoadedModel:
     )
     if loaded.random_weights:
         logger.warning(RANDOM_WEIGHTS_WARNING.format(name=loaded.name))
+    if loaded.about:
+        logger.info(loaded.about)
     return loaded
