@@ -8,10 +8,12 @@ import io
 import json
 import sys
 
+import httpx
 import numpy as np
 import pytest
-from paligemma_client.cli import main
-from paligemma_client.evaluation import coco_score
+from paligemma_client.cli import build_parser, main
+from paligemma_client.evaluation import cli as evaluation
+from paligemma_client.evaluation import coco_score, report
 from paligemma_client.evaluation.coco_data import (
     CocoDataset,
     Results,
@@ -22,7 +24,7 @@ from paligemma_client.evaluation.coco_data import (
     plan_requests,
 )
 from paligemma_client.evaluation.text import DatasetError
-from paligemma_client.models import DetectResponse, SegmentResponse
+from paligemma_client.models import DetectResponse, ModelCard, SegmentResponse
 from pycocotools import mask as coco_mask
 
 CATEGORIES = [{"id": 1, "name": "red circle"}, {"id": 2, "name": "blue  Square"}, {"id": 5, "name": "green star"}]
@@ -95,7 +97,7 @@ def test_all_categories_are_split_into_requests_the_server_takes(tmp_path):
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"categories": CATEGORIES + [{"id": 9, "name": "Red   Circle"}]}, "are the same name once spacing and case"),
+    ({"categories": [*CATEGORIES, {"id": 9, "name": "Red   Circle"}]}, "are the same name once spacing and case"),
     ({"categories": [{"id": 1, "name": "cat ; dog"}]}, "holds ';'"),
     ({"categories": [{"id": 1, "name": "  "}]}, "non-empty `name`"),
     ({"images": [{"id": 10, "file_name": "a.png"}]}, "`width` and `height`"),
@@ -281,3 +283,70 @@ def test_unusable_arguments_exit_2_before_anything_is_sent(tmp_path, monkeypatch
     assert message.format(tmp=tmp_path) in err.getvalue()
     assert "usage: paligemma eval detect" in err.getvalue()
 
+
+
+def _card(masks: bool) -> dict:
+    return {"object": "list", "data": [{
+        "id": "m", "object": "model", "random_weights": False, "warning": None, "image_size": 224,
+        "image_tokens": 256, "parameters": 1, "dtype": "float32", "device": "cpu", "masks": masks,
+        "mask_decoder": None, "max_batch_size": 1, "max_prompt_tokens": 64, "decode_graphs": [],
+        "max_new_tokens": 256, "default_max_new_tokens": 64}]}
+
+
+def test_segment_refuses_a_server_without_masks_before_sending_an_image(tmp_path, monkeypatch):
+    data = dataset_json()
+    for ann in data["annotations"]:
+        ann["segmentation"] = [[0, 0, 10, 0, 10, 10]]
+    (tmp_path / "coco.json").write_text(json.dumps(data))
+    paths = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        paths.append(request.url.path)
+        return httpx.Response(200, json=_card(masks=False))
+
+    args = build_parser().parse_args(["eval", "segment", "--coco", str(tmp_path / "coco.json"), "--images",
+                                      str(tmp_path), "--url", "http://server"])
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    with pytest.raises(SystemExit) as raised:
+        evaluation.run(args, io.StringIO(), io.StringIO(), transport=httpx.MockTransport(handle))
+    assert raised.value.code == 2 and paths == ["/v1/models"]
+    assert "decodes no masks (/v1/models: masks false); start it with a mask decoder" in err.getvalue()
+
+
+def test_an_unreachable_server_fails_the_run_with_nothing_scored(tmp_path):
+    (tmp_path / "coco.json").write_text(json.dumps(dataset_json()))
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["eval", "detect", "--coco", str(tmp_path / "coco.json"), "--images", str(tmp_path), "--url",
+                 "http://127.0.0.1:9", "--json"], out, err)
+    document = json.loads(out.getvalue())
+    assert code == 1 and "no request sent: http://127.0.0.1:9/v1/models: GET http://127.0.0.1:9/v1/models failed" \
+        in err.getvalue()
+    assert (document["model"], document["AP"], document["images_scored"], document["failed"]) == (None, None, 0, 1)
+    assert document["failed_image_ids"] == [3, 10]
+
+
+def test_the_text_report_shows_every_number(tmp_path):
+    dataset = write(tmp_path, dataset_json())
+    requests = plan_requests(dataset, tmp_path, False, 16)
+    results = Results()
+    results.add(dataset, requests[1], response("detect", [("red circle", [50, 40, 80, 70]), ("cat", [0, 0, 1, 1])]))
+    results.add(dataset, requests[0], response("detect", [("blue square", [0, 0, 50, 40])], finish_reason="length"))
+    gt = coco_score.ground_truth(dataset, "bbox")
+    scores = coco_score.coco_scores(gt, coco_score.loaded_results(gt, results.items), "bbox", [3, 10])
+    matches = coco_score.object_matches(gt, results.items, [3, 10], masks=False)
+    card = ModelCard.model_validate(_card(masks=False)["data"][0])
+    document = report.locate_document("detect", card, dataset, requests, [3, 10], results, scores, matches, [])
+    assert document["recall_50"] == pytest.approx(2 / 3)
+    assert document["per_category"]["red circle"]["AP"] == pytest.approx(1.0)
+    lines = report.locate_text(document).splitlines()
+    assert lines[0] == "model: m"
+    assert lines[1] == "3 images, 2 scored; 2 requests, 0 failed; 2 predictions"
+    assert lines[2].startswith("bbox, pycocotools COCOeval (every score 1.0")
+    assert lines[3].split()[:4] == ["AP", f"{document['AP']:.3f}", "AP50", f"{document['AP50']:.3f}"]
+    assert lines[4].split() == ["recall_50", "0.667", "mean_best_iou", "0.667", "(3", "objects)"]
+    assert lines[5].split() == ["category", "AP", "AP50", "objects", "recall_50", "mean_best_iou"]
+    assert lines[6].split() == ["red", "circle", "1.000", "1.000", "1", "1.000", "1.000"]
+    assert lines[8].split() == ["green", "star", "n/a", "n/a", "0", "n/a", "n/a"]
+    assert lines[9:] == ["labels that name no category (1, not scored): 'cat' x1",
+                         "1 answers cut off at max_new_tokens (raise --max-new-tokens)"]

@@ -165,8 +165,7 @@ def _run_locate(args: argparse.Namespace, out: IO[str], err: IO[str],
     results = coco_data.collect(dataset, requests, answers)
     if args.save_predictions is not None:
         args.save_predictions.write_text(json.dumps(results.items) + "\n")
-    failed = {request.image.id for i, request in enumerate(requests) if i not in answers}
-    scored = sorted({request.image.id for request in requests} - failed)
+    scored = coco_data.scored_images(requests, answers)
     iou_type = "segm" if masks else "bbox"
     gt = coco_score.ground_truth(dataset, iou_type)
     scores = coco_score.coco_scores(gt, coco_score.loaded_results(gt, results.items), iou_type, scored)

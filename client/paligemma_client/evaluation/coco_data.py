@@ -188,13 +188,19 @@ class Results:
             self.items.append(item)
 
 
+def scored_images(requests: Sequence[LocateRequest], answers: dict[int, Any]) -> list[int]:
+    """The ids of the images whose every request was answered (`answers` by request index)."""
+    failed = {request.image.id for i, request in enumerate(requests) if i not in answers}
+    return sorted({request.image.id for request in requests} - failed)
+
+
 def collect(dataset: CocoDataset, requests: Sequence[LocateRequest],
             answers: dict[int, DetectResponse | SegmentResponse]) -> Results:
-    """The results of every image whose requests were all answered, in request order (image id, then the
-    order the model wrote them: with one score for all, that order is how COCOeval ranks them)."""
-    failed = {request.image.id for i, request in enumerate(requests) if i not in answers}
+    """The results of the `scored_images`, in request order (image id, then the order the model wrote
+    them: with one score for all, that order is how COCOeval ranks them)."""
+    scored = set(scored_images(requests, answers))
     results = Results()
     for i, request in enumerate(requests):
-        if request.image.id not in failed:
+        if request.image.id in scored:
             results.add(dataset, request, answers[i])
     return results
