@@ -73,7 +73,7 @@ ARCHITECTURES = {
 class TrainConfig:
     seed: int = 0
     architecture: str = "demo"
-    steps: int = 1400
+    steps: int = 3400
     images: int = 8  # scenes per step
     prompts: int = 6  # prompts per scene
     lr: float = 2e-3
