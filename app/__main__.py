@@ -21,7 +21,7 @@ import uvicorn
 from app.lifecycle import Lifecycle, Phase
 
 if TYPE_CHECKING:
-    from app.engine.service import RunnerFactory
+    from app.serving.service import RunnerFactory
 from app.settings import SettingsError, load_settings, removed_variables
 
 # Seconds between the drain deadline and the process's exit at most: answers already decided are sent.

@@ -20,10 +20,10 @@ from app.api.errors import install_error_handlers
 from app.api.limits import BodyLimitMiddleware
 from app.api.middleware import REQUEST_ID_HEADER, RequestContextMiddleware
 from app.engine.model_thread import ModelThread
-from app.engine.service import InferenceService, RunnerFactory
 from app.lifecycle import Lifecycle, StartupError
 from app.metrics import Metrics
 from app.model.loader import load_model
+from app.serving.service import InferenceService, RunnerFactory
 from app.settings import Settings, load_settings
 from app.tracing import TELEMETRY_OFF, Tracing, tracing_from_settings
 

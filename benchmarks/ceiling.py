@@ -1,6 +1,6 @@
 """The ceiling: the server's own step engine in-process, N requests always in flight, no HTTP.
 
-The worker side of `python -m app`, driven in the calling thread: `EngineLoop.step_once()` over the
+The worker side of `python -m app`, driven in the calling thread: `EngineCore.step_once()` over the
 `Scheduler` and `ModelStepRunner` the server builds from the same settings (`runner_config`: KV-cache
 rows, prompt and token caps, feature cache; the prefill token budget), each finished request finished by
 the server's `OutputFinisher` (text, parsed boxes). No HTTP, no asyncio, no admission queue, and no image
@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app.engine.core import EngineCore, StepEvents
 from app.engine.finishing import OutputFinisher
-from app.engine.loop import EngineLoop, StepEvents
 from app.engine.observer import NullObserver
 from app.engine.runner import ModelStepRunner, RowInput
 from app.engine.scheduler import Scheduler, Sequence
@@ -101,8 +101,8 @@ class EngineDriver:
 
     def __init__(self, loaded: LoadedModel, settings: Settings):
         from app.engine.faults import is_out_of_memory, is_unrecoverable
-        from app.engine.service import runner_config
         from app.model.inputs import PromptEncoder
+        from app.serving.service import runner_config
 
         self.loaded = loaded
         self.settings = settings
@@ -113,7 +113,7 @@ class EngineDriver:
         self.scheduler = Scheduler(settings.max_batch_size, settings.prefill_tokens)
         self.recorder = StepRecorder()
         finisher = OutputFinisher(PromptEncoder.from_processor(loaded.processor), None)
-        self.loop = EngineLoop(self.scheduler, self.runner, finisher, self._post, self.recorder,
+        self.loop = EngineCore(self.scheduler, self.runner, finisher, self._post, self.recorder,
                                is_out_of_memory, is_unrecoverable)
         self.stop_tokens = frozenset(loaded.eos_token_ids)
 

@@ -219,7 +219,7 @@ def render_run(results: dict[str, Any]) -> str:
 
 def _ceiling_table(results: dict[str, Any]) -> list[str]:
     lines = ["### Ceiling: the server's engine in-process, N in flight, prepared tensors, no HTTP", "",
-             "`benchmarks/ceiling.py`: the server's `EngineLoop` + `ModelStepRunner` + `Scheduler`, built "
+             "`benchmarks/ceiling.py`: the server's `EngineCore` + `ModelStepRunner` + `Scheduler`, built "
              "from the same settings, stepped in one thread; N requests always in flight (a finished one is "
              "replaced by the next of the workload at once, joining at the next step); images and prompts "
              f"prepared beforehand by the server's own functions. Window {_ceiling_window(results)}. "

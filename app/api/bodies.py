@@ -17,9 +17,9 @@ from starlette.datastructures import UploadFile
 
 from app.api.errors import validation_problem
 from app.api.protocol import TaskBody
-from app.engine.jobs import ImageInput
 from app.errors import InvalidImage, InvalidRequest, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
 from app.image_sources import ImageSources
+from app.serving.jobs import ImageInput
 
 Body = TypeVar("Body", bound=TaskBody)
 

@@ -30,11 +30,11 @@ from app.api.protocol import (
     request_body_doc,
 )
 from app.api.streaming import EVENT_STREAM, sse, stream_job
-from app.engine.jobs import ImageInput, Job, JobResult
 from app.engine.sampling import SamplingParams
-from app.engine.service import InferenceService
 from app.errors import InvalidRequest, ServiceError, ValidationFailed
 from app.schemas import AnswerResponse, DetectResponse, GenerateResponse, SegmentResponse, TextResponse
+from app.serving.jobs import ImageInput, Job, JobResult
+from app.serving.service import InferenceService
 from app.tasks import prompts
 from app.tasks.parsing import strip_location_tokens
 from app.tasks.prompts import PromptLimits, Task

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app import render
+from app.api import render
 from app.api.annotate import prefers_png
 from app.masks.placement import decode_rle
 from tests.helpers import files, serve

@@ -181,7 +181,7 @@ def test_metrics_count_what_was_sent():
 def test_readyz_is_503_until_the_model_is_warmed_up(monkeypatch):
     import threading
 
-    from app.engine import service as service_module
+    from app.serving import service as service_module
 
     gate = threading.Event()
     original = service_module.InferenceService.warm_up

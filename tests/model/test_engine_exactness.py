@@ -14,7 +14,7 @@ import random
 import pytest
 import torch
 
-from app.engine.loop import EngineLoop
+from app.engine.core import EngineCore
 from app.engine.observer import NullObserver
 from app.engine.runner import ModelStepRunner, RowInput, RunnerConfig
 from app.engine.scheduler import Scheduler, Sequence, State
@@ -59,7 +59,7 @@ class Driver:
             return prefill(seqs)
 
         self.runner.prefill = counting_prefill  # type: ignore[method-assign]
-        self.loop = EngineLoop(self.scheduler, self.runner, lambda seqs: [s.output_tokens for s in seqs],
+        self.loop = EngineCore(self.scheduler, self.runner, lambda seqs: [s.output_tokens for s in seqs],
                                self.events.append, NullObserver(), lambda exc: False, lambda exc: False)
 
     def submit(self, item: RowInput, max_new_tokens: int) -> Sequence:

@@ -31,7 +31,7 @@ class Script:
 
 @dataclass
 class FakeRunner:
-    """Implements `app.engine.loop.StepRunner`."""
+    """Implements `app.engine.core.StepRunner`."""
 
     feature_cache_hits: int = 0
     rows: int = 64  # the tests size the engine themselves

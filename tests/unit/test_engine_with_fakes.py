@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from app.engine.engine import Engine, EngineConfig, EngineRequest
+from app.engine.front import EngineConfig, EngineFront, EngineRequest
 from app.engine.scheduler import Sequence
 from app.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull, ShuttingDown
 from tests.unit.engine_fakes import DeviceBroken, FakeOOM, FakeRunner, Script
@@ -40,7 +40,7 @@ def finish(seqs: list[Sequence]) -> list[list[int]]:
 def make(rows=4, queue=100, budget=10_000, runner=None, fatal=None):
     runner = runner or FakeRunner()
     recorder = Recorder()
-    engine = Engine(runner, finish, rows, frozenset({STOP}), EngineConfig(queue, budget), recorder,
+    engine = EngineFront(runner, finish, rows, frozenset({STOP}), EngineConfig(queue, budget), recorder,
                     is_oom=lambda exc: isinstance(exc, FakeOOM),
                     is_fatal=lambda exc: isinstance(exc, DeviceBroken),
                     on_fatal=fatal or (lambda exc: None))
@@ -52,7 +52,7 @@ def request(*tokens: int, max_new: int | None = None, **script) -> EngineRequest
                          label="/v1/test")
 
 
-async def run(engine: Engine, req: EngineRequest, timeout_s: float = 5.0, on_tokens=None):
+async def run(engine: EngineFront, req: EngineRequest, timeout_s: float = 5.0, on_tokens=None):
     return await engine.submit(engine.reserve(), req, timeout_s, on_tokens)
 
 
@@ -303,8 +303,8 @@ def test_only_streamed_requests_wake_the_event_loop_every_step():
     async def main(stream: bool):
         engine, _, _ = make(rows=2)
         posted: list[object] = []
-        post = engine.worker.post
-        engine.worker.post = lambda events: (posted.append(events), post(events))
+        post = engine.core.post
+        engine.core.post = lambda events: (posted.append(events), post(events))
         engine.start()
         seen: list[int] = []
         result = await run(engine, request(*range(2, 10)), on_tokens=seen.extend if stream else None)

@@ -1,8 +1,8 @@
-"""The engine as the event loop sees it: admission, one future per request, deadlines, drain.
+"""The engine's asyncio front, as the event loop sees it: admission, one future per request, deadlines, drain.
 
 A request takes a slot at admission (before its image is decoded, so a burst over capacity costs
 nothing: 429 at once); the slot is held while the request is prepared and while it waits for a KV-cache
-row, and given back once the request starts running. The worker thread (`EngineLoop`) does the model
+row, and given back once the request starts running. The worker thread (`EngineCore`) does the model
 work; what it reports comes back here through `call_soon_threadsafe` and settles the futures.
 
 Deadlines and disconnects are watched here, on the event loop, so a client gets its 504 on time even
@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from app.engine.loop import EngineLoop, Finisher, StepEvents, StepRunner
+from app.engine.core import EngineCore, Finisher, StepEvents, StepRunner
 from app.engine.observer import EngineObserver, NullObserver
 from app.engine.scheduler import Scheduler, Sequence
 from app.errors import DeadlineExceeded, NotReady, QueueFull, ShuttingDown
@@ -65,7 +65,7 @@ TokenCallback = Callable[[list[int]], None]
 class Slot:
     """A place among the admitted requests, held until the request runs or is abandoned."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: EngineFront):
         self._engine = engine
         self.released = False
 
@@ -83,7 +83,7 @@ class _Handle:
     on_tokens: TokenCallback | None
 
 
-class Engine:
+class EngineFront:
     def __init__(self, runner: StepRunner, finish: Finisher, rows: int, stop_tokens: frozenset[int],
                  config: EngineConfig, observer: EngineObserver | None = None,
                  is_oom: Callable[[BaseException], bool] = lambda exc: False,
@@ -93,7 +93,7 @@ class Engine:
         self.stop_tokens = stop_tokens
         self.observer: EngineObserver = observer or NullObserver()
         self.scheduler = Scheduler(rows, config.prefill_token_budget)
-        self.worker = EngineLoop(self.scheduler, runner, finish, self._post, self.observer, is_oom, is_fatal)
+        self.core = EngineCore(self.scheduler, runner, finish, self._post, self.observer, is_oom, is_fatal)
         self._on_fatal = on_fatal
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handles: dict[int, _Handle] = {}
@@ -149,7 +149,7 @@ class Engine:
                        request.context, request.label, submitted, streams=on_tokens is not None)
         handle = _Handle(seq, asyncio.get_running_loop().create_future(), slot, on_tokens)
         self._handles[seq.request_id] = handle
-        self.worker.submit(seq)
+        self.core.submit(seq)
         try:
             done, _ = await asyncio.wait({handle.future}, timeout=max(deadline - time.monotonic(), 0))
             if done:
@@ -175,7 +175,7 @@ class Engine:
             return
         handle.future.cancel()
         handle.seq.cancel_reason = reason
-        self.worker.wake()
+        self.core.wake()
         self.observer.dropped(reason)
 
     # Events from the worker ------------------------------------------------------------------------
@@ -223,9 +223,9 @@ class Engine:
 
     # Life ------------------------------------------------------------------------------------------
     def start(self, on: ModelThread | None = None) -> None:
-        """Start taking requests; the worker loop runs on `on` if given (see EngineLoop.start)."""
+        """Start taking requests; the worker loop runs on `on` if given (see EngineCore.start)."""
         self._loop = asyncio.get_running_loop()
-        self.worker.start(on)
+        self.core.start(on)
 
     def stop_intake(self) -> None:
         self._accepting = False
@@ -235,7 +235,7 @@ class Engine:
         self._accepting = False
         self._aborted = True
         self._fail_all(error)
-        self.worker.abort()
+        self.core.abort()
 
     async def stop(self, drain_timeout_s: float) -> None:
         """Stop intake, let admitted requests finish (up to the timeout), answer the rest 503, stop."""
@@ -248,7 +248,7 @@ class Engine:
             self.abort(ShuttingDown("the server shut down before this request finished; retry on another "
                                     "replica", headers={"Retry-After": "1"}))
         # A step in progress cannot be interrupted; do not wait long for it.
-        await asyncio.to_thread(self.worker.stop, 2.0)
+        await asyncio.to_thread(self.core.stop, 2.0)
 
     def stalled_for(self) -> float:
-        return self.worker.stalled_for()
+        return self.core.stalled_for()

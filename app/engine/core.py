@@ -1,4 +1,4 @@
-"""The model worker thread: one model step at a time, forever.
+"""The model worker core: one model step at a time, forever, in the model thread.
 
 Each step: take new and cancelled requests from a thread-safe inbox, let the scheduler plan, prefill the
 newcomers, decode one token for every running row, retire rows whose output ended and finish their
@@ -80,7 +80,7 @@ _STOP = object()
 _ABORT = object()
 
 
-class EngineLoop:
+class EngineCore:
     def __init__(self, scheduler: Scheduler, runner: StepRunner, finish: Finisher,
                  post: Callable[[StepEvents], None], observer: EngineObserver,
                  is_oom: Callable[[BaseException], bool], is_fatal: Callable[[BaseException], bool]):

@@ -19,14 +19,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from app.engine.engine import Completion, Engine, EngineConfig, EngineRequest, TokenCallback
+from app.engine.core import StepRunner
 from app.engine.faults import is_out_of_memory, is_unrecoverable
 from app.engine.finishing import FinishedOutput, OutputFinisher
-from app.engine.jobs import ImageInput, Job, JobResult, ObjectResult
-from app.engine.loop import StepRunner
+from app.engine.front import Completion, EngineConfig, EngineFront, EngineRequest, TokenCallback
 from app.engine.model_thread import ModelThread
 from app.engine.observer import EngineObserver
-from app.engine.results import object_results
 from app.engine.runner import ModelStepRunner, RowInput, RunnerConfig
 from app.errors import InvalidRequest, ServiceError, ShuttingDown
 from app.image_sources import ImageSources
@@ -35,6 +33,8 @@ from app.masks.decoder import LoadedMaskDecoder
 from app.masks.placement import encode_rle, place_mask
 from app.model.inputs import ImageTransform, PromptEncoder
 from app.model.loader import LoadedModel
+from app.serving.jobs import ImageInput, Job, JobResult, ObjectResult
+from app.serving.results import object_results
 from app.settings import Settings
 from app.tasks.prompts import Task
 from app.tracing import record_request_spans
@@ -74,7 +74,7 @@ class InferenceService:
         # What clients send in place of an image file (base64, data URLs, allowed image URLs).
         self.image_sources = ImageSources.from_settings(settings)
         self._prep = ThreadPoolExecutor(settings.prepare_workers, thread_name_prefix="prepare")
-        self.engine = Engine(
+        self.engine = EngineFront(
             self.runner,
             OutputFinisher(self.encoder, mask_decoder.decoder if mask_decoder else None),
             rows=self.runner.rows,  # what fits: the runner sizes its cache to the memory it finds
