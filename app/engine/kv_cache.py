@@ -15,9 +15,14 @@ The object follows the part of transformers' `Cache` interface the Gemma attenti
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,38 @@ class CacheShape:
     def bytes(self, dtype: torch.dtype) -> int:
         element = torch.empty((), dtype=dtype).element_size()
         return 2 * self.layers * self.rows * self.kv_heads * (self.length + 1) * self.head_dim * element
+
+
+def cache_shape(text_config: Any, rows: int, length: int) -> CacheShape:
+    """The cache of `rows` rows of `length` positions for a language model of `text_config`."""
+    text = text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return CacheShape(layers=text.num_hidden_layers, rows=rows, kv_heads=text.num_key_value_heads,
+                      length=length, head_dim=head_dim)
+
+
+# Share of the GPU memory left after loading the model that the KV cache may take: the rest is for
+# activations (a prefill of PALIGEMMA_PREFILL_TOKENS), the decode graphs and the mask decoder.
+CACHE_MEMORY_SHARE = 0.5
+
+
+def rows_that_fit(shape: CacheShape, dtype: torch.dtype, free_bytes: int) -> int:
+    """The most cache rows (at most `shape.rows`) that fit in CACHE_MEMORY_SHARE of `free_bytes`."""
+    per_row = dataclasses.replace(shape, rows=1).bytes(dtype)
+    return max(1, min(shape.rows, int(free_bytes * CACHE_MEMORY_SHARE) // per_row))
+
+
+def fit_to_memory(shape: CacheShape, dtype: torch.dtype, device: torch.device) -> CacheShape:
+    """`shape`, with fewer rows where a CUDA device has not the memory for all of them (logged)."""
+    if device.type != "cuda":
+        return shape
+    free, _ = torch.cuda.mem_get_info(device)
+    rows = rows_that_fit(shape, dtype, free)
+    if rows < shape.rows:
+        logger.warning("a KV cache of %d rows would take %.1f GiB of the %.1f GiB free: using %d rows (lower "
+                       "PALIGEMMA_MAX_NEW_TOKENS or PALIGEMMA_MAX_PROMPT_TOKENS for more)",
+                       shape.rows, shape.bytes(dtype) / 2**30, free / 2**30, rows)
+    return dataclasses.replace(shape, rows=rows)
 
 
 class SlotKVCache:

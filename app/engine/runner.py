@@ -7,15 +7,13 @@ this computes.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from app.engine.graphs import DecodeGraphs, graph_buckets
-from app.engine.kv_cache import CacheShape, SlotKVCache
+from app.engine.kv_cache import SlotKVCache, cache_shape, fit_to_memory
 from app.engine.sampling import GREEDY, SamplingParams, new_generator, select_tokens
 from app.engine.scheduler import Sequence
 from app.engine.step_model import StepModel
@@ -44,44 +42,14 @@ class RunnerConfig:
     cuda_graphs: bool = True
 
 
-def cache_shape(loaded: LoadedModel, config: RunnerConfig) -> CacheShape:
-    text: Any = loaded.model.config.text_config
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return CacheShape(
-        layers=text.num_hidden_layers,
-        rows=config.rows,
-        kv_heads=text.num_key_value_heads,
-        length=loaded.image_seq_length + config.max_prompt_tokens + config.max_new_tokens,
-        head_dim=head_dim,
-    )
-
-
-# Share of the GPU memory left after loading the model that the KV cache may take: the rest is for
-# activations (a prefill of PALIGEMMA_PREFILL_TOKENS), the decode graphs and the mask decoder.
-CACHE_MEMORY_SHARE = 0.5
-
-
-def rows_that_fit(shape: CacheShape, dtype: torch.dtype, free_bytes: int) -> int:
-    """The most cache rows (at most `shape.rows`) that fit in CACHE_MEMORY_SHARE of `free_bytes`."""
-    per_row = CacheShape(shape.layers, 1, shape.kv_heads, shape.length, shape.head_dim).bytes(dtype)
-    return max(1, min(shape.rows, int(free_bytes * CACHE_MEMORY_SHARE) // per_row))
-
-
 class ModelStepRunner:
     def __init__(self, loaded: LoadedModel, config: RunnerConfig):
         self.loaded = loaded
         self.config = config
         self.device = loaded.device
-        self.shape = cache_shape(loaded, config)
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            rows = rows_that_fit(self.shape, loaded.dtype, free)
-            if rows < self.shape.rows:
-                logger.warning("a KV cache of %d rows would take %.1f GiB of the %.1f GiB free: using %d "
-                               "rows (lower PALIGEMMA_MAX_NEW_TOKENS or PALIGEMMA_MAX_PROMPT_TOKENS for "
-                               "more)",
-                               self.shape.rows, self.shape.bytes(loaded.dtype) / 2**30, free / 2**30, rows)
-                self.shape = dataclasses.replace(self.shape, rows=rows)
+        length = loaded.image_seq_length + config.max_prompt_tokens + config.max_new_tokens
+        self.shape = fit_to_memory(cache_shape(loaded.model.config.text_config, config.rows, length),
+                                   loaded.dtype, self.device)
         logger.info("KV cache: %d rows of %d positions, %.2f GiB", self.shape.rows, self.shape.length,
                     self.shape.bytes(loaded.dtype) / 2**30)
         self.cache = SlotKVCache(self.shape, loaded.dtype, loaded.device)
