@@ -21,7 +21,7 @@ from app.api.deps import ServiceDep
 from app.api.errors import ERROR_RESPONSES, request_id_of, service_error_body, validation_problem
 from app.api.streaming import EVENT_STREAM, stream_job
 from app.api.tasks import count_prompt_tokens, generate_response, job_for, until_disconnect
-from app.engine.sampling import SamplingParams
+from app.engine.sampling_params import SamplingParams
 from app.errors import InvalidRequest, ServiceError, ValidationFailed
 from app.serving.jobs import ImageInput, JobResult
 from app.serving.service import InferenceService

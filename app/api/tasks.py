@@ -30,7 +30,7 @@ from app.api.protocol import (
     request_body_doc,
 )
 from app.api.streaming import EVENT_STREAM, sse, stream_job
-from app.engine.sampling import SamplingParams
+from app.engine.sampling_params import SamplingParams
 from app.errors import InvalidRequest, ServiceError, ValidationFailed
 from app.schemas import AnswerResponse, DetectResponse, GenerateResponse, SegmentResponse, TextResponse
 from app.serving.jobs import ImageInput, Job, JobResult

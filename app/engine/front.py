@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.engine.core import EngineCore, Finisher, StepEvents, StepRunner
 from app.engine.observer import EngineObserver, NullObserver
+from app.engine.sampling_params import GREEDY, SamplingParams
 from app.engine.scheduler import Scheduler, Sequence
 from app.errors import DeadlineExceeded, NotReady, QueueFull, ShuttingDown
 
@@ -43,6 +44,7 @@ class EngineRequest:
     payload: Any  # the runner's input
     context: Any = None  # handed back with the output to whoever finishes it
     label: str = ""  # metrics label (the endpoint)
+    sampling: SamplingParams = GREEDY
 
 
 @dataclass(frozen=True)
@@ -146,7 +148,8 @@ class EngineFront:
             slot.release()
             raise ShuttingDown("the server shut down before this request could run; retry on another replica")
         seq = Sequence(request.prompt_length, request.max_new_tokens, self.stop_tokens, request.payload,
-                       request.context, request.label, submitted, streams=on_tokens is not None)
+                       request.context, request.label, submitted, streams=on_tokens is not None,
+                       sampling=request.sampling)
         handle = _Handle(seq, asyncio.get_running_loop().create_future(), slot, on_tokens)
         self._handles[seq.request_id] = handle
         self.core.submit(seq)

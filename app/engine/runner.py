@@ -14,7 +14,7 @@ import torch
 
 from app.engine.graphs import DecodeGraphs, graph_buckets
 from app.engine.kv_cache import SlotKVCache, cache_shape, fit_to_memory
-from app.engine.sampling import GREEDY, SamplingParams, new_generator, select_tokens
+from app.engine.sampling import new_generator, select_tokens
 from app.engine.scheduler import Sequence
 from app.engine.step_model import StepModel
 from app.model.features import FeatureCache
@@ -30,7 +30,6 @@ class RowInput:
     input_ids: list[int]
     pixel_values: torch.Tensor  # (3, H, W) float32 on the CPU, already normalised
     image_key: str | None = None  # identifies the image's content, for the feature cache
-    sampling: SamplingParams = GREEDY
 
 
 @dataclass(frozen=True)
@@ -131,8 +130,8 @@ class ModelStepRunner:
         rows = torch.tensor([seq.row for seq in seqs], dtype=torch.long)
         logits = self.step.prefill(self._to_device(rows), self._to_device(input_ids),
                                    self._to_device(lengths), self._image_features(inputs))
-        for seq, item in zip(seqs, inputs, strict=True):
-            self._generators[seq.request_id] = new_generator(item.sampling, self.device)
+        for seq in seqs:
+            self._generators[seq.request_id] = new_generator(seq.sampling, self.device)
         return self._select(seqs, logits)
 
     @torch.inference_mode()
@@ -169,6 +168,6 @@ class ModelStepRunner:
         self._generators.pop(seq.request_id, None)
 
     def _select(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        params = [seq.payload.sampling for seq in seqs]
+        params = [seq.sampling for seq in seqs]
         generators = [self._generators.get(seq.request_id) for seq in seqs]
         return select_tokens(logits, params, generators)

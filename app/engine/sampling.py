@@ -8,24 +8,10 @@ another row. Greedy rows take the argmax and are untouched by any sampled neighb
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no top-k cut
-    seed: int | None = None  # None: a fresh random seed per request
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-
-GREEDY = SamplingParams()
+from app.engine.sampling_params import SamplingParams
 
 
 def new_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:

@@ -20,6 +20,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.engine.sampling_params import GREEDY, SamplingParams
+
 
 class State(str, enum.Enum):
     WAITING = "waiting"
@@ -45,6 +47,7 @@ class Sequence:
     # Whether someone reads its tokens as they come (streaming): only then does every step post them to
     # the event loop; others are woken once, when they finish.
     streams: bool = False
+    sampling: SamplingParams = GREEDY  # how its tokens are chosen
     # Set by the worker (time.monotonic()): when it got a row, when its prefill produced the first token,
     # and when its last token was computed. For traces and latency metrics.
     admitted_at: float | None = None

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from app.engine.sampling import GREEDY, SamplingParams
+from app.engine.sampling_params import GREEDY, SamplingParams
 from app.tasks.parsing import Box
 from app.tasks.prompts import Task
 

@@ -165,8 +165,8 @@ class InferenceService:
             slot.release()
             raise
         prepared = time.monotonic()
-        request = EngineRequest(len(input_ids), job.max_new_tokens,
-                                RowInput(input_ids, pixels, image_key, job.sampling), job.task, job.label)
+        request = EngineRequest(len(input_ids), job.max_new_tokens, RowInput(input_ids, pixels, image_key),
+                                job.task, job.label, job.sampling)
         try:
             completion = await self.engine.submit(slot, request, self.settings.request_timeout_s, on_tokens)
         except ServiceError as exc:
