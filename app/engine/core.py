@@ -213,13 +213,13 @@ class EngineCore:
             raise _Fatal from exc
 
     def _record(self, seqs: list[Sequence], tokens: list[int], finished: list[Sequence]) -> None:
-        by_label: dict[str, int] = {}
         now = time.monotonic()
+        for seq in self.scheduler.update(seqs, tokens):
+            seq.finished_at = now
+            finished.append(seq)
+            self.runner.release(seq)
+        by_label: dict[str, int] = {}
         for seq, token in zip(seqs, tokens, strict=True):
-            if self.scheduler.record(seq, token):
-                seq.finished_at = now
-                finished.append(seq)
-                self.runner.release(seq)
             if seq.streams and seq.finish_reason != "stop" and seq.cancel_reason is None:
                 self._events.tokens.append((seq, [token]))  # a stop token is not part of the output
             by_label[seq.label] = by_label.get(seq.label, 0) + 1

@@ -2,9 +2,9 @@
 
 The engine's unit of work is one model step. Before each step the scheduler drops requests that were
 cancelled (client gone, deadline passed), admits waiting requests into free rows of the KV cache (their
-prefill runs this step), and lists the running rows that decode one token. After the step, `record`
-appends each row's token and retires the row the step its own output ends (a stop token, or its own
-`max_new_tokens`), freeing it for a waiting request at once.
+prefill runs this step), and lists the running rows that decode one token. After the step, `update`,
+the pair of `plan`, appends each row's token and retires the rows whose own output ended with it (a stop
+token, or their own `max_new_tokens`), freeing them for waiting requests at once.
 
 Rows are the KV cache's slots. A newcomer takes the lowest free row, so running rows stay packed at the
 bottom and a decode step covers rows `[0, decode_width)` with few holes.
@@ -145,20 +145,24 @@ class Scheduler:
         return admitted
 
     # After the step --------------------------------------------------------------------------------
-    def record(self, seq: Sequence, token: int) -> bool:
-        """Append the token this step computed for `seq`; True when `seq` finished with it."""
-        if seq.state is not State.RUNNING:
-            raise RuntimeError(f"request {seq.request_id} is {seq.state.value}, not running")
-        seq.computed.append(token)
-        if token in seq.stop_tokens:
-            seq.finish_reason = "stop"
-        elif len(seq.computed) >= seq.max_new_tokens:
-            seq.finish_reason = "length"
-        else:
-            return False
-        seq.state = State.FINISHED
-        self._free_row(seq)
-        return True
+    def update(self, seqs: list[Sequence], tokens: list[int]) -> list[Sequence]:
+        """Append the token this step computed for each of `seqs`; the ones that finished with it (their
+        rows are free now)."""
+        finished = []
+        for seq, token in zip(seqs, tokens, strict=True):
+            if seq.state is not State.RUNNING:
+                raise RuntimeError(f"request {seq.request_id} is {seq.state.value}, not running")
+            seq.computed.append(token)
+            if token in seq.stop_tokens:
+                seq.finish_reason = "stop"
+            elif len(seq.computed) >= seq.max_new_tokens:
+                seq.finish_reason = "length"
+            else:
+                continue
+            seq.state = State.FINISHED
+            self._free_row(seq)
+            finished.append(seq)
+        return finished
 
     def fail(self, seq: Sequence) -> None:
         """The runner could not compute `seq` (its own fault): free its row; the caller answers it."""
