@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from app.engine.kv_cache import DecodeStep
 from app.engine.step_model import StepModel
 
 logger = logging.getLogger(__name__)
@@ -65,11 +66,11 @@ class DecodeGraphs:
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self.step.decode(tokens, positions)
+                    self.step.decode(tokens, DecodeStep(positions))
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                logits = self.step.decode(tokens, positions)
+                logits = self.step.decode(tokens, DecodeStep(positions))
             self._graphs[size] = _Captured(graph, tokens, positions, logits)
             if progress is not None:
                 progress(done, len(buckets), time.perf_counter() - started)
@@ -88,7 +89,8 @@ class DecodeGraphs:
             # Eager: attention reads only up to the furthest running row (idle rows sit at scratch).
             real = [p for p in positions if p != self.step.scratch]
             length = max(real) + 1 if real else 1
-            return self.step.decode(new_tokens.to(self.device), new_positions.to(self.device), length=length)
+            target = DecodeStep(new_positions.to(self.device), length)
+            return self.step.decode(new_tokens.to(self.device), target)
         captured = self._graphs[bucket]
         captured.tokens.fill_(self.pad_token_id)
         captured.positions.fill_(self.step.scratch)

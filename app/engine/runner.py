@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from app.engine.graphs import DecodeGraphs, graph_buckets
-from app.engine.kv_cache import SlotKVCache, cache_shape, fit_to_memory
+from app.engine.kv_cache import DecodeRows, SlotKVCache, cache_shape, fit_to_memory
 from app.engine.sampling import new_generator, select_tokens
 from app.engine.scheduler import Sequence
 from app.engine.step_model import StepModel
@@ -150,12 +150,9 @@ class ModelStepRunner:
     def decode_alone(self, seq: Sequence) -> int:
         """The same step for one row by itself, eagerly: used to find which row makes a step fail."""
         assert seq.row is not None
-        logits = self.step.decode(
-            torch.tensor([seq.computed[-1]], device=self.device),
-            torch.tensor([seq.next_position], device=self.device),
-            rows=torch.tensor([seq.row], device=self.device),
-            length=seq.next_position + 1,
-        )
+        target = DecodeRows(torch.tensor([seq.row], device=self.device),
+                            torch.tensor([seq.next_position], device=self.device), seq.next_position + 1)
+        logits = self.step.decode(torch.tensor([seq.computed[-1]], device=self.device), target)
         return self._select([seq], logits)[0]
 
     def recover_memory(self) -> None:
