@@ -167,26 +167,32 @@ def _graphs(driver) -> str:
 def replay_ms(driver, width: int, position: int, repeats: int = 50) -> float:
     """One decode step over rows 0..width-1 as the runner runs it (the captured graph on CUDA, eager
     otherwise), without sampling: mean of `repeats` back-to-back steps, timed with CUDA events on a GPU.
-    The driver must hold no request: the steps write keys and values into rows nobody reads."""
+    The driver must hold no request: the steps write keys and values into rows nobody reads, and the rows
+    are idle again afterwards."""
     import torch
 
     runner = driver.runner
-    tokens, positions = [driver.loaded.pad_token_id] * width, [position] * width
-    with torch.inference_mode():
-        runner.graphs.run(tokens, positions)
-        if runner.device.type != "cuda":
-            started = time.perf_counter()
+    rows = list(range(width))
+    for row in rows:
+        runner.table.write(row, token=driver.loaded.pad_token_id, position=position)
+    try:
+        with torch.inference_mode():
+            runner.graphs.run(width, position + 1)
+            if runner.device.type != "cuda":
+                started = time.perf_counter()
+                for _ in range(repeats):
+                    runner.graphs.run(width, position + 1)
+                return (time.perf_counter() - started) / repeats * 1000
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
             for _ in range(repeats):
-                runner.graphs.run(tokens, positions)
-            return (time.perf_counter() - started) / repeats * 1000
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        for _ in range(repeats):
-            runner.graphs.run(tokens, positions)
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / repeats
+                runner.graphs.run(width, position + 1)
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / repeats
+    finally:
+        runner.table.release(rows)
 
 
 # Served --------------------------------------------------------------------------------------------

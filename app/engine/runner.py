@@ -1,8 +1,8 @@
 """The model side of a step: prefill newcomers into their cache rows, decode one token for running rows.
 
-Runs only in the engine's worker thread. It owns the preallocated KV cache, the step model, the decode
-graphs, the image-feature cache and each sampled request's random generator. The scheduler decides;
-this computes.
+Runs only in the engine's worker thread. It owns the preallocated KV cache, the row table (what each row
+feeds the next decode step), the step model, the decode graphs, the image-feature cache and each sampled
+request's random generator. The scheduler decides; this computes.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from app.engine.graphs import DecodeGraphs, graph_buckets
+from app.engine.graphs import Capture, DecodeGraphs, graph_buckets
 from app.engine.kv_cache import DecodeRows, SlotKVCache, cache_shape, fit_to_memory
+from app.engine.rows import Column, RowTable
 from app.engine.sampling import new_generator, select_tokens
 from app.engine.scheduler import Sequence
 from app.engine.step_model import StepModel
@@ -41,8 +42,16 @@ class RunnerConfig:
     cuda_graphs: bool = True
 
 
+def decode_columns(pad_token_id: int, scratch: int) -> list[Column]:
+    """What each row feeds the next decode step. A row nobody runs feeds <pad> at the cache's scratch
+    index, where its write lands out of every real row's sight (app/engine/kv_cache.py)."""
+    return [Column("token", torch.long, pad_token_id), Column("position", torch.long, scratch)]
+
+
 class ModelStepRunner:
-    def __init__(self, loaded: LoadedModel, config: RunnerConfig):
+    """`graph_capture` replaces the CUDA-graph capture of the decode step (see `app.engine.graphs`)."""
+
+    def __init__(self, loaded: LoadedModel, config: RunnerConfig, graph_capture: Capture | None = None):
         self.loaded = loaded
         self.config = config
         self.device = loaded.device
@@ -53,7 +62,11 @@ class ModelStepRunner:
                     self.shape.bytes(loaded.dtype) / 2**30)
         self.cache = SlotKVCache(self.shape, loaded.dtype, loaded.device)
         self.step = StepModel(loaded.model, self.cache)
-        self.graphs = DecodeGraphs(self.step, loaded.pad_token_id)
+        self.table = RowTable(self.shape.rows, decode_columns(loaded.pad_token_id, self.shape.scratch),
+                              self.device)
+        self._row_of: dict[int, int] = {}  # request id -> its row, while its row holds its state
+        self._graph_capture = graph_capture
+        self.graphs = DecodeGraphs(self.step, self.table, graph_capture)
         self.features = FeatureCache(config.feature_cache_size)
         self._generators: dict[int, torch.Generator | None] = {}
         self.feature_cache_hits = 0  # read by the engine for its metrics
@@ -69,7 +82,7 @@ class ModelStepRunner:
     # Warm-up ---------------------------------------------------------------------------------------
     def capture_graphs(self) -> None:
         """On CUDA (unless turned off), capture the decode step for every bucket, logging progress."""
-        if self.device.type != "cuda" or not self.config.cuda_graphs:
+        if not self.config.cuda_graphs or (self.device.type != "cuda" and self._graph_capture is None):
             return
         buckets = graph_buckets(self.rows)
 
@@ -132,19 +145,22 @@ class ModelStepRunner:
                                    self._to_device(lengths), self._image_features(inputs))
         for seq in seqs:
             self._generators[seq.request_id] = new_generator(seq.sampling, self.device)
-        return self._select(seqs, logits)
+        tokens = self._select(seqs, logits)
+        for seq, token in zip(seqs, tokens, strict=True):
+            assert seq.row is not None
+            self._row_of[seq.request_id] = seq.row
+            self.table.write(seq.row, token=token, position=seq.prompt_length)
+        return tokens
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence], width: int) -> list[int]:
-        """One token for each running row; the step covers rows 0..width-1 (idle ones at scratch)."""
-        tokens = [self.loaded.pad_token_id] * width
-        positions = [self.shape.scratch] * width
-        for seq in seqs:
-            assert seq.row is not None
-            tokens[seq.row] = seq.computed[-1]
-            positions[seq.row] = seq.next_position
-        logits = self.graphs.run(tokens, positions)
-        return self._select(seqs, logits[[seq.row for seq in seqs]])
+        """One token for each running row; the step covers rows 0..width-1, as the row table holds them
+        (rows nobody runs are idle there)."""
+        logits = self.graphs.run(width, max(seq.next_position for seq in seqs) + 1)
+        rows = _rows(seqs)
+        tokens = self._select(seqs, logits[rows])
+        self._advance(rows, tokens)
+        return tokens
 
     @torch.inference_mode()
     def decode_alone(self, seq: Sequence) -> int:
@@ -153,7 +169,14 @@ class ModelStepRunner:
         target = DecodeRows(torch.tensor([seq.row], device=self.device),
                             torch.tensor([seq.next_position], device=self.device), seq.next_position + 1)
         logits = self.step.decode(torch.tensor([seq.computed[-1]], device=self.device), target)
-        return self._select([seq], logits)[0]
+        token = self._select([seq], logits)[0]
+        self._advance([seq.row], [token])
+        return token
+
+    def _advance(self, rows: list[int], tokens: list[int]) -> None:
+        """Each row feeds its new token next, one position further."""
+        self.table.host("token")[rows] = tokens
+        self.table.host("position")[rows] += 1
 
     def recover_memory(self) -> None:
         """After an out-of-memory error: hand cached blocks back so a smaller step can fit."""
@@ -161,10 +184,20 @@ class ModelStepRunner:
             torch.cuda.empty_cache()
 
     def release(self, seq: Sequence) -> None:
-        """Forget a finished or dropped request's per-row state."""
+        """Forget a finished or dropped request's per-row state: its row is idle again."""
         self._generators.pop(seq.request_id, None)
+        row = self._row_of.pop(seq.request_id, None)
+        if row is not None:
+            self.table.release([row])
 
     def _select(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         params = [seq.sampling for seq in seqs]
         generators = [self._generators.get(seq.request_id) for seq in seqs]
         return select_tokens(logits, params, generators)
+
+
+def _rows(seqs: list[Sequence]) -> list[int]:
+    rows = [seq.row for seq in seqs if seq.row is not None]
+    if len(rows) != len(seqs):
+        raise RuntimeError("a request without a row in a decode step")
+    return rows
