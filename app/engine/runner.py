@@ -1,8 +1,8 @@
 """The model side of a step: prefill newcomers into their cache rows, decode one token for running rows.
 
 Runs only in the engine's worker thread. It owns the preallocated KV cache, the row table (what each row
-feeds the next decode step), the step model, the decode graphs, the image-feature cache and each sampled
-request's random generator. The scheduler decides; this computes.
+feeds the next decode step, and how its tokens are chosen), the step model, the decode graphs, the
+sampler and the image-feature cache. The scheduler decides; this computes.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from app.engine.graphs import Capture, DecodeGraphs, graph_buckets
 from app.engine.kv_cache import DecodeRows, SlotKVCache, cache_shape, fit_to_memory
 from app.engine.rows import Column, RowTable
-from app.engine.sampling import new_generator, select_tokens
+from app.engine.sampler import SAMPLING_COLUMNS, Sampler
 from app.engine.scheduler import Sequence
 from app.engine.step_model import StepModel
 from app.model.features import FeatureCache
@@ -62,13 +62,14 @@ class ModelStepRunner:
                     self.shape.bytes(loaded.dtype) / 2**30)
         self.cache = SlotKVCache(self.shape, loaded.dtype, loaded.device)
         self.step = StepModel(loaded.model, self.cache)
-        self.table = RowTable(self.shape.rows, decode_columns(loaded.pad_token_id, self.shape.scratch),
+        self.table = RowTable(self.shape.rows,
+                              [*decode_columns(loaded.pad_token_id, self.shape.scratch), *SAMPLING_COLUMNS],
                               self.device)
+        self.sampler = Sampler(self.table)
         self._row_of: dict[int, int] = {}  # request id -> its row, while its row holds its state
         self._graph_capture = graph_capture
         self.graphs = DecodeGraphs(self.step, self.table, graph_capture)
         self.features = FeatureCache(config.feature_cache_size)
-        self._generators: dict[int, torch.Generator | None] = {}
         self.feature_cache_hits = 0  # read by the engine for its metrics
 
     @property
@@ -140,16 +141,20 @@ class ModelStepRunner:
         for i, item in enumerate(inputs):
             input_ids[i, : len(item.input_ids)] = torch.tensor(item.input_ids, dtype=torch.long)
         lengths = torch.tensor([len(item.input_ids) for item in inputs], dtype=torch.long)
-        rows = torch.tensor([seq.row for seq in seqs], dtype=torch.long)
-        logits = self.step.prefill(self._to_device(rows), self._to_device(input_ids),
-                                   self._to_device(lengths), self._image_features(inputs))
-        for seq in seqs:
-            self._generators[seq.request_id] = new_generator(seq.sampling, self.device)
-        tokens = self._select(seqs, logits)
-        for seq, token in zip(seqs, tokens, strict=True):
-            assert seq.row is not None
-            self._row_of[seq.request_id] = seq.row
-            self.table.write(seq.row, token=token, position=seq.prompt_length)
+        rows = _rows(seqs)
+        for seq, row in zip(seqs, rows, strict=True):
+            self._row_of[seq.request_id] = row
+            self.sampler.admit(row, seq.sampling)
+        try:
+            logits = self.step.prefill(self._to_device(torch.tensor(rows)), self._to_device(input_ids),
+                                       self._to_device(lengths), self._image_features(inputs))
+            tokens = self.sampler.select(logits, rows, range(len(seqs)))
+        except BaseException:
+            for seq in seqs:  # their rows are idle again, whatever happens to them next
+                self.release(seq)
+            raise
+        for seq, row, token in zip(seqs, rows, tokens, strict=True):
+            self.table.write(row, token=token, position=seq.prompt_length)
         return tokens
 
     @torch.inference_mode()
@@ -158,7 +163,7 @@ class ModelStepRunner:
         (rows nobody runs are idle there)."""
         logits = self.graphs.run(width, max(seq.next_position for seq in seqs) + 1)
         rows = _rows(seqs)
-        tokens = self._select(seqs, logits[rows])
+        tokens = self.sampler.select(logits, range(width), rows)
         self._advance(rows, tokens)
         return tokens
 
@@ -169,7 +174,7 @@ class ModelStepRunner:
         target = DecodeRows(torch.tensor([seq.row], device=self.device),
                             torch.tensor([seq.next_position], device=self.device), seq.next_position + 1)
         logits = self.step.decode(torch.tensor([seq.computed[-1]], device=self.device), target)
-        token = self._select([seq], logits)[0]
+        token = self.sampler.select(logits, [seq.row], [0])[0]
         self._advance([seq.row], [token])
         return token
 
@@ -185,15 +190,10 @@ class ModelStepRunner:
 
     def release(self, seq: Sequence) -> None:
         """Forget a finished or dropped request's per-row state: its row is idle again."""
-        self._generators.pop(seq.request_id, None)
         row = self._row_of.pop(seq.request_id, None)
         if row is not None:
+            self.sampler.release(row)
             self.table.release([row])
-
-    def _select(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        params = [seq.sampling for seq in seqs]
-        generators = [self._generators.get(seq.request_id) for seq in seqs]
-        return select_tokens(logits, params, generators)
 
 
 def _rows(seqs: list[Sequence]) -> list[int]:
