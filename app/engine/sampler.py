@@ -9,9 +9,10 @@ step reads them as tensors, like vLLM v1's sampler, instead of looping over requ
 - top-k / top-p: candidates, not a sort of the vocabulary. The maximum of each group of GROUP tokens
   (one cheap pass) ranks the groups; the tokens of the best groups, sorted, hold every token above the
   best group left out, so that prefix of the candidates is exactly the vocabulary's own. Top-k is exact
-  when k tokens lie in it; top-p when the prefix holds top_p of the mass (measured against the whole
-  vocabulary's, from the softmax). Rows where it does not try more groups, then sort their whole row:
-  exact in every case, fast in the usual one (a trained model's mass sits in a few tokens).
+  with k + 1 groups; top-p when the prefix holds top_p of the mass (measured against the whole
+  vocabulary's, from the softmax), the usual case (a trained model's mass sits in a few tokens). Rows where
+  it does not find their cut by a search over logit values instead: bucket masses, then one bucket
+  sorted. Exact in every case; no row sorts the vocabulary (but for a top-k above MAX_GROUPS groups).
 Top-p applies to the distribution left after top-k, as in transformers' generate.
 
 Per-request randomness: a sampled row draws one uniform per token from its own generator
@@ -35,10 +36,12 @@ from app.engine.sampling_params import SamplingParams
 CHUNK = 4096
 # Candidate search: the maximum of each group of this many tokens ranks the groups.
 GROUP = 64
-# Top-p tries the tokens of this many best groups (1,024 and 16,384 tokens), then the whole row.
-TOP_P_GROUPS = (16, 256)
+# Top-p tries the tokens of this many best groups (1,024 tokens) first.
+TOP_P_GROUPS = 16
 # Top-k looks among the best k + 1 groups; above this many it sorts the whole row.
 MAX_GROUPS = 256
+# Top-p's exact search: buckets of logit values whose masses find the one bucket to sort.
+BUCKETS = 4096
 
 SAMPLING_COLUMNS = (Column("temperature", torch.float32, 0.0), Column("top_k", torch.long, 0),
                     Column("top_p", torch.float32, 1.0))
@@ -59,7 +62,21 @@ class Batch:
     live: np.ndarray  # (n,) bool
 
 
-def sample(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+class Workspace:
+    """Buffers for the whole-vocabulary passes, kept between steps: on a CPU a fresh 33 MB tensor per
+    step costs page faults (glibc hands such blocks back to the system); CUDA's allocator keeps its own."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, rows: int, vocab: int, device: torch.device) -> torch.Tensor:
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.shape[0] < rows or buffer.shape[1] != vocab or buffer.device != device:
+            buffer = self._buffers[name] = torch.empty((rows, vocab), dtype=torch.float32, device=device)
+        return buffer[:rows]
+
+
+def sample(logits: torch.Tensor, batch: Batch, workspace: Workspace | None = None) -> torch.Tensor:
     """One token per row of `logits` (n, vocab); rows not live get an arbitrary token."""
     n, vocab = logits.shape
     device = logits.device
@@ -74,42 +91,84 @@ def sample(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     inverse_t = torch.where(batch.temperature > 0, 1 / batch.temperature, 1.0)
     probs = None
     if (plain | (has_p & ~has_k)).any():  # the whole vocabulary's distribution is needed
-        probs = torch.softmax(logits.float() * inverse_t[:, None], dim=-1)
+        probs = _softmax(logits, inverse_t, bool((batch.host_temperature[sampled] == 1).all()), workspace)
     if plain.any():
         assert probs is not None
-        chosen = _inverse_cdf(probs, batch.uniforms)
-        tokens = torch.where(_on(plain, device), chosen, tokens)
-    rows = np.flatnonzero(has_k | has_p)
+        tokens = torch.where(_on(plain, device), _inverse_cdf(probs, batch.uniforms), tokens)
     k = torch.where((batch.top_k > 0) & (batch.top_k < vocab), batch.top_k, 0)
-    attempts = [*TOP_P_GROUPS, 0]  # 0: the whole row
-    while rows.size:
-        groups = attempts.pop(0) if attempts else 0
-        if groups and has_k[rows].any():  # top-k needs its k tokens among the known ones
-            groups = max(groups, int(batch.host_top_k[rows][has_k[rows]].max()) + 1)
-        index = torch.from_numpy(rows).to(device)
+    # Which way a row goes depends on that row alone (so does its token: a seed gives the same output in
+    # any company). Top-k rows: the tokens of the best k + 1 groups (or the whole row, for a large k).
+    # Top-p rows without top-k: the best TOP_P_GROUPS groups' tokens, else the exact search.
+    limited = np.flatnonzero(has_k)
+    if limited.size:
+        groups = int(batch.host_top_k[limited].max()) + 1
+        index = _index(limited, n, device)
+        chosen, _ = _sample_candidates(
+            _part(logits, index), _part(inverse_t, index), _part(k, index), _part(batch.top_p, index),
+            _part(batch.uniforms, index), None, groups if groups <= MAX_GROUPS else 0, groups - 1)
+        tokens[_rows_of(index, n, device)] = chosen
+    nucleus = np.flatnonzero(has_p & ~has_k)
+    if nucleus.size:
+        assert probs is not None
+        index = _index(nucleus, n, device)
         chosen, exact = _sample_candidates(
-            logits[index], inverse_t[index], k[index], batch.top_p[index], batch.uniforms[index],
-            probs[index] if probs is not None else None, groups if groups <= MAX_GROUPS else 0)
+            _part(logits, index), _part(inverse_t, index), _part(k, index), _part(batch.top_p, index),
+            _part(batch.uniforms, index), _part(probs, index), TOP_P_GROUPS, 0)
         done = exact.cpu().numpy()
-        on_device = _on(done, device)
-        tokens[index[on_device]] = chosen[on_device]
-        rows = rows[~done]
+        tokens[_rows_of(index, n, device)[_on(done, device)]] = chosen[_on(done, device)]
+        rest = nucleus[~done]
+        if rest.size:
+            index = _index(rest, n, device)
+            lowest = _top_p_floor(_part(logits, index), _part(probs, index), _part(batch.top_p, index))
+            weights = torch.where(_part(logits, index) >= lowest[:, None], _part(probs, index), 0.0)
+            tokens[_rows_of(index, n, device)] = _inverse_cdf(weights, _part(batch.uniforms, index))
     return tokens
+
+
+def _rows_of(index: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(n, device=device) if index is None else index
+
+
+def _index(rows: np.ndarray, n: int, device: torch.device) -> torch.Tensor | None:
+    """`rows` as an index, or None when they are all n rows in order (nothing to gather)."""
+    return None if len(rows) == n else torch.from_numpy(rows).to(device)
+
+
+def _part(tensor: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    return tensor if index is None else tensor[index]
+
+
+def _softmax(logits: torch.Tensor, inverse_t: torch.Tensor, all_ones: bool,
+             workspace: Workspace | None) -> torch.Tensor:
+    """The rows' distributions over the whole vocabulary, at their temperatures (one pass fewer when every
+    sampled row is at temperature 1)."""
+    n, vocab = logits.shape
+    if workspace is None:
+        scaled = logits.float() if all_ones else logits.float() * inverse_t[:, None]
+        return torch.softmax(scaled, dim=-1)
+    scaled = logits if all_ones else torch.mul(logits, inverse_t[:, None],
+                                               out=workspace.get("scaled", n, vocab, logits.device))
+    return torch.softmax(scaled, dim=-1, out=workspace.get("probs", n, vocab, logits.device))
 
 
 def _on(mask: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(mask).to(device)
 
 
-def _candidates(logits: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _candidates(logits: torch.Tensor, groups: int,
+                needed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The tokens of each row's `groups` best groups (and the few past the last whole group), sorted by
-    logit, descending: values, token ids, and how many of them lie above every token left out (that
-    prefix is exactly the row's own top). `groups` 0, or enough to cover the row: the whole row."""
+    logit, descending (only the best `needed`, unless 0): values, token ids, and how many of them lie
+    above every token left out (that prefix is exactly the row's own top). `groups` 0, or enough to cover
+    the row: the whole row, whose candidates are all known (None)."""
     n, vocab = logits.shape
     whole = vocab // GROUP
     if not groups or groups * GROUP * 2 >= vocab:
-        values, order = logits.sort(dim=-1, descending=True)
-        return values, order, torch.full((n,), vocab, device=logits.device)
+        if needed:
+            values, order = logits.topk(needed)
+        else:
+            values, order = logits.sort(dim=-1, descending=True)
+        return values, order, None
     main = whole * GROUP
     best = logits[:, :main].reshape(n, whole, GROUP).amax(dim=-1).topk(groups + 1)
     # Every token left out is <= the best group left out.
@@ -118,16 +177,21 @@ def _candidates(logits: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.
     ids = (best.indices[:, :groups, None] * GROUP + members).reshape(n, groups * GROUP)
     if main < vocab:
         ids = torch.cat([ids, torch.arange(main, vocab, device=logits.device).expand(n, -1)], dim=1)
-    values, order = logits.gather(1, ids).sort(dim=-1, descending=True)
+    values = logits.gather(1, ids)
+    if needed and needed < values.shape[1]:
+        values, order = values.topk(needed)
+    else:
+        values, order = values.sort(dim=-1, descending=True)
     return values, ids.gather(1, order), (values > bound[:, None]).sum(dim=-1)
 
 
 def _sample_candidates(logits: torch.Tensor, inverse_t: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor,
-                       uniforms: torch.Tensor, probs: torch.Tensor | None,
-                       groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+                       uniforms: torch.Tensor, probs: torch.Tensor | None, groups: int,
+                       needed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows with top-k and/or top-p: a token each, and whether that row's draw is exact (else the caller
-    tries again with more candidates). `probs`: the rows' whole softmax, needed for top-p without top-k."""
-    values, ids, known = _candidates(logits, groups)
+    tries again with more candidates). `probs`: the rows' whole softmax, needed for top-p without top-k;
+    `needed`: how many of the best candidates the rows can use (0: all)."""
+    values, ids, known = _candidates(logits, groups, needed)
     scaled = values.float() * inverse_t[:, None]
     weights = torch.exp(scaled - scaled[:, :1])  # relative to the top token's
     position = torch.arange(values.shape[1], device=values.device)
@@ -146,10 +210,39 @@ def _sample_candidates(logits: torch.Tensor, inverse_t: torch.Tensor, k: torch.T
     weights = weights.masked_fill(~keep, 0.0)
     # Exact when the kept tokens all lie in the prefix known to be the row's own top (always, for a
     # whole row).
-    last_known = cumulative.gather(1, (known - 1).clamp(min=0)[:, None]).squeeze(1)
-    exact = torch.where(limited, k <= known, (top_p >= 1) | (last_known >= cut)) | (known >= logits.shape[1])
+    if known is None:
+        exact = torch.ones_like(limited)
+    else:
+        last_known = cumulative.gather(1, (known - 1).clamp(min=0)[:, None]).squeeze(1)
+        exact = torch.where(limited, k <= known, (top_p >= 1) | (last_known >= cut))
     chosen = _pick(weights, uniforms * weights.double().sum(dim=-1))
     return ids.gather(1, chosen[:, None]).squeeze(1), exact
+
+
+def _top_p_floor(logits: torch.Tensor, probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Top-p without top-k, exactly, without sorting the vocabulary: per row, the lowest logit kept (the
+    tokens at or above it are the smallest set from the top whose mass reaches top_p). Buckets of logit
+    values (a token's bucket never rises as its logit falls) find the bucket where the mass from the top
+    passes top_p; only that bucket's tokens are sorted."""
+    n = logits.shape[0]
+    top = logits.amax(dim=-1, keepdim=True)
+    span = (top - logits.amin(dim=-1, keepdim=True)).clamp(min=1e-30)
+    bucket = ((top - logits) / span * (BUCKETS - 1)).long()  # 0: the top bucket
+    mass = torch.zeros((n, BUCKETS), dtype=probs.dtype, device=probs.device).scatter_add_(1, bucket, probs)
+    cumulative = mass.double().cumsum(dim=-1)
+    cut = top_p.double()
+    # The bucket where the mass from the top first reaches top_p; everything above it is kept.
+    boundary = torch.searchsorted(cumulative, cut[:, None]).squeeze(1).clamp(max=BUCKETS - 1)
+    before = torch.where(boundary > 0, cumulative.gather(1, (boundary - 1).clamp(min=0)[:, None]).squeeze(1),
+                         0.0)
+    lowest = torch.empty(n, dtype=logits.dtype, device=logits.device)
+    for row in range(n):  # the boundary bucket's tokens: a few hundred, but on degenerate rows
+        members = torch.nonzero(bucket[row] == boundary[row]).squeeze(1)
+        values, order = logits[row, members].sort(descending=True)
+        # The last token kept is the first whose mass, with all above it, reaches top_p.
+        through = before[row] + probs[row, members[order]].double().cumsum(0)
+        lowest[row] = values[int(torch.searchsorted(through, cut[row]).clamp(max=len(values) - 1))]
+    return lowest
 
 
 def _pick(weights: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -187,6 +280,7 @@ class Sampler:
     def __init__(self, table: RowTable):
         self.table = table
         self._generators: list[random.Random | None] = [None] * table.rows
+        self._workspace = Workspace() if table.device.type == "cpu" else None
 
     def admit(self, row: int, params: SamplingParams) -> None:
         self.table.write(row, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
@@ -217,6 +311,6 @@ class Sampler:
         batch = Batch(device["temperature"], device["top_k"], device["top_p"],
                       torch.from_numpy(uniforms).to(logits.device), host["temperature"], host["top_k"],
                       host["top_p"], mask)
-        tokens = sample(logits, batch)
+        tokens = sample(logits, batch, self._workspace)
         chosen: list[int] = tokens[list(live)].tolist()
         return chosen

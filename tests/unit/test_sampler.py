@@ -124,18 +124,30 @@ def test_top_k_and_top_p_supports_are_exact():
         assert drawn == support  # each kept token drawn, nothing else
 
 
-def test_candidates_that_miss_top_p_fall_back_to_the_exact_answer(monkeypatch):
+def test_candidates_that_miss_top_p_fall_back_to_the_exact_search(monkeypatch):
     # Flat logits: the best groups hold a sliver of the mass, so top-p 0.9 needs most of the vocabulary.
-    monkeypatch.setattr(sampler_module, "GROUP", 4)
     logits = logits_of("flat", 2500, seed=4)
-    calls: list[int] = []
-    candidates = sampler_module._candidates
-    monkeypatch.setattr(sampler_module, "_candidates",
-                        lambda rows, groups: (calls.append(groups), candidates(rows, groups))[1])
+    calls: list[tuple[str, int]] = []
+    candidates, search = sampler_module._candidates, sampler_module._top_p_floor
+    monkeypatch.setattr(sampler_module, "_candidates", lambda rows, *rest: (
+        calls.append(("candidates", rows.shape[0])), candidates(rows, *rest))[1])
+    monkeypatch.setattr(sampler_module, "_top_p_floor", lambda rows, *rest: (
+        calls.append(("search", rows.shape[0])), search(rows, *rest))[1])
     probs = expected(logits, 1.0, 0, 0.9)
     assert (probs > 0).sum() > 1500
     assert_follows(draw(logits, 1.0, 0, 0.9, count=6000), probs)
-    assert calls == [16, 256, 0] * 3  # per batch of 2,000 draws: the best 16 groups, 256, the whole row
+    assert calls == [("candidates", 2000), ("search", 2000)] * 3  # per batch of 2,000 draws
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.0, 3.0, 8.0])
+def test_the_search_finds_exactly_the_lowest_logit_top_p_keeps(scale):
+    logits = torch.randn(6, 5000, generator=torch.Generator().manual_seed(int(scale * 10))) * scale
+    top_p = torch.tensor([0.05, 0.3, 0.5, 0.9, 0.99, 0.9999])
+    lowest = sampler_module._top_p_floor(logits, torch.softmax(logits, dim=-1), top_p)
+    for row in range(6):
+        support = expected(logits[row], 1.0, 0, float(top_p[row])) > 0
+        assert lowest[row] == logits[row][support].min()
+        assert int((logits[row] >= lowest[row]).sum()) == int(support.sum())
 
 
 def test_greedy_rows_take_the_first_maximum_beside_sampled_rows():
@@ -212,6 +224,7 @@ def test_the_best_groups_hold_the_exact_top_of_a_real_size_vocabulary(monkeypatc
     logits = torch.randn(4, 257_216, generator=torch.Generator().manual_seed(11)) * 3
     for groups in (16, 51):
         values, ids, known = sampler_module._candidates(logits, groups)
+        assert known is not None
         top = logits.topk(int(known.min()))
         assert int(known.min()) >= groups
         assert torch.equal(values[:, : top.values.shape[1]], top.values)
