@@ -14,14 +14,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from app.engine.core import EngineCore, Finisher, StepEvents, StepRunner
+from app.engine.core import EngineCore, StepEvents, StepRunner
 from app.engine.observer import EngineObserver, NullObserver
 from app.engine.sampling_params import GREEDY, SamplingParams
 from app.engine.scheduler import Scheduler, Sequence
+from app.engine.step_work import StepWork
 from app.errors import DeadlineExceeded, NotReady, QueueFull, ShuttingDown
 
 if TYPE_CHECKING:
@@ -42,14 +43,12 @@ class EngineRequest:
     prompt_length: int
     max_new_tokens: int
     payload: Any  # the runner's input
-    context: Any = None  # handed back with the output to whoever finishes it
     label: str = ""  # metrics label (the endpoint)
     sampling: SamplingParams = GREEDY
 
 
 @dataclass(frozen=True)
 class Completion:
-    output: Any  # what the finisher made of it
     tokens: list[int]  # generated tokens, without a final stop token
     computed: int  # tokens computed, the stop token included
     finish_reason: str  # "stop" or "length"
@@ -86,16 +85,18 @@ class _Handle:
 
 
 class EngineFront:
-    def __init__(self, runner: StepRunner, finish: Finisher, rows: int, stop_tokens: frozenset[int],
+    def __init__(self, runner: StepRunner, rows: int, stop_tokens: frozenset[int],
                  config: EngineConfig, observer: EngineObserver | None = None,
                  is_oom: Callable[[BaseException], bool] = lambda exc: False,
                  is_fatal: Callable[[BaseException], bool] = lambda exc: False,
-                 on_fatal: Callable[[BaseException], None] = lambda exc: None):
+                 on_fatal: Callable[[BaseException], None] = lambda exc: None,
+                 work: Iterable[StepWork[Any, Any]] = ()):
+        """`work`: device work other threads hand the model thread, run once per step (see StepWork)."""
         self.config = config
         self.stop_tokens = stop_tokens
         self.observer: EngineObserver = observer or NullObserver()
         self.scheduler = Scheduler(rows, config.prefill_token_budget)
-        self.core = EngineCore(self.scheduler, runner, finish, self._post, self.observer, is_oom, is_fatal)
+        self.core = EngineCore(self.scheduler, runner, self._post, self.observer, is_oom, is_fatal, work)
         self._on_fatal = on_fatal
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handles: dict[int, _Handle] = {}
@@ -148,7 +149,7 @@ class EngineFront:
             slot.release()
             raise ShuttingDown("the server shut down before this request could run; retry on another replica")
         seq = Sequence(request.prompt_length, request.max_new_tokens, self.stop_tokens, request.payload,
-                       request.context, request.label, submitted, streams=on_tokens is not None,
+                       request.label, submitted, streams=on_tokens is not None,
                        sampling=request.sampling)
         handle = _Handle(seq, asyncio.get_running_loop().create_future(), slot, on_tokens)
         self._handles[seq.request_id] = handle
@@ -198,11 +199,11 @@ class EngineFront:
             handle = self._handles.get(seq.request_id)
             if handle is not None and handle.on_tokens is not None and not handle.future.done():
                 handle.on_tokens(tokens)
-        for seq, output in events.finished:
+        for seq in events.finished:
             handle = self._handles.get(seq.request_id)
             if handle is not None and not handle.future.done():
                 handle.future.set_result(Completion(
-                    output, seq.output_tokens, len(seq.computed), seq.finish_reason or "length",
+                    seq.output_tokens, len(seq.computed), seq.finish_reason or "length",
                     seq.prompt_length, seq.submitted_at, seq.admitted_at, seq.first_token_at,
                     seq.finished_at))
         for seq, error in events.failed:

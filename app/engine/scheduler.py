@@ -41,7 +41,6 @@ class Sequence:
     max_new_tokens: int
     stop_tokens: frozenset[int]
     payload: Any = None  # the runner's input
-    context: Any = None  # what the caller needs to finish the output (the task, say)
     label: str = ""  # for metrics: the endpoint it came from
     submitted_at: float = 0.0  # time.monotonic() when it reached the engine
     # Whether someone reads its tokens as they come (streaming): only then does every step post them to

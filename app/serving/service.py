@@ -21,18 +21,19 @@ from PIL import Image
 
 from app.engine.core import StepRunner
 from app.engine.faults import is_out_of_memory, is_unrecoverable
-from app.engine.finishing import FinishedOutput, OutputFinisher
 from app.engine.front import Completion, EngineConfig, EngineFront, EngineRequest, TokenCallback
 from app.engine.model_thread import ModelThread
 from app.engine.observer import EngineObserver
 from app.engine.runner import ModelStepRunner, RowInput, RunnerConfig
-from app.errors import InvalidRequest, ServiceError, ShuttingDown
+from app.engine.step_work import StepWork
+from app.errors import InferenceFailed, InvalidRequest, ServiceError, ShuttingDown
 from app.image_sources import ImageSources
 from app.images import decode_image, upload_key
 from app.masks.decoder import LoadedMaskDecoder
 from app.masks.placement import encode_rle, place_mask
 from app.model.inputs import ImageTransform, PromptEncoder
 from app.model.loader import LoadedModel
+from app.serving.finishing import FinishedOutput, MaskDecoding, masks_wanted, read_output
 from app.serving.jobs import ImageInput, Job, JobResult, ObjectResult
 from app.serving.results import object_results
 from app.settings import Settings
@@ -74,9 +75,11 @@ class InferenceService:
         # What clients send in place of an image file (base64, data URLs, allowed image URLs).
         self.image_sources = ImageSources.from_settings(settings)
         self._prep = ThreadPoolExecutor(settings.prepare_workers, thread_name_prefix="prepare")
+        # The mask decoder's device work, on the model thread once per step for every request that asks.
+        self.mask_work = (StepWork("mask decoding", MaskDecoding(mask_decoder.decoder))
+                          if mask_decoder else None)
         self.engine = EngineFront(
             self.runner,
-            OutputFinisher(self.encoder, mask_decoder.decoder if mask_decoder else None),
             rows=self.runner.rows,  # what fits: the runner sizes its cache to the memory it finds
             stop_tokens=frozenset(loaded.eos_token_ids),
             config=EngineConfig(settings.max_queue, settings.prefill_tokens),
@@ -84,6 +87,7 @@ class InferenceService:
             is_oom=is_out_of_memory,
             is_fatal=is_unrecoverable,
             on_fatal=on_fatal,
+            work=[self.mask_work] if self.mask_work else [],
         )
 
     @property
@@ -166,7 +170,7 @@ class InferenceService:
             raise
         prepared = time.monotonic()
         request = EngineRequest(len(input_ids), job.max_new_tokens, RowInput(input_ids, pixels, image_key),
-                                job.task, job.label, job.sampling)
+                                job.label, job.sampling)
         try:
             completion = await self.engine.submit(slot, request, self.settings.request_timeout_s, on_tokens)
         except ServiceError as exc:
@@ -174,7 +178,7 @@ class InferenceService:
             raise
         generated = time.monotonic()
         objects = None
-        output: FinishedOutput = completion.output
+        output = await self._finish(job, completion)
         if output.parsed is not None:
             objects = await loop.run_in_executor(self._prep, object_results, output, width, height,
                                                  self.masks_enabled)
@@ -186,6 +190,26 @@ class InferenceService:
             "postprocess_ms": round((finished - generated) * 1000, 2),
             "total_ms": round((finished - started) * 1000, 2),
         })
+
+    async def _finish(self, job: Job, completion: Completion) -> FinishedOutput:
+        """Text and parse in the thread pool; mask logits from the model thread (its next step)."""
+        loop = asyncio.get_running_loop()
+        text, parsed = await loop.run_in_executor(self._prep, read_output, self.encoder, job.task,
+                                                  completion.tokens)
+        masks: list[np.ndarray | None] = [None] * len(parsed.objects) if parsed else []
+        wanted = masks_wanted(job.task, parsed) if self.mask_work is not None else []
+        if wanted:
+            assert self.mask_work is not None
+            tokens = np.array([mask_tokens for _, mask_tokens in wanted], dtype=np.int64)
+            try:
+                logits = await asyncio.wrap_future(self.mask_work.submit(tokens))
+            except ServiceError:
+                raise
+            except Exception as exc:  # logged where it happened
+                raise InferenceFailed("the server failed finishing this output") from exc
+            for (index, _), mask in zip(wanted, logits, strict=True):
+                masks[index] = mask
+        return FinishedOutput(text, parsed, masks)
 
     def _trace(self, job: Job, completion: Completion | None, started: float, prepared: float,
                generated: float | None, finished: float | None, error: str | None = None) -> None:

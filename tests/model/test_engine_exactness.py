@@ -59,8 +59,8 @@ class Driver:
             return prefill(seqs)
 
         self.runner.prefill = counting_prefill  # type: ignore[method-assign]
-        self.loop = EngineCore(self.scheduler, self.runner, lambda seqs: [s.output_tokens for s in seqs],
-                               self.events.append, NullObserver(), lambda exc: False, lambda exc: False)
+        self.loop = EngineCore(self.scheduler, self.runner, self.events.append, NullObserver(), lambda exc: False,
+                               lambda exc: False)
 
     def submit(self, item: RowInput, max_new_tokens: int) -> Sequence:
         seq = Sequence(len(item.input_ids), max_new_tokens, frozenset(self.loaded.eos_token_ids), item)

@@ -67,8 +67,7 @@ def test_steps_over_buckets_with_idle_rows_equal_generate_alone(preset_model):
     runner.capture_graphs()
     assert stand_in.captured == [6, 4, 2, 1] and runner.graphs.captured == [1, 2, 4, 6]
     scheduler = Scheduler(6, prefill_token_budget=2 * (loaded.image_seq_length + 20))
-    core = EngineCore(scheduler, runner, lambda seqs: [None] * len(seqs), lambda events: None, NullObserver(),
-                      lambda exc: False, lambda exc: False)
+    core = EngineCore(scheduler, runner, lambda events: None, NullObserver(), lambda exc: False, lambda exc: False)
     widths: list[int] = []
     decode = runner.decode
     runner.decode = lambda seqs, width: (widths.append(width), decode(seqs, width))[1]  # type: ignore[method-assign]

@@ -13,7 +13,6 @@ import time
 import pytest
 
 from app.engine.front import EngineConfig, EngineFront, EngineRequest
-from app.engine.scheduler import Sequence
 from app.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull, ShuttingDown
 from tests.unit.engine_fakes import DeviceBroken, FakeOOM, FakeRunner, Script
 
@@ -33,14 +32,10 @@ class Recorder:
         return [event[1:] for event in self.events if event[0] == name]
 
 
-def finish(seqs: list[Sequence]) -> list[list[int]]:
-    return [list(seq.output_tokens) for seq in seqs]
-
-
 def make(rows=4, queue=100, budget=10_000, runner=None, fatal=None):
     runner = runner or FakeRunner()
     recorder = Recorder()
-    engine = EngineFront(runner, finish, rows, frozenset({STOP}), EngineConfig(queue, budget), recorder,
+    engine = EngineFront(runner, rows, frozenset({STOP}), EngineConfig(queue, budget), recorder,
                     is_oom=lambda exc: isinstance(exc, FakeOOM),
                     is_fatal=lambda exc: isinstance(exc, DeviceBroken),
                     on_fatal=fatal or (lambda exc: None))
@@ -70,7 +65,6 @@ def test_each_request_gets_its_own_tokens_and_stops_at_its_own_end():
 
     results, runner, recorder = asyncio.run(main())
     assert [r.tokens for r in results] == [[5, 6, 7], [8], [3] * 6]
-    assert [r.output for r in results] == [[5, 6, 7], [8], [3] * 6]
     assert [(r.finish_reason, r.computed) for r in results] == [("length", 3), ("stop", 2), ("length", 6)]
     assert sum(count for _, count in recorder.called("tokens")) == 3 + 2 + 6
     # The third request started once a row was free, without waiting for both to end.
