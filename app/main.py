@@ -60,6 +60,7 @@ async def _bring_up(app: FastAPI) -> None:
             settings, loaded, metrics, decoder, on_fatal=worker_died, tracer=app.state.tracer,
             **({"runner_factory": app.state.runner_factory} if app.state.runner_factory else {})))
         await service.start(model_thread)
+        metrics.decode_graphs_failed.set(1 if service.decode_graphs_failure else 0)
         app.state.service = service
         await service.warm_up()
     except StartupError as exc:

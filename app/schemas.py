@@ -113,6 +113,9 @@ class ModelCard(BaseModel):
     decode_graphs: list[int] = Field(
         description="Row counts whose decode step was captured as a CUDA graph (empty: decoding eagerly)."
     )
+    decode_graphs_failure: str | None = Field(
+        None, description="Why the decode graphs were discarded at warm-up (they disagreed with the eager "
+                          "step, or capturing them failed): the server decodes eagerly. Null otherwise.")
     max_new_tokens: int
     default_max_new_tokens: int
 

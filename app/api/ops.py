@@ -60,6 +60,7 @@ async def models(request: Request, service: ServiceDep) -> ModelList:
         max_batch_size=service.engine.scheduler.rows,
         max_prompt_tokens=service.settings.max_prompt_tokens,
         decode_graphs=service.decode_graphs,
+        decode_graphs_failure=service.decode_graphs_failure,
         max_new_tokens=service.settings.max_new_tokens,
         default_max_new_tokens=service.settings.default_max_new_tokens,
     )

@@ -11,8 +11,14 @@ captured largest first so the smaller ones reuse its memory.
 Without graphs (on the CPU, or with PALIGEMMA_CUDA_GRAPHS=false) the same step runs eagerly at the exact
 width, since padding only costs there.
 
+A captured graph is checked before it serves: `verify` replays each one and runs the eager step on the
+same inputs; logits further apart than the dtype allows, or a different argmax in any row, and the runner
+discards every graph and decodes eagerly (logged as an error, and shown in /v1/models and the
+`paligemma_decode_graphs_failed` gauge). A graph that computes something else would otherwise serve
+wrong tokens to every request, silently.
+
 Capturing is a seam (`Capture`): by default a CUDA-graph capture; tests hand in a callable standing for
-a graph, so that what runs around the graphs (buckets, the idle rows, the warm-up check) runs on a CPU.
+a graph, so that what runs around the graphs (buckets, the idle rows, the check) runs on a CPU.
 """
 
 from __future__ import annotations
@@ -36,6 +42,25 @@ Replay = Callable[[], torch.Tensor]
 # Captures the decode step for a bucket of that many rows.
 Capture = Callable[[int], Replay]
 
+# How far a graph's logits may stray from the eager step's, as a share of their largest magnitude. The
+# graph runs the same kernels, so it should agree to the last bit; this leaves room for a kernel that
+# the capture picks differently, not for a wrong computation.
+LOGIT_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def disagreement(graph: torch.Tensor, eager: torch.Tensor, dtype: torch.dtype) -> str | None:
+    """How a graph's logits differ from the eager step's beyond what `dtype` allows, or None."""
+    if not torch.isfinite(graph).all():
+        return "the graph's logits are not all finite"
+    tolerance = LOGIT_TOLERANCE.get(dtype, 2e-2)
+    worst = float((graph - eager).abs().max() / eager.abs().max().clamp(min=1e-6))
+    if worst > tolerance:
+        return f"logits differ by {worst:.3g} of their largest magnitude (tolerance {tolerance:g})"
+    rows = torch.nonzero(graph.argmax(dim=-1) != eager.argmax(dim=-1)).flatten().tolist()
+    if rows:
+        return f"the likeliest token differs in rows {rows}"
+    return None
+
 
 def graph_buckets(rows: int) -> list[int]:
     sizes = {size for size in (1, 2, 4, 8, 16) if size < rows}
@@ -53,6 +78,7 @@ class DecodeGraphs:
         self._replays: dict[int, Replay] = {}
         self._buckets: list[int] = []  # sorted
         self._pool: Any = None  # torch.cuda.graph_pool_handle(), once capturing
+        self.failure: str | None = None  # why the graphs were discarded, when they were
 
     @property
     def captured(self) -> list[int]:
@@ -94,9 +120,31 @@ class DecodeGraphs:
 
         return replay
 
-    def discard(self) -> None:
+    def discard(self, reason: str | None = None) -> None:
         self._replays.clear()
         self._buckets = []
+        self.failure = reason
+
+    def verify(self) -> list[str]:
+        """Each captured graph against the eager step on the same inputs (varied tokens and positions in
+        every row); what disagrees, by bucket. Only with no request running: it writes into the rows."""
+        vocab = self.step.vocab_size
+        length = self.step.scratch
+        problems = []
+        for bucket in self._buckets:
+            rows = list(range(bucket))
+            for row in rows:
+                self.table.write(row, token=(17 + 7919 * row) % vocab, position=(5 + 37 * row) % length)
+            try:
+                self.table.upload(bucket)
+                graph = self._replays[bucket]()[:bucket].float().clone()
+                eager = self.eager(bucket).float()  # whole rows, as the graph reads them
+            finally:
+                self.table.release(rows)
+            problem = disagreement(graph, eager, self.step.dtype)
+            if problem:
+                problems.append(f"{bucket} rows: {problem}")
+        return problems
 
     def eager(self, width: int, length: int | None = None) -> torch.Tensor:
         """The decode step over rows 0..width-1 without a graph; attention reads keys below `length`."""

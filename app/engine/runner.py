@@ -82,7 +82,8 @@ class ModelStepRunner:
 
     # Warm-up ---------------------------------------------------------------------------------------
     def capture_graphs(self) -> None:
-        """On CUDA (unless turned off), capture the decode step for every bucket, logging progress."""
+        """On CUDA (unless turned off), capture the decode step for every bucket, logging progress, then
+        check each graph against the eager step; on any disagreement, decode eagerly (app.engine.graphs)."""
         if not self.config.cuda_graphs or (self.device.type != "cuda" and self._graph_capture is None):
             return
         buckets = graph_buckets(self.rows)
@@ -93,10 +94,18 @@ class ModelStepRunner:
         try:
             with torch.inference_mode():
                 self.graphs.capture(buckets, progress)
-        except Exception:
+                problems = self.graphs.verify()
+        except Exception as exc:
             # Serving eagerly is slower but correct; the log says so loudly.
             logger.exception("capturing decode graphs failed; decoding eagerly instead")
-            self.graphs.discard()
+            self.graphs.discard(f"capturing them failed: {exc!r}")
+            return
+        if problems:
+            reason = "they disagree with the eager step: " + "; ".join(problems)
+            logger.error("decode graphs discarded, %s; decoding eagerly instead", reason)
+            self.graphs.discard(reason)
+        else:
+            logger.info("decode graphs agree with the eager step for all %d batch sizes", len(buckets))
 
     # Steps -----------------------------------------------------------------------------------------
     def _to_device(self, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

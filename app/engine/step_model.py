@@ -29,6 +29,7 @@ class StepModel:
         self.layer_types = set(layer_types) if layer_types else None
         self.sliding_window = getattr(text, "sliding_window", None) if layer_types else None
         self.logit_softcap = getattr(text, "final_logit_softcapping", None)
+        self.vocab_size = int(model.lm_head.out_features)
         self.image_token_id = int(model.config.image_token_id)
         self.dtype = model.dtype
         self.device = cache.keys[0].device

@@ -104,6 +104,13 @@ class InferenceService:
         graphs = getattr(self.runner, "graphs", None)
         return graphs.captured if graphs is not None else []
 
+    @property
+    def decode_graphs_failure(self) -> str | None:
+        """Why the decode graphs were discarded at warm-up, if they were (app.engine.graphs)."""
+        graphs = getattr(self.runner, "graphs", None)
+        failure: str | None = getattr(graphs, "failure", None)
+        return failure
+
     def stalled_for(self) -> float:
         """Seconds the model worker has been inside its current step (0 between steps)."""
         return self.engine.stalled_for()

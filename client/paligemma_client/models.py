@@ -135,6 +135,7 @@ class ModelCard(_Model):
     max_batch_size: int
     max_prompt_tokens: int
     decode_graphs: list[int]
+    decode_graphs_failure: str | None = None
     max_new_tokens: int
     default_max_new_tokens: int
 
