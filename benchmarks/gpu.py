@@ -28,7 +28,11 @@ every request generates 32 tokens unless said otherwise (random weights never em
    decode-step rows and times from its /metrics and the graph-capture time from its log.
 4. Mixed lengths, same server, 64 in flight: max_new_tokens cycling over 8, 16, ..., 64; the p50 of the
    8-token and of the 64-token requests reported apart.
-5. The tutorial server (`benchmarks/peers/tutorial.py`, one `generate` per request) on the same GPU.
+5. Sampled, same server, 32 in flight: the workload at temperature 1, with top_k 50 and with top_p 0.9
+   (a seed per request), against the greedy level at 32. In-process, the sampler alone at 32 rows x
+   257,216 bf16 logits per mode (`benchmarks.sampling`, peaked logits), and whether the decode graphs
+   passed their warm-up check against the eager step (in-process and in the server's /v1/models).
+6. The tutorial server (`benchmarks/peers/tutorial.py`, one `generate` per request) on the same GPU.
 The issue's targets are checked at the end. Each stage's results are written as soon as it ends, and a
 stage is not started once the time budget (--budget-s) would be passed, so a run cut short keeps what
 it measured.
@@ -52,6 +56,7 @@ from typing import Any
 
 from benchmarks import gpu_report, procs
 from benchmarks.run import measure_level
+from benchmarks.served_sampling import with_sampling
 from benchmarks.systems import SERVER_ROWS, SYSTEMS, Config
 from benchmarks.workload import TASKS, build_mix, skimage_available, spread_new_tokens
 
@@ -69,6 +74,7 @@ class Plan:
     ceiling: tuple[int, ...]  # requests in flight in-process
     served: tuple[int, ...]  # requests in flight against the server
     mixed: int  # requests in flight for the mixed-length workload
+    sampled: int  # requests in flight for the sampled workloads
     tutorial: tuple[int, ...]
     ceiling_warmup_s: float
     ceiling_s: float
@@ -81,10 +87,13 @@ class Plan:
     variants: int
 
 
-FULL = Plan("paligemma-3b-224", "cuda", SERVER_ROWS, (1, 8, 32), (1, 8, 32, 64), 64, (1, 8),
+FULL = Plan("paligemma-3b-224", "cuda", SERVER_ROWS, (1, 8, 32), (1, 8, 32, 64), 64, 32, (1, 8),
             5.0, 15.0, 5.0, 15.0, 10.0, 30.0, 3.0, 10.0, 4)
-DRY = Plan("tiny", "cpu", SERVER_ROWS, (1, 2, 4), (1, 2, 4, 8), 8, (1, 2),
+DRY = Plan("tiny", "cpu", SERVER_ROWS, (1, 2, 4), (1, 2, 4, 8), 8, 4, (1, 2),
            1.0, 2.0, 1.0, 2.0, 1.0, 3.0, 1.0, 3.0, 1)
+# The sampled workloads (form fields added to every request; a seed each).
+SAMPLED = {"temperature 1": {"temperature": "1.0"}, "top_k 50": {"temperature": "1.0", "top_k": "50"},
+           "top_p 0.9": {"temperature": "1.0", "top_p": "0.9"}}
 
 
 class Budget:
@@ -152,11 +161,17 @@ def _in_process(plan: Plan, photos: str) -> dict[str, Any]:
     position = prompt_tokens + NEW_TOKENS // 2  # a row's mean length over its decode steps
     replay = {str(width): replay_ms(driver, width, position) for width in sorted({1, plan.rows})}
     memory = torch.cuda.max_memory_allocated() / 1e9 if plan.device == "cuda" else None
+    from benchmarks.sampling import device_ms
+
+    sampler = device_ms(plan.device, loaded.dtype, plan.rows, rounds=10 if plan.device == "cuda" else 2)
+    print(f"[in-process] sampler at {plan.rows} rows x 257,216 ({loaded.dtype}): "
+          + ", ".join(f"{mode} {ms:.2f} ms" for mode, ms in sampler.items()), flush=True)
     return {"load_s": load_s, "dtype": str(loaded.dtype), "device": str(loaded.device), "gpu": gpu,
             "rows": plan.rows, "cache_length": driver.runner.shape.length,
             "cache_gb": driver.runner.cache_bytes / 1e9, "capture_s": driver.capture_s,
-            "graphs": driver.runner.graphs.captured, "max_memory_allocated_gb": memory, "limits": limits,
-            "ceiling": rows, "replay_ms": replay, "replay_position": position}
+            "graphs": driver.runner.graphs.captured, "graphs_failure": driver.runner.graphs.failure,
+            "max_memory_allocated_gb": memory, "limits": limits, "ceiling": rows, "replay_ms": replay,
+            "replay_position": position, "sampler_ms": sampler}
 
 
 def _graphs(driver) -> str:
@@ -198,20 +213,21 @@ def replay_ms(driver, width: int, position: int, repeats: int = 50) -> float:
 # Served --------------------------------------------------------------------------------------------
 def served(plan: Plan, photos: str, budget: Budget, logs: Path, result: dict[str, Any],
            save: Callable[[], object]) -> None:
-    """Our server: the served levels, then the mixed-length workload, on one server process; into
-    `result` as they end (`save` writes what there is so far)."""
+    """Our server: the served levels, the mixed-length workload, then the sampled ones, on one server
+    process; into `result` as they end (`save` writes what there is so far)."""
     port = procs.free_port()
     command, env = SYSTEMS["ours"].command(port, Config(model=plan.preset, rows=plan.rows))
     env["PALIGEMMA_DEVICE"] = plan.device
     mix = build_mix(plan.variants, tokens=dict.fromkeys(TASKS, NEW_TOKENS), photos=photos)
     mixed = spread_new_tokens(build_mix(plan.variants, photos=photos), MIXED_LENGTHS)
     log = logs / "gpu-server.log"
-    result.update({"levels": [], "mixed": None, "log": str(log)})
+    result.update({"levels": [], "mixed": None, "sampled": {}, "log": str(log)})
     started = time.perf_counter()
     with procs.running("ours", command, env, "/readyz", log, port, timeout_s=budget.left) as server:
         result["startup_s"] = time.perf_counter() - started
         result["pid"] = server.pid
         result.update(server_log_timings(log))
+        result["graphs"] = models_card(server.base_url)
         print(f"[served] ready in {result['startup_s']:.0f} s (decode graphs: {result['capture_log']})",
               flush=True)
         index = 0
@@ -237,6 +253,28 @@ def served(plan: Plan, photos: str, budget: Budget, logs: Path, result: dict[str
             print(f"[mixed] {plan.mixed} in flight, max_new_tokens {MIXED_LENGTHS[0]}..{MIXED_LENGTHS[-1]}: "
                   f"{level['requests_per_s']:.2f} req/s; p50 by length: "
                   + ", ".join(f"{k}: {v['p50_ms']:.0f} ms" for k, v in lengths.items()), flush=True)
+            save()
+        for mode, fields in SAMPLED.items():
+            if not budget.allows(f"sampled {mode}", plan.warmup_s + plan.window_s + 20):
+                break
+            level = asyncio.run(measure_level(server, True, with_sampling(mix, fields), plan.sampled,
+                                              plan.warmup_s, plan.window_s, 0))
+            level.pop("sent")
+            level.pop("samples")
+            result["sampled"][mode] = level
+            m = level.get("server_metrics", {})
+            print(f"[sampled] {mode}, {plan.sampled} in flight: {level['requests_per_s']:.2f} req/s, p50 "
+                  f"{level['latency_ms']['p50']:.0f} ms, decode step {_ms(m.get('mean_decode_step_ms'))} ms, "
+                  f"errors {level['errors'] or 0}", flush=True)
+            save()
+
+
+def models_card(base_url: str) -> dict[str, Any]:
+    """What the server's /v1/models says of its decode graphs (captured buckets, or why discarded)."""
+    import httpx
+
+    card = httpx.get(f"{base_url}/v1/models", timeout=10).json()["data"][0]
+    return {key: card.get(key) for key in ("decode_graphs", "decode_graphs_failure")}
 
 
 def server_log_timings(log: Path) -> dict[str, Any]:

@@ -406,6 +406,16 @@ def wait_if_asked(args: argparse.Namespace) -> None:
         wait_until_quiet(args.quiet_wait)
 
 
+def save_raw(name: str, data: object) -> Path:
+    """Write a benchmark's raw results as benchmarks/out/<name>.json (gitignored); the path."""
+    import json
+
+    path = Path(__file__).resolve().parent / "out" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str))
+    return path
+
+
 def publish(args: argparse.Namespace, section: str, markdown: str) -> None:
     """Print the section and write it into --results unless that is '-'."""
     print(markdown)

@@ -19,13 +19,11 @@ Which way the top-p rows went is counted and shown.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 from benchmarks import report
@@ -50,7 +48,7 @@ class Setup:
     rows: int
 
 
-def build(kind: str, mode: str, rows: int, seed: int = 0) -> Setup:
+def build(kind: str, mode: str, rows: int, seed: int = 0, device: str = "cpu", dtype: Any = None) -> Setup:
     import torch
 
     from app.engine.rows import RowTable
@@ -65,7 +63,8 @@ def build(kind: str, mode: str, rows: int, seed: int = 0) -> Setup:
         for row in range(rows):
             head = torch.randperm(VOCAB, generator=generator)[:12]
             logits[row, head] += torch.linspace(18, 6, 12)
-    sampler = Sampler(RowTable(rows, SAMPLING_COLUMNS, torch.device("cpu")))
+    logits = logits.to(device=device, dtype=dtype or torch.float32)
+    sampler = Sampler(RowTable(rows, SAMPLING_COLUMNS, torch.device(device)))
     options = dict(MODES[mode])
     half = options.pop("half", False)
     for row in range(rows):
@@ -111,6 +110,23 @@ def paths(setup: Setup) -> dict[str, int]:
     finally:
         sampler_module._candidates, sampler_module._top_p_floor = candidates, search
     return counts
+
+
+def device_ms(device: str, dtype: Any, rows: int, rounds: int) -> dict[str, float]:
+    """Median ms of `select` per mode on `device`, peaked logits of `dtype` (what the GPU run records)."""
+    import torch
+
+    setups = {mode: build("peaked", mode, rows, device=device, dtype=dtype) for mode in MODES}
+    times: dict[str, list[float]] = {mode: [] for mode in MODES}
+    with torch.inference_mode():
+        for setup in setups.values():
+            select(setup)
+        for _ in range(rounds):
+            for mode, setup in setups.items():
+                started = time.perf_counter()
+                select(setup)  # ends with the tokens on the host: the device has finished
+                times[mode].append((time.perf_counter() - started) * 1000)
+    return {mode: statistics.median(values) for mode, values in times.items()}
 
 
 def measure(rows: int, rounds: int) -> dict[str, Any]:
@@ -200,10 +216,7 @@ def main() -> None:
     cpu = meter.stop()
     command = "python -m benchmarks.sampling" + (f" --rounds {args.rounds}" if args.rounds != 15 else "") + (
         f" --threads {args.threads}" if args.threads else "")
-    out = Path(__file__).resolve().parent / "out"
-    out.mkdir(exist_ok=True)
-    (out / "sampling.json").write_text(json.dumps({"rows": args.rows, "rounds": args.rounds, "cpu": cpu,
-                                                   "results": results}, indent=2))
+    report.save_raw("sampling", {"rows": args.rows, "rounds": args.rounds, "cpu": cpu, "results": results})
     report.publish(args, "sampling", render(results, args.rows, args.rounds, cpu, os.getloadavg(), command))
 
 

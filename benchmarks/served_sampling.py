@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import statistics
 from datetime import datetime, timezone
 from pathlib import Path
@@ -124,8 +123,7 @@ def main() -> None:
     args = parser.parse_args()
     report.wait_if_asked(args)
     result = run(args.model, args.concurrency, args.rounds, args.warmup, args.window)
-    out = Path(__file__).resolve().parent / "out"
-    (out / "served_sampling.json").write_text(json.dumps(result, indent=2))
+    report.save_raw("served_sampling", result)
     rounds = f" --rounds {args.rounds}" if args.rounds != 2 else ""
     command = f"python -m benchmarks.served_sampling{rounds}"
     report.publish(args, "served_sampling", render(result, command))

@@ -13,12 +13,10 @@ Each is timed as the mean over many steps, the three in turn, several rounds; th
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 from benchmarks import report
@@ -98,10 +96,8 @@ def main() -> None:
     result = {load: statistics.median(values) for load, values in times.items()}
     for load, ms in result.items():
         print(f"[step_overhead] {load}: {ms:.3f} ms per step at {args.rows} rows", flush=True)
-    out = Path(__file__).resolve().parent / "out"
-    out.mkdir(exist_ok=True)
-    (out / "step_overhead.json").write_text(json.dumps({"rows": args.rows, "steps": args.steps, "cpu": cpu,
-                                                        "rounds": times, "median": result}, indent=2))
+    report.save_raw("step_overhead", {"rows": args.rows, "steps": args.steps, "cpu": cpu, "rounds": times,
+                                      "median": result})
     lines = [
         "## The engine's own cost per step (`python -m benchmarks.step_overhead`)",
         "",

@@ -82,8 +82,8 @@ PRESETS: dict[str, Preset] = {
                14, 64, 2, 4, 128, 64, 2, 4, 1, 16, 128),
         Preset("tiny-gemma2", "2-layer 64-wide PaliGemma 2 (Gemma 2 language model), random weights", 224,
                14, 64, 2, 4, 128, 64, 2, 4, 1, 16, 128, text_model="gemma2", sliding_window=32),
-        Preset("tiny-vocab", "tiny with PaliGemma's real 257,216-token vocabulary, random weights", 224, 14, 64,
-               2, 4, 128, 64, 2, 4, 1, 16, 128, loc_offset=256_000, model_vocab_size=257_216),
+        Preset("tiny-vocab", "tiny with PaliGemma's real 257,216-token vocabulary, random weights", 224, 14,
+               64, 2, 4, 128, 64, 2, 4, 1, 16, 128, loc_offset=256_000, model_vocab_size=257_216),
         Preset("bench", "6-layer PaliGemma of about 36 M parameters, random weights", 224, 14, 384, 6, 6,
                1536, 512, 6, 8, 1, 64, 2048),
         Preset("paligemma-3b-224", "PaliGemma-3B 224 px architecture (SigLIP So400m + Gemma 2B), random "
