@@ -293,14 +293,19 @@ class Sampler:
     def select(self, logits: torch.Tensor, rows: Sequence[int], live: Sequence[int]) -> list[int]:
         """The tokens of `live` (indices into `logits`), where `logits[i]` is table row `rows[i]`."""
         n = logits.shape[0]
+        temperature = self.table.host("temperature")
+        sampled = [i for i in live if temperature[rows[i]] > 0]
+        if not sampled:  # all greedy: the common step, kept short
+            greedy: list[int] = logits.argmax(dim=-1).tolist()
+            return [greedy[i] for i in live]
         leading = isinstance(rows, range) and rows.start == 0 and rows.step == 1
         host_rows = slice(0, n) if leading else list(rows)
         host = {name: self.table.host(name)[host_rows] for name in ("temperature", "top_k", "top_p")}
         mask = np.zeros(n, dtype=bool)
         mask[list(live)] = True
         uniforms = np.zeros(n)
-        for i in np.flatnonzero(mask & (host["temperature"] > 0)):
-            generator = self._generators[rows[int(i)]]
+        for i in sampled:
+            generator = self._generators[rows[i]]
             assert generator is not None, "a sampled row without its generator"
             uniforms[i] = generator.random()
         if leading:
@@ -311,6 +316,5 @@ class Sampler:
         batch = Batch(device["temperature"], device["top_k"], device["top_p"],
                       torch.from_numpy(uniforms).to(logits.device), host["temperature"], host["top_k"],
                       host["top_p"], mask)
-        tokens = sample(logits, batch, self._workspace)
-        chosen: list[int] = tokens[list(live)].tolist()
-        return chosen
+        tokens: list[int] = sample(logits, batch, self._workspace).tolist()
+        return [tokens[i] for i in live]
