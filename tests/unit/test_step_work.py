@@ -89,12 +89,12 @@ def test_work_left_when_the_engine_stops_is_answered():
         engine.start()
         first = work.submit(1)
         await asyncio.sleep(0.1)  # the core is inside the first batch now
+        engine.core.stop(0)  # the stop waits in the inbox before the second item's wake-up
         second = work.submit(2)
-        stopping = asyncio.create_task(engine.stop(1))
         gate.set()
-        await stopping
+        await asyncio.to_thread(engine.core.stop, 2.0)
         return first, second
 
     first, second = asyncio.run(main())
     assert first.result() == 2
-    assert isinstance(second.exception(), ShuttingDown)  # the stop came before the step that would run it
+    assert isinstance(second.exception(), ShuttingDown)
