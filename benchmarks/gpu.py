@@ -4,9 +4,10 @@ r"""PaliGemma-3B (224 px) on one GPU: the step engine's ceiling, the served serv
     python -m benchmarks.gpu --dry-run    # the same code on the CPU with the `tiny` preset, about 1 min
 
 On a lent GPU machine of this workplace (the device tool: Python 3.12, torch with CUDA, transformers
-5.17, no FastAPI stack, no network), first run here `bash benchmarks/gpu_wheels.sh` (the server's
-dependencies that image lacks, as wheels in the git-ignored .whl/, at the lock's versions), then make
-one call of the device tool's `run`:
+5.17, no FastAPI stack, no network), first run `bash benchmarks/gpu_wheels.sh` (the server's
+dependencies that image lacks, as wheels in the git-ignored .whl/, at the lock's versions) in the
+checkout the device tool sends (the session's own, not a helper's worktree: the code to measure must be
+checked out there), then make one call of the device tool's `run`:
 
     timeout_s: 600, carry: [".whl"], command:
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
