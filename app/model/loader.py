@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,17 +119,24 @@ def _eos_ids(model: PaliGemmaForConditionalGeneration, processor: PaliGemmaProce
     return tuple(int(i) for i in ids)
 
 
+# A preset's weights come from torch's global random generator and default dtype, both process-wide: two
+# builds at once (a second app loading while an abandoned start-up still builds, as tests do) would draw
+# from one stream and give the same seed different weights. One build at a time.
+_PRESET_BUILD = threading.Lock()
+
+
 def _from_preset(preset: presets.Preset, device: torch.device, dtype: torch.dtype, seed: int):
     processor = presets.build_processor(preset)
-    torch.manual_seed(seed)
-    # Build directly on the target device and dtype: the 3B preset would not fit twice in host memory.
-    previous = torch.get_default_dtype()
-    try:
-        torch.set_default_dtype(dtype)
-        with device:
-            model = presets.build_model(preset, processor)
-    finally:
-        torch.set_default_dtype(previous)
+    with _PRESET_BUILD:
+        torch.manual_seed(seed)
+        # Build directly on the target device and dtype: the 3B preset would not fit twice in host memory.
+        previous = torch.get_default_dtype()
+        try:
+            torch.set_default_dtype(dtype)
+            with device:
+                model = presets.build_model(preset, processor)
+        finally:
+            torch.set_default_dtype(previous)
     return model, processor
 
 

@@ -66,6 +66,8 @@ def test_steps_over_buckets_with_idle_rows_equal_generate_alone(preset_model):
     stand_in.runner = runner
     runner.capture_graphs()
     assert stand_in.captured == [6, 4, 2, 1] and runner.graphs.captured == [1, 2, 4, 6]
+    assert sorted(stand_in.replayed) == [1, 2, 4, 6] and runner.graphs.failure is None  # the warm-up check
+    stand_in.replayed.clear()
     scheduler = Scheduler(6, prefill_token_budget=2 * (loaded.image_seq_length + 20))
     core = EngineCore(scheduler, runner, lambda events: None, NullObserver(), lambda exc: False, lambda exc: False)
     widths: list[int] = []
