@@ -32,8 +32,9 @@ import torch
 from app.engine.rows import Column, RowTable
 from app.engine.sampling_params import SamplingParams
 
-# The inverse CDF over the whole vocabulary: sums of chunks of this many tokens, then one chunk.
-CHUNK = 4096
+# The inverse CDF over the whole vocabulary: sums of chunks of this many tokens, then one chunk (small
+# enough that the per-row work inside a chunk, 32 rows x 1,024, stays under torch's parallel grain).
+CHUNK = 1024
 # Candidate search: the maximum of each group of this many tokens ranks the groups.
 GROUP = 64
 # Top-p tries the tokens of this many best groups (1,024 tokens) first.
