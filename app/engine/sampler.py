@@ -70,11 +70,20 @@ class Workspace:
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
 
-    def get(self, name: str, rows: int, vocab: int, device: torch.device) -> torch.Tensor:
+    def get(self, name: str, rows: int, vocab: int, device: torch.device,
+            dtype: torch.dtype = torch.float32) -> torch.Tensor:
         buffer = self._buffers.get(name)
         if buffer is None or buffer.shape[0] < rows or buffer.shape[1] != vocab or buffer.device != device:
-            buffer = self._buffers[name] = torch.empty((rows, vocab), dtype=torch.float32, device=device)
+            buffer = self._buffers[name] = torch.empty((rows, vocab), dtype=dtype, device=device)
         return buffer[:rows]
+
+
+def _buffer(workspace: Workspace | None, name: str, like: torch.Tensor,
+            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A (rows, vocab) buffer shaped like `like`: the workspace's (CPU), else a new one (CUDA)."""
+    if workspace is None:
+        return torch.empty(like.shape, dtype=dtype, device=like.device)
+    return workspace.get(name, like.shape[0], like.shape[1], like.device, dtype)
 
 
 def sample(logits: torch.Tensor, batch: Batch, workspace: Workspace | None = None) -> torch.Tensor:
@@ -120,8 +129,10 @@ def sample(logits: torch.Tensor, batch: Batch, workspace: Workspace | None = Non
         rest = nucleus[~done]
         if rest.size:
             index = _index(rest, n, device)
-            lowest = _top_p_floor(_part(logits, index), _part(probs, index), _part(batch.top_p, index))
-            weights = torch.where(_part(logits, index) >= lowest[:, None], _part(probs, index), 0.0)
+            rows_logits, rows_probs = _part(logits, index), _part(probs, index)
+            lowest = _top_p_floor(rows_logits, rows_probs, _part(batch.top_p, index), workspace)
+            weights = torch.mul(rows_probs, rows_logits >= lowest[:, None],
+                                out=_buffer(workspace, "scaled", rows_logits))
             tokens[_rows_of(index, n, device)] = _inverse_cdf(weights, _part(batch.uniforms, index))
     return tokens
 
@@ -220,15 +231,17 @@ def _sample_candidates(logits: torch.Tensor, inverse_t: torch.Tensor, k: torch.T
     return ids.gather(1, chosen[:, None]).squeeze(1), exact
 
 
-def _top_p_floor(logits: torch.Tensor, probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def _top_p_floor(logits: torch.Tensor, probs: torch.Tensor, top_p: torch.Tensor,
+                 workspace: Workspace | None = None) -> torch.Tensor:
     """Top-p without top-k, exactly, without sorting the vocabulary: per row, the lowest logit kept (the
     tokens at or above it are the smallest set from the top whose mass reaches top_p). Buckets of logit
     values (a token's bucket never rises as its logit falls) find the bucket where the mass from the top
     passes top_p; only that bucket's tokens are sorted."""
     n = logits.shape[0]
     top = logits.amax(dim=-1, keepdim=True)
-    span = (top - logits.amin(dim=-1, keepdim=True)).clamp(min=1e-30)
-    bucket = ((top - logits) / span * (BUCKETS - 1)).long()  # 0: the top bucket
+    scale = (BUCKETS - 1) / (top - logits.amin(dim=-1, keepdim=True)).float().clamp(min=1e-30)
+    distance = torch.sub(top, logits, out=_buffer(workspace, "scaled", logits)).mul_(scale)
+    bucket = _buffer(workspace, "bucket", logits, torch.long).copy_(distance)  # 0: the top bucket
     mass = torch.zeros((n, BUCKETS), dtype=probs.dtype, device=probs.device).scatter_add_(1, bucket, probs)
     cumulative = mass.double().cumsum(dim=-1)
     cut = top_p.double()
@@ -237,8 +250,10 @@ def _top_p_floor(logits: torch.Tensor, probs: torch.Tensor, top_p: torch.Tensor)
     before = torch.where(boundary > 0, cumulative.gather(1, (boundary - 1).clamp(min=0)[:, None]).squeeze(1),
                          0.0)
     lowest = torch.empty(n, dtype=logits.dtype, device=logits.device)
-    for row in range(n):  # the boundary bucket's tokens: a few hundred, but on degenerate rows
-        members = torch.nonzero(bucket[row] == boundary[row]).squeeze(1)
+    # The boundary buckets' tokens, row by row: a few hundred each (all of a row only if it is constant).
+    member_rows, member_ids = torch.nonzero(bucket == boundary[:, None], as_tuple=True)
+    counts = torch.bincount(member_rows, minlength=n).tolist()
+    for row, members in enumerate(torch.split(member_ids, counts)):
         values, order = logits[row, members].sort(descending=True)
         # The last token kept is the first whose mass, with all above it, reaches top_p.
         through = before[row] + probs[row, members[order]].double().cumsum(0)
