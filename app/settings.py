@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from app.image_sources import normalise_host_entries
+from app.image_sources.hosts import normalise_host_entries
 
 ENV_PREFIX = "PALIGEMMA_"
 # A browser origin: scheme, host, optional port; nothing after.

@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fastapi.responses import StreamingResponse
 
 from app.errors import ServiceError
-from app.model.inputs import PromptEncoder
+
+if TYPE_CHECKING:  # the model layer (torch) is not needed to write events
+    from app.model.inputs import PromptEncoder
 
 _INCOMPLETE = "\ufffd"
 EVENT_STREAM = "text/event-stream"

@@ -72,7 +72,9 @@ class InferenceService:
         self.encoder = PromptEncoder.from_processor(loaded.processor)
         self.runner = runner_factory(loaded, runner_config(settings))
         # What clients send in place of an image file (base64, data URLs, allowed image URLs).
-        self.image_sources = ImageSources.from_settings(settings)
+        self.image_sources = ImageSources(max_bytes=settings.max_image_bytes,
+                                          url_hosts=settings.image_url_hosts,
+                                          url_timeout_s=settings.image_url_timeout_s)
         self._prep = ThreadPoolExecutor(settings.prepare_workers, thread_name_prefix="prepare")
         self.engine = Engine(
             self.runner,

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.badinputs import bad_inputs
-from tests.helpers import jpeg
+from tests.images import jpeg
 from tests.served import served
 
 GOOD = jpeg(64, 48)

@@ -11,7 +11,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.helpers import encode, jpeg, metric_value
+from tests.helpers import metric_value
+from tests.images import encode, jpeg
 from tests.served import served
 
 BLUE = encode(Image.new("RGB", (40, 30), (0, 0, 255)), "PNG")  # the launcher makes its prefill slow

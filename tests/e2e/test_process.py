@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.helpers import encode, jpeg
+from tests.images import encode, jpeg
 from tests.served import served
 
 

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from tests.helpers import jpeg
+from tests.images import jpeg
 from tests.served import free_port, served
 
 

@@ -21,7 +21,7 @@ from app.engine.scheduler import Scheduler, Sequence, State
 from app.model.inputs import ImageTransform, PromptEncoder
 from app.model.loader import LoadedModel, load_model
 from app.settings import Settings
-from tests.helpers import photo
+from tests.images import photo
 from tests.trained_model import EXAMPLES, training_image
 
 PROMPTS = ["caption en", "answer en what is on the table?", "ocr", "detect cat ; dog", "segment the red car",

@@ -21,9 +21,11 @@ from pathlib import Path
 import pytest
 
 from app.errors import InvalidImage, InvalidRequest, PayloadTooLarge, ServiceError, UpstreamTimeout
-from app.image_sources import MAX_REDIRECTS, ImageSources, IPAddress
+from app.image_sources import ImageSources
+from app.image_sources.fetch import MAX_REDIRECTS
+from app.image_sources.hosts import IPAddress
 from app.images import decode_image
-from tests.helpers import jpeg
+from tests.images import jpeg
 
 LOOPBACK = ipaddress.ip_address("127.0.0.1")
 LIMIT = 64 * 1024

@@ -115,17 +115,3 @@ def test_recording_for_a_request_that_is_not_running_is_a_bug():
     s.add(x)
     with pytest.raises(RuntimeError):
         s.record(x, 3)
-
-
-def test_the_cache_takes_as_many_rows_as_fit_in_its_share_of_free_memory():
-    import torch
-
-    from app.engine.kv_cache import CacheShape
-    from app.engine.runner import CACHE_MEMORY_SHARE, rows_that_fit
-
-    shape = CacheShape(layers=18, rows=32, kv_heads=1, length=768, head_dim=256)
-    per_row = 2 * 18 * 769 * 256 * 2  # keys and values, bfloat16, the scratch index included
-    assert shape.bytes(torch.bfloat16) == 32 * per_row
-    assert rows_that_fit(shape, torch.bfloat16, 10 * 2**30) == 32  # plenty: all rows
-    assert rows_that_fit(shape, torch.bfloat16, int(10 * per_row / CACHE_MEMORY_SHARE)) == 10
-    assert rows_that_fit(shape, torch.bfloat16, 0) == 1  # never none
