@@ -16,6 +16,7 @@ from fastapi.responses import Response
 from app import __version__
 from app.api import openai_chat, ops, pages, tasks
 from app.api.auth import ApiKeyMiddleware, api_key_scheme, bearer_scheme
+from app.api.draining import DrainingUploadsMiddleware
 from app.api.errors import install_error_handlers
 from app.api.limits import BodyLimitMiddleware
 from app.api.middleware import REQUEST_ID_HEADER, RequestContextMiddleware
@@ -146,6 +147,8 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] | 
     # At run time, outermost first: the request context (id, access log, metrics) sees every answer;
     # CORS answers preflights before the key check (browsers send no key with them) and adds its headers
     # to refusals too, so that a page can read them; the body limit refuses before the key check reads.
+    # Innermost: an upload still streaming in when the drain begins is answered 503 at once.
+    app.add_middleware(DrainingUploadsMiddleware, lifecycle=app.state.lifecycle, metrics=app.state.metrics)
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys, protect_metrics=settings.metrics_require_key)
     app.add_middleware(BodyLimitMiddleware, body_limit=settings.request_body_limit)
     if settings.cors_origins:

@@ -92,6 +92,11 @@ class Settings(BaseSettings):
     image_url_timeout_s: float = Field(
         10.0, gt=0, le=300, description="Time limit on fetching one image URL, redirects included."
     )
+    max_url_fetches: int = Field(
+        16, ge=1, le=10_000,
+        description="Most image URLs fetched at once; beyond it, 429. A bound of its own: a request holds a "
+                    "place in the model queue (max_queue) only once its image is fetched.",
+    )
 
     # Access and operation.
     api_keys: Annotated[tuple[str, ...], NoDecode] = ()
@@ -114,7 +119,13 @@ class Settings(BaseSettings):
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
-            return tuple(key.strip() for key in value.split(",") if key.strip())
+            keys = tuple(key.strip() for key in value.split(",") if key.strip())
+            if value.strip() and not keys:
+                # Set, but to separators only: taken as no keys, it would quietly turn authentication off.
+                raise ValueError(f"{value!r} holds no key, which would turn authentication off; give "
+                                 "comma-separated keys (key-one,key-two), or set it empty for no "
+                                 "authentication")
+            return keys
         return value
 
     @field_validator("image_url_hosts", mode="before")

@@ -5,7 +5,8 @@ Three forms are accepted:
 
 * base64, and base64 data URLs (`inline`);
 * an http(s) URL, only for hosts an operator lists in `PALIGEMMA_IMAGE_URL_HOSTS` (`hosts`: the list
-  and the address policy; `fetch`: the fetch itself). Off without the list.
+  and the address policy; `fetch`: the fetch itself, bounded by `PALIGEMMA_MAX_URL_FETCHES`). Off
+  without the list.
 
 Every refusal is a `ServiceError` with `param="image"`.
 """
@@ -28,12 +29,12 @@ class ImageSources:
     """Turns the `image` value of a JSON body into bytes (`load`); holds the limits and the URL policy."""
 
     def __init__(self, *, max_bytes: int, url_hosts: Iterable[str] = (), url_timeout_s: float = 10.0,
-                 resolver: Resolver = system_resolver,
+                 max_url_fetches: int = 16, resolver: Resolver = system_resolver,
                  ssl_context: ssl.SSLContext | None = None):
         self.max_bytes = max_bytes
         hosts = tuple(parse_host_entry(entry) for entry in normalise_host_entries(url_hosts))
         self.fetcher = UrlFetcher(max_bytes=max_bytes, hosts=hosts, timeout_s=url_timeout_s,
-                                  resolver=resolver, ssl_context=ssl_context)
+                                  max_in_flight=max_url_fetches, resolver=resolver, ssl_context=ssl_context)
 
     @property
     def url_hosts(self) -> tuple[str, ...]:

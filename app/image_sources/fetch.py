@@ -1,5 +1,5 @@
 """Fetching an allowed image URL: the policy applied to the URL and to every redirect, the body read
-under the size limit, everything within one time limit.
+under the size limit, everything within one time limit, and a bound on fetches in flight.
 
 * scheme http or https; no user name or password in the URL.
 * the host matches an entry of `PALIGEMMA_IMAGE_URL_HOSTS` (`app.image_sources.hosts`).
@@ -26,14 +26,16 @@ from dataclasses import dataclass
 import httpx
 
 from app import __version__
-from app.errors import InvalidImage, InvalidRequest, UpstreamTimeout
+from app.errors import InvalidImage, InvalidRequest, UpstreamTimeout, UrlFetchesFull
 from app.image_sources.hosts import HOSTS_SETTING, HostEntry, IPAddress, check_address, ip_literal, match_host
 from app.image_sources.inline import ACCEPTED_FORMS, too_large
 
 Resolver = Callable[[str, int], Awaitable[Sequence[IPAddress]]]
 
 TIMEOUT_SETTING = "PALIGEMMA_IMAGE_URL_TIMEOUT_S"
+FETCHES_SETTING = "PALIGEMMA_MAX_URL_FETCHES"
 MAX_REDIRECTS = 3
+RETRY_AFTER_S = 1
 
 _REDIRECTS = (301, 302, 303, 307, 308)
 
@@ -54,27 +56,40 @@ async def system_resolver(host: str, port: int) -> list[IPAddress]:
 
 
 class UrlFetcher:
-    """GETs allowed image URLs (`fetch`)."""
+    """GETs allowed image URLs (`fetch`), at most `max_in_flight` at a time.
+
+    The bound is its own, apart from the model queue's: a slow host holds a fetch, never a place in the
+    model's queue, so it cannot lock out clients who send their image itself."""
 
     def __init__(self, *, max_bytes: int, hosts: tuple[HostEntry, ...], timeout_s: float,
-                 resolver: Resolver = system_resolver,
+                 max_in_flight: int, resolver: Resolver = system_resolver,
                  ssl_context: ssl.SSLContext | None = None):
         self.max_bytes = max_bytes
         self.hosts = hosts
         self.timeout_s = timeout_s
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
         self._resolver = resolver
         self._ssl_context = ssl_context
 
     async def fetch(self, url: str) -> bytes:
         """GET an image URL under the policy: InvalidRequest (400) for a refused URL or redirect,
-        InvalidImage (400) for a failed fetch or a non-2xx answer, PayloadTooLarge (413),
-        UpstreamTimeout (504) past `timeout_s` in all (resolving, redirects and body included)."""
+        InvalidImage (400) for a failed fetch or a non-2xx answer, PayloadTooLarge (413), UrlFetchesFull
+        (429) when `max_in_flight` fetches are running, UpstreamTimeout (504) past `timeout_s` in all
+        (resolving, redirects and body included)."""
         if not self.hosts:
             raise InvalidRequest(
                 f"image URLs are off on this server ({HOSTS_SETTING} is empty); send the image as a file "
                 "field `image` (multipart/form-data), or in JSON as base64 or a data URL "
                 "(data:image/png;base64,...)",
                 param="image")
+        if self.in_flight >= self.max_in_flight:
+            raise UrlFetchesFull(
+                f"{self.in_flight} image URLs are being fetched already, the most this server fetches at "
+                f"once ({FETCHES_SETTING}); retry after {RETRY_AFTER_S} s, or send the image itself (a file "
+                "field `image`, or base64 in JSON)",
+                param="image", headers={"Retry-After": str(RETRY_AFTER_S)})
+        self.in_flight += 1
         try:
             return await asyncio.wait_for(self._fetch(url), self.timeout_s)
         except (asyncio.TimeoutError, httpx.TimeoutException):
@@ -84,6 +99,8 @@ class UrlFetcher:
         except httpx.HTTPError as exc:  # the connection broke, or the answer is not valid HTTP
             raise InvalidImage(f"the image URL's answer broke off or is malformed ({exc}); check the URL or "
                                "send the image itself") from None
+        finally:
+            self.in_flight -= 1
 
     async def _fetch(self, url: str) -> bytes:
         target = self._target(url, None)

@@ -107,6 +107,17 @@ FIELD_CASES = [
 ]
 
 
+@pytest.mark.parametrize("endpoint", ["/v1/caption", "/v1/detect", "/v1/chat/completions"])
+@pytest.mark.parametrize("depth", [1000, 40])
+def test_json_nested_past_the_limit_is_a_400_naming_it(server, endpoint, depth):
+    body = '{"image": "x", "a": ' + "[" * depth + "]" * depth + "}"
+    response = httpx.post(f"{server.url}{endpoint}", content=body, headers={"Content-Type": "application/json"},
+                          timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert "nests deeper than 32 levels" in error["message"], error
+
+
 @pytest.mark.parametrize("case", bad_inputs(), ids=lambda c: c.name)
 def test_bad_images(server, case):
     response = httpx.post(f"{server.url}/v1/caption", files={"image": ("upload.bin", case.data, "image/png")},
