@@ -22,6 +22,7 @@ import pytest
 
 from tests.helpers import metric_value
 from tests.images import jpeg
+from tests.loopback import loopback_server
 from tests.served import served
 
 IMAGE = jpeg(64, 48)
@@ -69,18 +70,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def image_host() -> Iterator[ImageHost]:
-    handler = type("Handler", (_Handler,), {})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    handler.host = ImageHost(server.server_address[1])
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="image-host")
-    thread.start()
-    try:
-        yield handler.host
-    finally:
-        handler.host.release.set()
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    handler = type("ImageHostHandler", (_Handler,), {})
+    with loopback_server(handler) as server:
+        handler.host = ImageHost(server.server_address[1])
+        try:
+            yield handler.host
+        finally:
+            handler.host.release.set()  # before the shutdown joins the handlers that wait for it
 
 
 def _json_caption(url: str) -> dict:
