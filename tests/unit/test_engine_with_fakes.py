@@ -70,14 +70,24 @@ async def step(engine: Engine, times: int = 1) -> None:
         await settle()
 
 
+async def run_together(engine: Engine, *requests: EngineRequest) -> list:
+    """Submit `requests` at once, then step by hand until each has its answer: a result or an error."""
+    tasks = [asyncio.create_task(run(engine, req)) for req in requests]
+    await settle()  # all of them wait for the first step
+    while not all(task.done() for task in tasks):
+        await step(engine)
+    return [task.exception() or task.result() for task in tasks]
+
+
 def test_each_request_gets_its_own_tokens_and_stops_at_its_own_end():
     async def main():
         engine, runner, recorder = make(rows=2)
-        engine.start()
-        results = await asyncio.gather(
-            run(engine, request(5, 6, 7)),                 # ends at its max_new_tokens
-            run(engine, request(8, STOP, 9)),              # ends at a stop token
-            run(engine, request(3, 3, 3, 3, 3, 3)),        # waits for a row, then runs
+        engine.start(StepByHand())
+        results = await run_together(
+            engine,
+            request(5, 6, 7),                 # ends at its max_new_tokens
+            request(8, STOP, 9),              # ends at a stop token
+            request(3, 3, 3, 3, 3, 3),        # waits for a row, then runs
         )
         await engine.stop(1)
         return results, runner, recorder
@@ -192,9 +202,8 @@ def test_admission_is_bounded_and_refusals_are_counted():
 def test_a_request_that_fails_its_prefill_fails_alone():
     async def main():
         engine, runner, _ = make(rows=4)
-        engine.start()
-        results = await asyncio.gather(run(engine, request(5, 5)), run(engine, request(6, 6, fail_prefill=True)),
-                                       run(engine, request(7, 7)), return_exceptions=True)
+        engine.start(StepByHand())
+        results = await run_together(engine, request(5, 5), request(6, 6, fail_prefill=True), request(7, 7))
         await engine.stop(1)
         return results, runner
 
@@ -208,10 +217,9 @@ def test_a_request_that_fails_its_prefill_fails_alone():
 def test_a_failing_decode_step_fails_only_the_row_that_fails_alone():
     async def main():
         engine, runner, _ = make(rows=4)
-        engine.start()
-        results = await asyncio.gather(run(engine, request(5, 5, 5, 5)),
-                                       run(engine, request(6, 6, 6, 6, fail_decode_at=2)),
-                                       run(engine, request(7, 7, 7, 7)), return_exceptions=True)
+        engine.start(StepByHand())
+        results = await run_together(engine, request(5, 5, 5, 5), request(6, 6, 6, 6, fail_decode_at=2),
+                                     request(7, 7, 7, 7))
         await engine.stop(1)
         return results, runner
 
@@ -226,17 +234,18 @@ def test_a_failing_decode_step_fails_only_the_row_that_fails_alone():
 def test_out_of_memory_on_a_prefill_requeues_and_prefills_fewer_at_a_time():
     async def main():
         engine, runner, _ = make(rows=8)
-        engine.start()
-        results = await asyncio.gather(*(run(engine, request(i, i, oom_prefill_with_more_than=2))
-                                         for i in range(2, 8)))
+        engine.start(StepByHand())
+        results = await run_together(engine, *(request(i, i, oom_prefill_with_more_than=2) for i in range(2, 8)))
         await engine.stop(1)
         return results, runner, engine
 
     results, runner, engine = asyncio.run(main())
     assert [r.tokens for r in results] == [[i, i] for i in range(2, 8)]  # nobody failed
-    assert runner.recovered >= 1
-    assert all(len(ids) <= 2 for ids in runner.prefills[-3:])
-    assert engine.scheduler.prefill_token_budget <= 20
+    # Six prompts of 10 tokens: out of memory, then half the tokens (30: three), out of memory again,
+    # then 15 (one at a time) from then on.
+    assert [len(ids) for ids in runner.prefills] == [6, 3, 1, 1, 1, 1, 1, 1]
+    assert runner.recovered == 2
+    assert engine.scheduler.prefill_token_budget == 15
 
 
 def test_an_unrecoverable_device_error_fails_everyone_and_reports_it():
@@ -244,9 +253,8 @@ def test_an_unrecoverable_device_error_fails_everyone_and_reports_it():
 
     async def main():
         engine, _, _ = make(rows=4, fatal=reported.append)
-        engine.start()
-        results = await asyncio.gather(run(engine, request(5, 5, 5, fatal_at=1)), run(engine, request(6, 6, 6)),
-                                       return_exceptions=True)
+        engine.start(StepByHand())
+        results = await run_together(engine, request(5, 5, 5, fatal_at=1), request(6, 6, 6))
         with pytest.raises(NotReady):
             engine.reserve()
         await engine.stop(1)
