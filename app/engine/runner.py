@@ -21,6 +21,7 @@ from app.engine.scheduler import Sequence
 from app.engine.step_model import StepModel
 from app.model.features import FeatureCache
 from app.model.loader import LoadedModel
+from app.model.quantization import graphs_allowed
 
 logger = logging.getLogger(__name__)
 
@@ -44,16 +45,22 @@ class RunnerConfig:
     cuda_graphs: bool = True
 
 
-def cache_shape(loaded: LoadedModel, config: RunnerConfig) -> CacheShape:
-    text: Any = loaded.model.config.text_config
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+def kv_shape(text_config: Any, image_tokens: int, config: RunnerConfig) -> CacheShape:
+    """The KV cache a language model of `text_config` needs for `config`: also what the memory plan
+    (app.engine.memory_plan) counts before any weight is loaded."""
+    head_dim = (getattr(text_config, "head_dim", None)
+                or text_config.hidden_size // text_config.num_attention_heads)
     return CacheShape(
-        layers=text.num_hidden_layers,
+        layers=text_config.num_hidden_layers,
         rows=config.rows,
-        kv_heads=text.num_key_value_heads,
-        length=loaded.image_seq_length + config.max_prompt_tokens + config.max_new_tokens,
+        kv_heads=text_config.num_key_value_heads,
+        length=image_tokens + config.max_prompt_tokens + config.max_new_tokens,
         head_dim=head_dim,
     )
+
+
+def cache_shape(loaded: LoadedModel, config: RunnerConfig) -> CacheShape:
+    return kv_shape(loaded.model.config.text_config, loaded.image_seq_length, config)
 
 
 # Share of the GPU memory left after loading the model that the KV cache may take: the rest is for
@@ -61,10 +68,14 @@ def cache_shape(loaded: LoadedModel, config: RunnerConfig) -> CacheShape:
 CACHE_MEMORY_SHARE = 0.5
 
 
+def row_bytes(shape: CacheShape, dtype: torch.dtype) -> int:
+    """One cache row: every layer's keys and values for the longest sequence (and the scratch index)."""
+    return dataclasses.replace(shape, rows=1).bytes(dtype)
+
+
 def rows_that_fit(shape: CacheShape, dtype: torch.dtype, free_bytes: int) -> int:
     """The most cache rows (at most `shape.rows`) that fit in CACHE_MEMORY_SHARE of `free_bytes`."""
-    per_row = CacheShape(shape.layers, 1, shape.kv_heads, shape.length, shape.head_dim).bytes(dtype)
-    return max(1, min(shape.rows, int(free_bytes * CACHE_MEMORY_SHARE) // per_row))
+    return max(1, min(shape.rows, int(free_bytes * CACHE_MEMORY_SHARE) // row_bytes(shape, dtype)))
 
 
 class ModelStepRunner:
@@ -103,6 +114,10 @@ class ModelStepRunner:
     def capture_graphs(self) -> None:
         """On CUDA (unless turned off), capture the decode step for every bucket, logging progress."""
         if self.device.type != "cuda" or not self.config.cuda_graphs:
+            return
+        unfit = graphs_allowed(self.loaded.model)
+        if unfit is not None:
+            logger.warning("CUDA graphs off: %s; decoding eagerly", unfit)
             return
         buckets = graph_buckets(self.rows)
 
