@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -115,6 +115,14 @@ class ModelCard(BaseModel):
     )
     max_new_tokens: int
     default_max_new_tokens: int
+    quantization: str = Field(description="The language model's linear layers: none, int8, nf4 or bnb-int8 "
+                                          "(a checkpoint saved in bitsandbytes' 8-bit).")
+    vision_quantized: bool = Field(description="Whether the vision tower and projector are quantized too.")
+    weight_bytes: int = Field(description="Bytes the weights take on the device, measured after loading.")
+    kv_cache_bytes: int | None = Field(description="Bytes of the preallocated KV cache.")
+    memory_plan: dict[str, Any] | None = Field(
+        description="The start-up memory plan (`paligemma-server plan --json` for these settings), or null "
+                    "when the model's config could not be read before loading.")
 
 
 class ModelList(BaseModel):

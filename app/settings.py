@@ -49,11 +49,13 @@ class Settings(BaseSettings):
                             "`quantization` extra. A checkpoint saved quantized loads as saved.",
     )
     quantize_vision: bool = Field(
-        False, description="Quantize the vision tower and the projector too (they stay in the dtype by default).",
+        False,
+        description="Quantize the vision tower and the projector too (they stay in the dtype by default).",
     )
     memory: Annotated[int | None, NoDecode] = Field(
-        None, description="Device memory the start-up memory plan may use (e.g. 24GiB, 80GB); unset: what the "
-                          "device has free (the CPU: MemAvailable). Start-up stops when the model does not fit.",
+        None,
+        description="Device memory the start-up memory plan may use (e.g. 24GiB, 80GB); unset: what the "
+                    "device has free (the CPU: MemAvailable). Start-up stops when the model does not fit.",
     )
 
     # Engine.

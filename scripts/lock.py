@@ -220,7 +220,8 @@ def lock() -> None:
         raise SystemExit(f"PyPI's torch=={version} is built for {line}, not {CUDA_LINE}: update CUDA_LINE in "
                          "scripts/lock.py, the Dockerfile's TORCH_CUDA default and the driver notes")
     driver = DRIVER_FOR_CUDA.get(cuda.group(1), "see NVIDIA's CUDA compatibility table")
-    extra_only = {extra: {k: v for k, v in locked.items() if k not in cpu} for extra, locked in serving.items()}
+    extra_only = {extra: {k: v for k, v in locked.items() if k not in cpu}
+                  for extra, locked in serving.items()}
     for extra, only in extra_only.items():
         if set(only) & set(gpu):
             raise SystemExit(f"the {extra} extra needs {sorted(set(only) & set(gpu))}, which the CUDA torch "
@@ -234,8 +235,8 @@ def lock() -> None:
     write("base.lock", "Everything the server needs except torch (torch-*.lock).", source_inputs, base)
     write("render.lock", "The `render` extra (annotated PNGs), over base.lock: the image's EXTRAS=render.",
           source_inputs, extra_only["render"])
-    write("quantization.lock", "The `quantization` extra (bitsandbytes, torchao), over base.lock: the image's "
-          "EXTRAS=quantization.", source_inputs, extra_only["quantization"])
+    write("quantization.lock", "The `quantization` extra (bitsandbytes, torchao), over base.lock: the "
+          "image's EXTRAS=quantization.", source_inputs, extra_only["quantization"])
     write("dev.lock", "The optional extras and the build backend, for `make install` (over base.lock).",
           source_inputs, {k: v for k, v in dev.items() if k not in cpu})
 

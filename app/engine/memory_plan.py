@@ -88,14 +88,15 @@ class MemoryPlan:
         if free is None:
             return None
         if free <= 0:
-            return (f"the weights alone ({gib(self.weight_bytes)}) do not fit in {gib(self.request.memory_bytes)}"
-                    + (f" less the runtime's {gib(self.reserve_bytes)}" if self.reserve_bytes else ""))
+            reserve = f" less the runtime's {gib(self.reserve_bytes)}" if self.reserve_bytes else ""
+            return (f"the weights alone ({gib(self.weight_bytes)}) do not fit in "
+                    f"{gib(self.request.memory_bytes)}{reserve}")
         if int(free * CACHE_MEMORY_SHARE) < self.kv_bytes_per_row:
-            return (f"one KV cache row ({gib(self.kv_bytes_per_row)}) does not fit in the {gib(free)} the weights "
-                    "leave (the cache may take half)")
+            return (f"one KV cache row ({gib(self.kv_bytes_per_row)}) does not fit in the {gib(free)} the "
+                    "weights leave (the cache may take half)")
         if free - self.cache_bytes < self.activation_bytes:
-            return (f"the activations of one prefill step ({gib(self.activation_bytes)}) do not fit beside the "
-                    "weights and the KV cache")
+            return (f"the activations of one prefill step ({gib(self.activation_bytes)}) do not fit beside "
+                    "the weights and the KV cache")
         return None
 
     @property
@@ -132,10 +133,12 @@ class MemoryPlan:
     def table(self, measured: dict[str, int] | None = None) -> str:
         """The plan as an aligned text table (with a `measured` column when given, keyed like as_dict)."""
         r = self.request
+        method = r.quantization.value + (
+            " (vision too)" if r.quantize_vision and r.quantization is not Quantization.NONE else "")
+        verdict = {None: "no verdict (no memory given)", True: "yes"}.get(self.fits, f"NO: {self.problem}")
         rows: list[tuple[str, str, str]] = [
             ("model", self.model, ""),
-            ("dtype / quantization", f"{str(r.dtype).removeprefix('torch.')} / {r.quantization.value}"
-             + (" (vision too)" if r.quantize_vision and r.quantization is not Quantization.NONE else ""), ""),
+            ("dtype / quantization", f"{str(r.dtype).removeprefix('torch.')} / {method}", ""),
             ("parameters", f"{self.parameters / 1e9:.3f} B", ""),
             ("weights", gib(self.weight_bytes), "weight_bytes"),
             *((f"  {part}", gib(size), "") for part, size in self.weight_bytes_by_part.items()),
@@ -147,7 +150,7 @@ class MemoryPlan:
             ("runtime reserve", gib(self.reserve_bytes), ""),
             ("total", gib(self.total_bytes), ""),
             ("memory", "unknown" if r.memory_bytes is None else gib(r.memory_bytes), ""),
-            ("fits", {None: "no verdict (no memory given)", True: "yes"}.get(self.fits, f"NO: {self.problem}"), ""),
+            ("fits", verdict, ""),
         ]
         width = max(len(name) for name, _, _ in rows)
         lines = []
@@ -167,7 +170,8 @@ def quantized_linear_bytes(method: Quantization, out_features: int, in_features:
     size = torch.empty((), dtype=dtype).element_size()
     if method is Quantization.NONE:
         return n * size
-    if method is Quantization.INT8:  # torchao: int8 weights, a scale (weight dtype) and int8 zero point per row
+    # torchao: int8 weights; per row a scale (in the weight dtype) and an int8 zero point.
+    if method is Quantization.INT8:
         return n + out_features * (size + 1)
     if method is Quantization.BNB_INT8:  # int8 weights and one float32 scale per row (SCB)
         return n + out_features * 4

@@ -26,8 +26,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from transformers import PaliGemmaConfig
+
+from app.model import presets
 
 VOCAB_SIZE = 257_216  # [hf-config]
 IMAGE_TOKEN_ID = 257_152  # [hf-config]
@@ -44,7 +47,8 @@ class VisionTower:
     source: str
 
 
-SIGLIP_SO400M = VisionTower(layers=27, hidden=1152, intermediate=4304, heads=16, patch=14, source="pg2-convert")
+SIGLIP_SO400M = VisionTower(layers=27, hidden=1152, intermediate=4304, heads=16, patch=14,
+                            source="pg2-convert")
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,8 @@ class LanguageModel:
 
 
 LANGUAGE_MODELS = {
-    ("paligemma", "3b"): LanguageModel("paligemma", "3b", "gemma", 18, 2048, 8, 1, 256, 16384, None, "gemma-2b"),
+    ("paligemma", "3b"): LanguageModel("paligemma", "3b", "gemma", 18, 2048, 8, 1, 256, 16384, None,
+                                       "gemma-2b"),
     ("paligemma2", "3b"): LanguageModel("paligemma2", "3b", "gemma2", 26, 2304, 8, 4, 256, 9216, 256,
                                         "pg2-convert"),
     ("paligemma2", "10b"): LanguageModel("paligemma2", "10b", "gemma2", 42, 3584, 16, 8, 256, 14336, 256,
@@ -143,10 +148,6 @@ def architecture(source: str, revision: str | None = None) -> tuple[PaliGemmaCon
     """The config of what PALIGEMMA_MODEL names, without its weights, and where it was read: a built-in
     preset, a local directory's config.json, the official table above (no download), or the hub's
     config.json for any other hub id."""
-    from pathlib import Path
-
-    from app.model import presets
-
     preset = presets.PRESETS.get(source)
     if preset is not None:
         return presets.build_config(preset, presets.build_tokenizer(preset)), "preset"
@@ -155,5 +156,6 @@ def architecture(source: str, revision: str | None = None) -> tuple[PaliGemmaCon
         official = official_checkpoint(source)
         if official is not None:
             return official.config(), "official table"
-    config = PaliGemmaConfig.from_pretrained(str(path) if path.exists() else source, revision=revision or "main")
-    return config, f"{path / 'config.json'}" if path.exists() else "hub config.json"
+    if path.exists():
+        return PaliGemmaConfig.from_pretrained(str(path)), str(path / "config.json")
+    return PaliGemmaConfig.from_pretrained(source, revision=revision or "main"), "hub config.json"

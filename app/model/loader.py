@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
 from app.lifecycle import StartupError
 from app.model import presets
@@ -151,12 +151,13 @@ def _from_pretrained(source: str, revision: str | None, device: torch.device, dt
     try:
         processor = PaliGemmaProcessor.from_pretrained(source, revision=revision or "main")
         # A checkpoint saved quantized carries its quantization_config and loads as saved.
-        config = PaliGemmaForConditionalGeneration.config_class.from_pretrained(source, revision=revision or "main")
+        config = PaliGemmaConfig.from_pretrained(source, revision=revision or "main")
         saved = getattr(config, "quantization_config", None)
         if saved is not None and quantization is not Quantization.NONE:
-            logger.warning("%s was saved quantized (%s): it loads as saved, PALIGEMMA_QUANTIZATION=%s does not "
-                           "apply", source, _method_name(saved), quantization.value)
-        extra = {} if saved is not None else {"quantization_config": loading_config(quantization, quantize_vision)}
+            logger.warning("%s was saved quantized (%s): it loads as saved, PALIGEMMA_QUANTIZATION=%s does "
+                           "not apply", source, _method_name(saved), quantization.value)
+        extra = {} if saved is not None else {
+            "quantization_config": loading_config(quantization, quantize_vision)}
         # No attn_implementation: transformers then takes sdpa wherever the architecture supports it and
         # eager for PaliGemma 2's Gemma 2 layers, whose soft-capped attention sdpa cannot compute (asking
         # for sdpa there is an error at load time).
@@ -185,9 +186,10 @@ def _parameters(model: PaliGemmaForConditionalGeneration) -> int:
     return total
 
 
-def load_model(settings: Settings) -> LoadedModel:
+def load_model(settings: Settings, device: torch.device | None = None) -> LoadedModel:
+    """Load what the settings name on `device` (default: PALIGEMMA_DEVICE resolved)."""
     started = time.perf_counter()
-    device = resolve_device(settings.device)
+    device = device or resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     preset = presets.PRESETS.get(settings.model)
     quantization = Quantization(settings.quantization)

@@ -128,8 +128,9 @@ def loading_config(method: Quantization, quantize_vision: bool) -> Any:
     from transformers import BitsAndBytesConfig
 
     if method is Quantization.NF4:
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=COMPUTE_DTYPE_4BIT, llm_int8_skip_modules=kept)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=COMPUTE_DTYPE_4BIT,
+                                  llm_int8_skip_modules=kept)
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=kept)
 
 
@@ -156,14 +157,15 @@ def quantize_in_place(model: nn.Module, method: Quantization, quantize_vision: b
         new: nn.Module
         if method is Quantization.NF4:
             new = bnb.nn.Linear4bit(linear.in_features, linear.out_features, linear.bias is not None,
-                                    compute_dtype=COMPUTE_DTYPE_4BIT, compress_statistics=True, quant_type="nf4",
-                                    device="meta")
+                                    compute_dtype=COMPUTE_DTYPE_4BIT, compress_statistics=True,
+                                    quant_type="nf4", device="meta")
             new.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True,
                                            quant_type="nf4").to(device)
         else:
             new = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, linear.bias is not None,
                                       has_fp16_weights=False, threshold=6.0, device="meta")
-            new.weight = bnb.nn.Int8Params(weight.cpu(), requires_grad=False, has_fp16_weights=False).to(device)
+            new.weight = bnb.nn.Int8Params(weight.cpu(), requires_grad=False,
+                                           has_fp16_weights=False).to(device)
         if linear.bias is not None:
             new.bias = nn.Parameter(linear.bias.data, requires_grad=False)
         _replace(model, name, new)
