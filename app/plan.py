@@ -92,6 +92,36 @@ def startup_plan(settings: Settings, device: torch.device, dtype: torch.dtype) -
     return result
 
 
+# Which model fits which GPU (README's "Serving a real checkpoint") -----------------------------------
+FIT_TABLE_MEMORY = ("16GiB", "24GiB", "40GiB", "48GiB", "80GiB", "141GiB")
+FIT_TABLE_MODELS = tuple(f"google/paligemma{family}-{size}-pt-{res}"
+                         for family, size in (("", "3b"), ("2", "3b"), ("2", "10b"), ("2", "28b"))
+                         for res in (224, 448, 896))
+FIT_TABLE_ORDER = (Quantization.NONE, Quantization.INT8, Quantization.NF4)
+FIT_TABLE_MIN_ROWS = 8  # fewer requests at once than this wastes most of a GPU's decode step
+
+
+def fit_table(settings: Settings) -> str:
+    """A Markdown table: for each official architecture and GPU memory, the least quantization that fits
+    with `settings` (bfloat16) and at least FIT_TABLE_MIN_ROWS rows of KV cache (else the one that fits
+    the most rows), and how many rows fit."""
+    header = "| model (pt, mix and ft alike) | " + " | ".join(m.replace("GiB", " GiB") for m in FIT_TABLE_MEMORY)
+    lines = [header + " |", "|---" * (len(FIT_TABLE_MEMORY) + 1) + "|"]
+    for model in FIT_TABLE_MODELS:
+        cells = []
+        for memory in FIT_TABLE_MEMORY:
+            fitting = [result for method in FIT_TABLE_ORDER
+                       if (result := plan_for(settings.model_copy(update={"model": model,
+                                                                          "quantization": method.value}),
+                                              torch.bfloat16, parse_bytes(memory), "cuda")).fits]
+            enough = [r for r in fitting if r.cache.rows >= FIT_TABLE_MIN_ROWS]
+            best = enough[0] if enough else max(fitting, key=lambda r: r.cache.rows, default=None)
+            cells.append("does not fit" if best is None
+                         else f"{best.request.quantization.value}, {best.cache.rows} rows")
+        lines.append(f"| {model.removeprefix('google/').replace('-pt-', ' ')} px | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # The command ----------------------------------------------------------------------------------------
 def _parser(defaults: Settings) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paligemma-server plan", description=__doc__,
@@ -112,6 +142,8 @@ def _parser(defaults: Settings) -> argparse.ArgumentParser:
                         help="where it will run (the CUDA runtime's reserve is counted on cuda)")
     parser.add_argument("--json", action="store_true", help="one JSON document instead of the table")
     parser.add_argument("--list", action="store_true", help="print the official checkpoint ids and exit")
+    parser.add_argument("--fit-table", action="store_true",
+                        help="print README's table of which model fits which GPU memory, and exit")
     return parser
 
 
@@ -124,6 +156,9 @@ def main(argv: list[str]) -> int:
     args = _parser(defaults).parse_args(argv)
     if args.list:
         print("\n".join(OFFICIAL_IDS))
+        return 0
+    if args.fit_table:
+        print(fit_table(defaults))
         return 0
     try:
         settings = load_settings(model=args.model, quantization=args.quantization,

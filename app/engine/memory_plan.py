@@ -18,6 +18,8 @@ PALIGEMMA_MAX_PROMPT_TOKENS), n = ceil(P / L) prompts in the step, T the image t
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -195,8 +197,15 @@ def _part(name: str) -> str:
 def count_weights(config: PaliGemmaConfig, dtype: torch.dtype, method: Quantization,
                   quantize_vision: bool) -> tuple[int, dict[str, int], int]:
     """(parameters, bytes by part, quantized layers) of the architecture, built on the meta device."""
+    parameters, by_part, quantized = _count_weights(config.to_json_string(), dtype, method, quantize_vision)
+    return parameters, dict(by_part), quantized
+
+
+@functools.lru_cache(maxsize=64)
+def _count_weights(config_json: str, dtype: torch.dtype, method: Quantization,
+                   quantize_vision: bool) -> tuple[int, tuple[tuple[str, int], ...], int]:
     with torch.device("meta"):
-        model = PaliGemmaForConditionalGeneration(config)
+        model = PaliGemmaForConditionalGeneration(PaliGemmaConfig.from_dict(json.loads(config_json)))
     size = torch.empty((), dtype=dtype).element_size()
     kept = kept_modules(quantize_vision)
     by_part = dict.fromkeys(PARTS, 0)
@@ -219,7 +228,7 @@ def count_weights(config: PaliGemmaConfig, dtype: torch.dtype, method: Quantizat
                 # Buffers keep their own dtype when it is not floating (position ids).
                 stored = tensor.numel() * (size if tensor.is_floating_point() else tensor.element_size())
             by_part[_part(f"{module_name}.{name}")] += stored
-    return parameters, {part: size for part, size in by_part.items() if size}, quantized
+    return parameters, tuple((part, size) for part, size in by_part.items() if size), quantized
 
 
 def activation_bytes(config: PaliGemmaConfig, request: PlanRequest, image_tokens: int) -> int:
