@@ -105,8 +105,8 @@ def fit_table(settings: Settings) -> str:
     """A Markdown table: for each official architecture and GPU memory, the least quantization that fits
     with `settings` (bfloat16) and at least FIT_TABLE_MIN_ROWS rows of KV cache (else the one that fits
     the most rows), and how many rows fit."""
-    header = "| model (pt, mix and ft alike) | " + " | ".join(m.replace("GiB", " GiB") for m in FIT_TABLE_MEMORY)
-    lines = [header + " |", "|---" * (len(FIT_TABLE_MEMORY) + 1) + "|"]
+    memories = " | ".join(m.replace("GiB", " GiB") for m in FIT_TABLE_MEMORY)
+    lines = [f"| model (pt, mix and ft alike) | {memories} |", "|---" * (len(FIT_TABLE_MEMORY) + 1) + "|"]
     for model in FIT_TABLE_MODELS:
         cells = []
         for memory in FIT_TABLE_MEMORY:
@@ -118,7 +118,8 @@ def fit_table(settings: Settings) -> str:
             best = enough[0] if enough else max(fitting, key=lambda r: r.cache.rows, default=None)
             cells.append("does not fit" if best is None
                          else f"{best.request.quantization.value}, {best.cache.rows} rows")
-        lines.append(f"| {model.removeprefix('google/').replace('-pt-', ' ')} px | " + " | ".join(cells) + " |")
+        name = model.removeprefix("google/").replace("-pt-", " ")
+        lines.append(f"| {name} px | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -21,6 +21,7 @@ from app.model import presets
 from app.model.quantization import (
     Quantization,
     detect,
+    fit_cpu_kernels,
     loading_config,
     quantize_in_place,
     vision_quantized,
@@ -200,6 +201,7 @@ def load_model(settings: Settings, device: torch.device | None = None) -> Loaded
         model, processor = _from_pretrained(settings.model, settings.revision, device, dtype, quantization,
                                             settings.quantize_vision)
     model.eval()
+    fit_cpu_kernels(model)
     # Batched generation is only exact with left padding (right padding changes greedy outputs).
     processor.tokenizer.padding_side = "left"
 

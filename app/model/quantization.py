@@ -172,6 +172,22 @@ def quantize_in_place(model: nn.Module, method: Quantization, quantize_vision: b
     return len(targets)
 
 
+_CPU_PACKED_BLOCK = 32
+
+
+def fit_cpu_kernels(model: nn.Module) -> int:
+    """bitsandbytes' packed 4-bit CPU kernel (CPUs with AVX512-BF16) needs a layer's output width to be a
+    multiple of 32 and fails on the first call otherwise; such layers (only the tiny presets have them,
+    every official checkpoint's widths are multiples of 128) take the library's generic path instead.
+    The number of layers turned to it."""
+    narrow = [module for module in model.modules()
+              if type(module).__name__ == "Linear4bit" and module.out_features % _CPU_PACKED_BLOCK
+              and getattr(module, "support_avx512bf16_for_cpu", False)]
+    for module in narrow:
+        module.support_avx512bf16_for_cpu = False
+    return len(narrow)
+
+
 # What a loaded model is ------------------------------------------------------------------------------
 def _module_kind(module: nn.Module) -> Quantization | None:
     kind = type(module).__name__
