@@ -172,9 +172,8 @@ def quantized_linear_bytes(method: Quantization, out_features: int, in_features:
     size = torch.empty((), dtype=dtype).element_size()
     if method is Quantization.NONE:
         return n * size
-    # torchao: int8 weights; per row a scale (in the weight dtype) and an int8 zero point.
-    if method is Quantization.INT8:
-        return n + out_features * (size + 1)
+    if method is Quantization.INT8:  # torchao: int8 weights; per row a float32 scale and an int8 zero point
+        return n + out_features * (4 + 1)
     if method is Quantization.BNB_INT8:  # int8 weights and one float32 scale per row (SCB)
         return n + out_features * 4
     # nf4: two weights a byte, a uint8 absmax per block, a float32 absmax per nested block, two code books.
@@ -204,8 +203,15 @@ def count_weights(config: PaliGemmaConfig, dtype: torch.dtype, method: Quantizat
 @functools.lru_cache(maxsize=64)
 def _count_weights(config_json: str, dtype: torch.dtype, method: Quantization,
                    quantize_vision: bool) -> tuple[int, tuple[tuple[str, int], ...], int]:
-    with torch.device("meta"):
-        model = PaliGemmaForConditionalGeneration(PaliGemmaConfig.from_dict(json.loads(config_json)))
+    # Built under the serving dtype as loading builds it: buffers made in the default dtype follow it,
+    # those made in float32 on purpose (rotary frequencies) keep it.
+    previous = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device("meta"):
+            model = PaliGemmaForConditionalGeneration(PaliGemmaConfig.from_dict(json.loads(config_json)))
+    finally:
+        torch.set_default_dtype(previous)
     size = torch.empty((), dtype=dtype).element_size()
     kept = kept_modules(quantize_vision)
     by_part = dict.fromkeys(PARTS, 0)
@@ -224,9 +230,10 @@ def _count_weights(config_json: str, dtype: torch.dtype, method: Quantization,
                 parameters += tensor.numel()
             if quantize and name == "weight":
                 stored = quantized_linear_bytes(method, module.out_features, module.in_features, dtype)
-            else:
-                # Buffers keep their own dtype when it is not floating (position ids).
-                stored = tensor.numel() * (size if tensor.is_floating_point() else tensor.element_size())
+            elif isinstance(tensor, nn.Parameter):
+                stored = tensor.numel() * size
+            else:  # buffers keep the dtype they are made in (rotary frequencies in float32, position ids)
+                stored = tensor.numel() * tensor.element_size()
             by_part[_part(f"{module_name}.{name}")] += stored
     return parameters, tuple((part, size) for part, size in by_part.items() if size), quantized
 

@@ -44,6 +44,16 @@ def test_the_plan_counts_the_bytes_of_real_quantized_layers(preset, method, visi
     assert any(name.startswith("model.multi_modal_projector") for name in names) is vision
 
 
+@pytest.mark.parametrize("method", ["none", "int8", "nf4"])
+def test_the_plan_counts_bfloat16_models_too(method):
+    """In bfloat16 torchao keeps float32 scales and Gemma's embedding scale follows the dtype."""
+    loaded = load_model(Settings(model="tiny-gemma2", dtype="bfloat16", quantization=method))
+    config, _ = architecture("tiny-gemma2")
+    planned = plan("tiny-gemma2", config, PlanRequest(loaded.dtype, Quantization(method), False, 4, 64, 32, 8192,
+                                                      None))
+    assert loaded.weight_bytes == planned.weight_bytes
+
+
 def test_vision_tower_projector_and_lm_head_stay_in_the_dtype_by_default():
     loaded = load_model(Settings(model="tiny", quantization="nf4"))
     model = loaded.model

@@ -166,3 +166,15 @@ def test_readme_fit_table_is_what_plan_prints():
     assert start in text and end in text, "README lost its fit table markers"
     shown = text.split(start, 1)[1].split(end, 1)[0].strip()
     assert shown == fit_table(load_settings()), "regenerate it with `paligemma-server plan --fit-table`"
+
+
+@pytest.mark.parametrize(("preset", "model_id"), [("paligemma-3b-224", "google/paligemma-3b-pt-224"),
+                                                  ("paligemma2-10b-448", "google/paligemma2-10b-pt-448")])
+def test_the_full_size_presets_are_the_official_architectures(preset, model_id):
+    from app.model.checkpoints import architecture
+
+    ours = plan(preset, architecture(preset)[0], request())
+    official = plan(model_id, official_checkpoint(model_id).config(), request())
+    assert ours.parameters == official.parameters
+    assert ours.weight_bytes_by_part == official.weight_bytes_by_part
+    assert ours.cache == official.cache and ours.image_tokens == official.image_tokens
