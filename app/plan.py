@@ -25,7 +25,7 @@ from app.lifecycle import StartupError
 from app.model.checkpoints import OFFICIAL_IDS, architecture
 from app.model.quantization import SETTING_VALUES, Quantization
 from app.settings import Settings, SettingsError, load_settings
-from app.sizes import parse_bytes
+from app.sizes import gib, parse_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def startup_plan(settings: Settings, device: torch.device, dtype: torch.dtype) -
     source = "PALIGEMMA_MEMORY" if settings.memory is not None else f"free on {device}"
     if result.fits is False:
         raise ModelDoesNotFit(
-            f"{settings.model} does not fit in {memory} bytes ({source}): {result.problem}.\n"
+            f"{settings.model} does not fit in {gib(memory)} ({source}): {result.problem}.\n"
             f"{result.table()}\n"
             "Fixes: PALIGEMMA_QUANTIZATION=int8 or nf4, fewer rows (PALIGEMMA_MAX_BATCH_SIZE), shorter rows "
             "(PALIGEMMA_MAX_NEW_TOKENS, PALIGEMMA_MAX_PROMPT_TOKENS), a smaller prefill step "

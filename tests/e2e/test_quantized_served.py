@@ -59,7 +59,7 @@ def test_start_up_refuses_with_the_plan_when_the_model_cannot_fit(tmp_path):
         assert server.process.wait(timeout=120) == 1
         log = server.log()
     assert "Traceback" not in log, log
-    assert "start-up failed: bench does not fit in 67108864 bytes (PALIGEMMA_MEMORY): the weights alone" in log
+    assert "start-up failed: bench does not fit in 64.0 MiB (PALIGEMMA_MEMORY): the weights alone" in log
     assert "weights" in log and "rows that fit" in log and "fits" in log  # the table
     assert "PALIGEMMA_QUANTIZATION=int8 or nf4" in log
     assert "loaded bench" not in log  # refused before any weight was loaded
