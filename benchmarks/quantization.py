@@ -1,6 +1,7 @@
 """Quantized weights on the CPU: their bytes, the engine's tokens/s, and (with a trained model) accuracy.
 
     python -m benchmarks.quantization weights          # bytes of `bench` (built) and of the 3B architecture
+    python -m benchmarks.quantization layers           # one linear layer under each method
     python -m benchmarks.quantization speed            # tokens/s of the in-process engine on `bench`
     python -m benchmarks.quantization accuracy --model DIR --coco ANNOTATIONS.json --images DIR
 
@@ -123,6 +124,51 @@ def _measured_parts(model: torch.nn.Module, measure) -> dict[str, int]:
     return {part: size for part, size in parts.items() if size}
 
 
+# One layer -------------------------------------------------------------------------------------------
+def layers(repeats: int) -> str:
+    """One 2048 -> 8192 linear layer (Gemma 2B's MLP width) under each method, 1 and 32 rows, float32 and
+    bfloat16 inputs; median ms of `repeats` calls, the methods alternating call by call."""
+    from torch import nn
+
+    from app.model.quantization import Quantization, quantize_in_place
+
+    torch.manual_seed(0)
+    weight = torch.randn(8192, 2048) * 0.02
+    lines = [
+        "### One linear layer, 2048 -> 8192 (`python -m benchmarks.quantization layers`)",
+        "",
+        f"Median ms of {repeats} calls, methods alternating call by call; torch's default threads.",
+        "",
+        "| rows | input dtype | none | int8 (torchao) | bnb-int8 | nf4 | bnb-int8 / int8 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for dtype in (torch.float32, torch.bfloat16):
+        built = {}
+        for method in ("none", "int8", "bnb-int8", "nf4"):
+            layer = nn.Sequential(nn.Linear(2048, 8192, bias=False, dtype=dtype))
+            layer[0].weight.data.copy_(weight.to(dtype))
+            # The layer's name must not look like a kept module (lm_head, vision tower): "0" does not.
+            quantize_in_place(layer, Quantization(method), quantize_vision=False)
+            built[method] = layer
+        for rows in (1, 32):
+            x = torch.randn(rows, 2048, dtype=dtype)
+            times: dict[str, list[float]] = {method: [] for method in built}
+            with torch.inference_mode():
+                for layer in built.values():
+                    layer(x)
+                for _ in range(repeats):
+                    for method, layer in built.items():
+                        started = time.perf_counter()
+                        layer(x)
+                        times[method].append((time.perf_counter() - started) * 1000)
+            ms = {method: statistics.median(values) for method, values in times.items()}
+            lines.append(
+                f"| {rows} | {str(dtype).removeprefix('torch.')} | {ms['none']:.2f} | {ms['int8']:.2f} | "
+                f"{ms['bnb-int8']:.2f} | {ms['nf4']:.2f} | {ms['bnb-int8'] / ms['int8']:.2f} |"
+            )
+    return "\n".join(lines)
+
+
 # Speed ----------------------------------------------------------------------------------------------
 def _load(method: str, dtype: str):
     from app.model.loader import load_model
@@ -139,7 +185,12 @@ def _load(method: str, dtype: str):
 
 
 def speed(
-    methods: list[str], concurrency: int, rounds: int, warmup_s: float, duration_s: float, dtype: str,
+    methods: list[str],
+    concurrency: int,
+    rounds: int,
+    warmup_s: float,
+    duration_s: float,
+    dtype: str,
     threads: int,
 ) -> tuple[str, dict[str, Any]]:
     from app.settings import Settings
@@ -257,6 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("weights", help="bytes of bench and of the 3B / 10B architectures")
+    layer = sub.add_parser("layers", help="one linear layer under each method")
+    layer.add_argument("--repeats", type=int, default=30)
     fast = sub.add_parser("speed", help="tokens/s of the in-process engine on bench")
     fast.add_argument("--methods", default=",".join(METHODS))
     fast.add_argument("--concurrency", type=int, default=8)
@@ -279,16 +332,23 @@ def main(argv: list[str] | None = None) -> None:
         default=DEFAULT_EVAL,
         help="the evaluation, with {task} {coco} {images} {url}; it prints one JSON document",
     )
-    for command in (fast, acc, sub.choices["weights"]):
+    for command in (fast, acc, layer, sub.choices["weights"]):
         add_section_arguments(command, SECTION, quiet_wait_s=0)
     args = parser.parse_args(argv)
     wait_if_asked(args)
     started = time.perf_counter()
     if args.command == "weights":
         markdown = weights()
+    elif args.command == "layers":
+        markdown = layers(args.repeats)
     elif args.command == "speed":
         markdown, raw = speed(
-            args.methods.split(","), args.concurrency, args.rounds, args.warmup, args.duration, args.dtype,
+            args.methods.split(","),
+            args.concurrency,
+            args.rounds,
+            args.warmup,
+            args.duration,
+            args.dtype,
             args.threads,
         )
         out = Path(__file__).resolve().parent / "out"

@@ -2,8 +2,8 @@
 
 `PALIGEMMA_QUANTIZATION`:
 - `int8`: torchao's int8 weight-only (one int8 per weight, one scale per output row). Chosen over
-  bitsandbytes' LLM.int8 for the engine: 1.3-6x faster per layer on the CPU (benchmarks/RESULTS.md),
-  no host synchronisation (LLM.int8 finds outlier columns on the host every call), so its decode step
+  bitsandbytes' LLM.int8 for the engine: a 1.21x faster decode step on `bench` on the CPU, 2.9-4x
+  faster bfloat16 layers (benchmarks/RESULTS.md), no host synchronisation (LLM.int8 finds outlier columns on the host every call), so its decode step
   can be captured as a CUDA graph, and the layer stays an `nn.Linear` (its weight a tensor subclass)
   that an adapter can wrap.
 - `nf4`: bitsandbytes' 4-bit NormalFloat with double quantization (the QLoRA recipe), computing in
