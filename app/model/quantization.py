@@ -3,9 +3,9 @@
 `PALIGEMMA_QUANTIZATION`:
 - `int8`: torchao's int8 weight-only (one int8 per weight, one scale per output row). Chosen over
   bitsandbytes' LLM.int8 for the engine: a 1.21x faster decode step on `bench` on the CPU, 2.9-4x
-  faster bfloat16 layers (benchmarks/RESULTS.md), no host synchronisation (LLM.int8 finds outlier columns on the host every call), so its decode step
-  can be captured as a CUDA graph, and the layer stays an `nn.Linear` (its weight a tensor subclass)
-  that an adapter can wrap.
+  faster bfloat16 layers (benchmarks/RESULTS.md); no host synchronisation (LLM.int8 finds outlier
+  columns on the host every call), so its decode step can be captured as a CUDA graph; and the layer
+  stays an `nn.Linear` (its weight a tensor subclass) that an adapter can wrap.
 - `nf4`: bitsandbytes' 4-bit NormalFloat with double quantization (the QLoRA recipe), computing in
   bfloat16 (the library's default, float32, is slower and buys nothing).
 Checkpoints saved already quantized (bitsandbytes 4- or 8-bit, torchao) load as they are; bitsandbytes'
@@ -172,17 +172,14 @@ def quantize_in_place(model: nn.Module, method: Quantization, quantize_vision: b
     return len(targets)
 
 
-_CPU_PACKED_BLOCK = 32
-
-
 def fit_cpu_kernels(model: nn.Module) -> int:
     """bitsandbytes' packed 4-bit CPU kernel (CPUs with AVX512-BF16) needs a layer's output width to be a
     multiple of 32 and fails on the first call otherwise; such layers (only the tiny presets have them,
     every official checkpoint's widths are multiples of 128) take the library's generic path instead.
     The number of layers turned to it."""
-    narrow = [module for module in model.modules()
-              if type(module).__name__ == "Linear4bit" and module.out_features % _CPU_PACKED_BLOCK
-              and getattr(module, "support_avx512bf16_for_cpu", False)]
+    narrow: list[Any] = [module for module in model.modules()
+                         if type(module).__name__ == "Linear4bit" and getattr(module, "out_features", 0) % 32
+                         and getattr(module, "support_avx512bf16_for_cpu", False)]
     for module in narrow:
         module.support_avx512bf16_for_cpu = False
     return len(narrow)
