@@ -57,7 +57,7 @@ class Plan:
 
 
 FULL = Plan("paligemma2-10b-448", "cuda", ("nf4", "int8"), 32, (1, 32), 32, 5.0, 15.0, 120.0, 4)
-DRY = Plan("tiny", "cpu", ("nf4", "int8"), 4, (1, 4), 4, 1.0, 2.0, 20.0, 1)
+DRY = Plan("tiny", "cpu", ("nf4", "int8"), 4, (1, 4), 4, 2.0, 6.0, 20.0, 1)
 
 
 def decode_floor_bytes(loaded, rows: int, position: int) -> dict[str, int]:

@@ -240,8 +240,9 @@ def _tensor_bytes(tensor: torch.Tensor, seen: set[int]) -> int:
     state = getattr(tensor, "quant_state", None)  # bitsandbytes 4-bit
     if state is not None:
         extra = [state.absmax, state.code]
-        if state.state2 is not None:
-            extra += [state.state2.absmax, state.state2.code]
+        nested = getattr(state, "state2", None)  # gone once the CPU kernel has repacked the layer
+        if nested is not None:
+            extra += [nested.absmax, nested.code]
         total += sum(_tensor_bytes(t, seen) for t in extra if isinstance(t, torch.Tensor))
     scb = getattr(tensor, "SCB", None)  # bitsandbytes 8-bit: one float32 scale per output row
     if isinstance(scb, torch.Tensor):
