@@ -3,7 +3,7 @@
 The architecture is built on the meta device from its config (no memory, no download of weights) and
 every parameter and buffer is counted: at the serving dtype, or at what its quantization stores
 (`quantized_linear_bytes`, checked against the bytes of real quantized layers in the tests). The KV
-cache is the runner's own arithmetic (`app.engine.runner.kv_shape`, `rows_that_fit`): the cache takes
+cache is the engine's own arithmetic (`kv_cache.cache_shape`, `runner.row_length`, `rows_that_fit`): it takes
 CACHE_MEMORY_SHARE of what the weights and a runtime reserve leave, the rest is for activations.
 
 Activations are an estimate, for one prefill step of PALIGEMMA_PREFILL_TOKENS prompt tokens (capped by
@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
-from app.engine.kv_cache import CacheShape
-from app.engine.runner import CACHE_MEMORY_SHARE, RunnerConfig, kv_shape, row_bytes, rows_that_fit
+from app.engine.kv_cache import CacheShape, cache_shape
+from app.engine.runner import CACHE_MEMORY_SHARE, RunnerConfig, row_length, rows_that_fit
 from app.model.quantization import NF4_BLOCK, NF4_NESTED_BLOCK, Quantization, is_kept, kept_modules
 from app.sizes import gib
 
@@ -264,8 +264,8 @@ def plan(model: str, config: PaliGemmaConfig, request: PlanRequest) -> MemoryPla
     weights = sum(by_part.values())
     runner = RunnerConfig(rows=request.rows, max_prompt_tokens=request.max_prompt_tokens,
                           max_new_tokens=request.max_new_tokens)
-    shape = kv_shape(config.text_config, image_tokens, runner)
-    per_row = row_bytes(shape, request.dtype)
+    shape = cache_shape(config.text_config, request.rows, row_length(image_tokens, runner))
+    per_row = dataclasses.replace(shape, rows=1).bytes(request.dtype)
     reserve = RUNTIME_RESERVE.get(request.device_type, 0)
     if request.memory_bytes is not None:
         free = max(0, request.memory_bytes - weights - reserve)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from app.engine.graphs import DecodeGraphs, graph_buckets
 from app.engine.kv_cache import CacheShape, SlotKVCache
+from app.engine.kv_cache import cache_shape as shape_of
 from app.engine.sampling import GREEDY, SamplingParams, new_generator, select_tokens
 from app.engine.scheduler import Sequence
 from app.engine.step_model import StepModel
@@ -45,22 +45,13 @@ class RunnerConfig:
     cuda_graphs: bool = True
 
 
-def kv_shape(text_config: Any, image_tokens: int, config: RunnerConfig) -> CacheShape:
-    """The KV cache a language model of `text_config` needs for `config`: also what the memory plan
-    (app.engine.memory_plan) counts before any weight is loaded."""
-    head_dim = (getattr(text_config, "head_dim", None)
-                or text_config.hidden_size // text_config.num_attention_heads)
-    return CacheShape(
-        layers=text_config.num_hidden_layers,
-        rows=config.rows,
-        kv_heads=text_config.num_key_value_heads,
-        length=image_tokens + config.max_prompt_tokens + config.max_new_tokens,
-        head_dim=head_dim,
-    )
+def row_length(image_tokens: int, config: RunnerConfig) -> int:
+    """Positions of one cache row: the image tokens, the longest prompt and the most new tokens."""
+    return image_tokens + config.max_prompt_tokens + config.max_new_tokens
 
 
 def cache_shape(loaded: LoadedModel, config: RunnerConfig) -> CacheShape:
-    return kv_shape(loaded.model.config.text_config, loaded.image_seq_length, config)
+    return shape_of(loaded.model.config.text_config, config.rows, row_length(loaded.image_seq_length, config))
 
 
 # Share of the GPU memory left after loading the model that the KV cache may take: the rest is for
@@ -68,14 +59,10 @@ def cache_shape(loaded: LoadedModel, config: RunnerConfig) -> CacheShape:
 CACHE_MEMORY_SHARE = 0.5
 
 
-def row_bytes(shape: CacheShape, dtype: torch.dtype) -> int:
-    """One cache row: every layer's keys and values for the longest sequence (and the scratch index)."""
-    return dataclasses.replace(shape, rows=1).bytes(dtype)
-
-
 def rows_that_fit(shape: CacheShape, dtype: torch.dtype, free_bytes: int) -> int:
     """The most cache rows (at most `shape.rows`) that fit in CACHE_MEMORY_SHARE of `free_bytes`."""
-    return max(1, min(shape.rows, int(free_bytes * CACHE_MEMORY_SHARE) // row_bytes(shape, dtype)))
+    per_row = CacheShape(shape.layers, 1, shape.kv_heads, shape.length, shape.head_dim).bytes(dtype)
+    return max(1, min(shape.rows, int(free_bytes * CACHE_MEMORY_SHARE) // per_row))
 
 
 class ModelStepRunner:
