@@ -137,11 +137,12 @@ class ModelCard(_Model):
     decode_graphs: list[int]
     max_new_tokens: int
     default_max_new_tokens: int
-    quantization: str
-    vision_quantized: bool
-    weight_bytes: int
-    kv_cache_bytes: int | None
-    memory_plan: dict[str, Any] | None
+    # Servers before the memory plan and quantized weights did not send these.
+    quantization: str = "none"
+    vision_quantized: bool = False
+    weight_bytes: int | None = None
+    kv_cache_bytes: int | None = None
+    memory_plan: dict[str, Any] | None = None
 
 
 class ModelList(_Model):
