@@ -30,8 +30,8 @@ $(STAMP): $(LOCK_INPUTS)
 	$(PY) scripts/lock.py install
 	touch $(STAMP)
 
-# What serving needs only (torch, the server, annotated PNGs): no test or lint tools. Seconds when the
-# full set is already installed.
+# What serving needs only (torch, the server, annotated PNGs, quantized weights): no test or lint tools.
+# Seconds when the full set is already installed.
 $(SERVE_STAMP): $(LOCK_INPUTS)
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) scripts/lock.py install --no-dev

@@ -76,7 +76,12 @@ class DrainingServer(uvicorn.Server):
 
 
 def main(runner_factory: RunnerFactory | None = None) -> None:
-    """Serve until a signal; `runner_factory` replaces the engine's model side (fault-injection tests)."""
+    """Serve until a signal; `runner_factory` replaces the engine's model side (fault-injection tests).
+    `paligemma-server plan ...` prints a memory plan instead (app.plan)."""
+    if sys.argv[1:2] == ["plan"]:
+        from app.plan import main as plan
+
+        sys.exit(plan(sys.argv[2:]))
     try:
         settings = load_settings()
     except SettingsError as exc:

@@ -16,6 +16,7 @@ The object follows the part of transformers' `Cache` interface the Gemma attenti
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -35,6 +36,14 @@ class CacheShape:
     def bytes(self, dtype: torch.dtype) -> int:
         element = torch.empty((), dtype=dtype).element_size()
         return 2 * self.layers * self.rows * self.kv_heads * (self.length + 1) * self.head_dim * element
+
+
+def cache_shape(text_config: Any, rows: int, length: int) -> CacheShape:
+    """The cache of `rows` rows of `length` positions for a language model of `text_config`."""
+    text = text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return CacheShape(layers=text.num_hidden_layers, rows=rows, kv_heads=text.num_key_value_heads,
+                      length=length, head_dim=head_dim)
 
 
 class SlotKVCache:

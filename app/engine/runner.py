@@ -10,17 +10,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from app.engine.graphs import DecodeGraphs, graph_buckets
 from app.engine.kv_cache import CacheShape, SlotKVCache
+from app.engine.kv_cache import cache_shape as shape_of
 from app.engine.sampling import GREEDY, SamplingParams, new_generator, select_tokens
 from app.engine.scheduler import Sequence
 from app.engine.step_model import StepModel
 from app.model.features import FeatureCache
 from app.model.loader import LoadedModel
+from app.model.quantization import graphs_allowed
 
 logger = logging.getLogger(__name__)
 
@@ -44,16 +45,13 @@ class RunnerConfig:
     cuda_graphs: bool = True
 
 
+def row_length(image_tokens: int, config: RunnerConfig) -> int:
+    """Positions of one cache row: the image tokens, the longest prompt and the most new tokens."""
+    return image_tokens + config.max_prompt_tokens + config.max_new_tokens
+
+
 def cache_shape(loaded: LoadedModel, config: RunnerConfig) -> CacheShape:
-    text: Any = loaded.model.config.text_config
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return CacheShape(
-        layers=text.num_hidden_layers,
-        rows=config.rows,
-        kv_heads=text.num_key_value_heads,
-        length=loaded.image_seq_length + config.max_prompt_tokens + config.max_new_tokens,
-        head_dim=head_dim,
-    )
+    return shape_of(loaded.model.config.text_config, config.rows, row_length(loaded.image_seq_length, config))
 
 
 # Share of the GPU memory left after loading the model that the KV cache may take: the rest is for
@@ -103,6 +101,10 @@ class ModelStepRunner:
     def capture_graphs(self) -> None:
         """On CUDA (unless turned off), capture the decode step for every bucket, logging progress."""
         if self.device.type != "cuda" or not self.config.cuda_graphs:
+            return
+        unfit = graphs_allowed(self.loaded.model)
+        if unfit is not None:
+            logger.warning("CUDA graphs off: %s; decoding eagerly", unfit)
             return
         buckets = graph_buckets(self.rows)
 
