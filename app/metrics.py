@@ -77,7 +77,7 @@ CONTRACT: tuple[MetricSpec, ...] = (
                "included).", ("endpoint",)),
     MetricSpec("paligemma_rejections", "counter",
                "Requests refused, dropped or cancelled before their answer, by reason: queue_full, "
-               "shutting_down, timeout, disconnected.", ("reason",)),
+               "url_fetches_full, shutting_down, timeout, disconnected.", ("reason",)),
     MetricSpec("paligemma_model_info", "gauge", "The loaded model (value is always 1).",
                ("model", "dtype", "device", "random_weights", "masks")),
     MetricSpec("paligemma_ready", "gauge", "1 when the model is loaded and warmed up and not draining."),

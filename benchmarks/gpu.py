@@ -2,6 +2,8 @@ r"""PaliGemma-3B (224 px) on one GPU: the step engine's ceiling, the served serv
 
     python -m benchmarks.gpu              # one H100 or H200: about 6 min, stops starting stages at 8
     python -m benchmarks.gpu --dry-run    # the same code on the CPU with the `tiny` preset, about 1 min
+    python -m benchmarks.gpu --quantized  # PaliGemma 2 10B at 448 px in nf4 and int8 instead
+                                          # (benchmarks/gpu_quantized.py; with --dry-run on the CPU)
 
 On a lent GPU machine of this workplace (the device tool: Python 3.12, torch with CUDA, transformers
 5.17, no FastAPI stack, no network), first run `bash benchmarks/gpu_wheels.sh` (the server's
@@ -329,7 +331,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="start no stage that would end after this many seconds (default 480)")
     parser.add_argument("--results", type=Path, help="Markdown file whose `gpu` section to rewrite "
                         "(default benchmarks/RESULTS.md; dry run: benchmarks/out/RESULTS-gpu-dry-run.md)")
+    parser.add_argument("--quantized", action="store_true",
+                        help="PaliGemma 2 10B at 448 px in nf4 and int8 (benchmarks/gpu_quantized.py)")
     args = parser.parse_args(argv)
+    if args.quantized:
+        from benchmarks import gpu_quantized
+
+        return gpu_quantized.main([*(["--dry-run"] if args.dry_run else []), "--budget-s", str(args.budget_s),
+                                   *(["--results", str(args.results)] if args.results else [])])
     plan = DRY if args.dry_run else FULL
     if not args.dry_run:
         import torch

@@ -37,7 +37,8 @@ MIN_GAIN = 1.05  # a batching gain below this makes "the share of the gain reali
 QUIET_CORES = 0.25
 
 SECTION_ORDER = ("run", "sampling", "served_sampling", "step_overhead", "image_prep", "placement", "exif",
-                 "soak", "gpu")
+                 "soak", "quantization-weights", "quantization-layers", "quantization-speed",
+                 "quantization-accuracy", "gpu", "gpu-quantized")
 
 
 def _level(results: dict[str, Any], system: str, concurrency: int) -> dict[str, Any] | None:

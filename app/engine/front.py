@@ -106,15 +106,12 @@ class EngineFront:
         self.fatal_error: BaseException | None = None
 
     # Admission -------------------------------------------------------------------------------------
-    def reserve(self) -> Slot:
-        if self.fatal_error is not None:
-            raise NotReady("the model worker has failed and the process is restarting; retry shortly",
-                           headers={"Retry-After": "5"})
-        if not self._accepting:
-            self.observer.rejected("shutting_down")
-            raise ShuttingDown("the server is shutting down; retry on another replica",
-                               headers={"Retry-After": "1"})
-        if self._slots_taken >= self.config.max_queue:
+    def reserve(self, *, bounded: bool = True) -> Slot:
+        """A place among the admitted requests, or the refusal (503 failed or draining, 429 full).
+        `bounded=False` takes one beyond PALIGEMMA_MAX_QUEUE: the warm-up's, which no client waits on and
+        which must run whatever the queue's size."""
+        self.check_open()
+        if bounded and self._slots_taken >= self.config.max_queue:
             self.observer.rejected("queue_full")
             raise QueueFull(
                 f"the queue is full ({self.config.max_queue} requests waiting, PALIGEMMA_MAX_QUEUE); retry "
@@ -124,6 +121,16 @@ class EngineFront:
         self._slots_taken += 1
         self.observer.queue_depth(self._slots_taken)
         return Slot(self)
+
+    def check_open(self) -> None:
+        """Refuse (503) while the worker is failed or the server drains; for work done before a slot."""
+        if self.fatal_error is not None:
+            raise NotReady("the model worker has failed and the process is restarting; retry shortly",
+                           headers={"Retry-After": "5"})
+        if not self._accepting:
+            self.observer.rejected("shutting_down")
+            raise ShuttingDown("the server is shutting down; retry on another replica",
+                               headers={"Retry-After": "1"})
 
     def _slot_released(self) -> None:
         self._slots_taken -= 1

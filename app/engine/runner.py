@@ -20,6 +20,7 @@ from app.engine.scheduler import Sequence
 from app.engine.step_model import StepModel
 from app.model.features import FeatureCache
 from app.model.loader import LoadedModel
+from app.model.quantization import graphs_allowed
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,11 @@ def decode_columns(pad_token_id: int, scratch: int) -> list[Column]:
     return [Column("token", torch.long, pad_token_id), Column("position", torch.long, scratch)]
 
 
+def row_length(image_tokens: int, config: RunnerConfig) -> int:
+    """Positions of one cache row: the image tokens, the longest prompt and the most new tokens."""
+    return image_tokens + config.max_prompt_tokens + config.max_new_tokens
+
+
 class ModelStepRunner:
     """`graph_capture` replaces the CUDA-graph capture of the decode step (see `app.engine.graphs`)."""
 
@@ -55,7 +61,7 @@ class ModelStepRunner:
         self.loaded = loaded
         self.config = config
         self.device = loaded.device
-        length = loaded.image_seq_length + config.max_prompt_tokens + config.max_new_tokens
+        length = row_length(loaded.image_seq_length, config)
         self.shape = fit_to_memory(cache_shape(loaded.model.config.text_config, config.rows, length),
                                    loaded.dtype, self.device)
         logger.info("KV cache: %d rows of %d positions, %.2f GiB", self.shape.rows, self.shape.length,
@@ -85,6 +91,10 @@ class ModelStepRunner:
         """On CUDA (unless turned off), capture the decode step for every bucket, logging progress, then
         check each graph against the eager step; on any disagreement, decode eagerly (app.engine.graphs)."""
         if not self.config.cuda_graphs or (self.device.type != "cuda" and self._graph_capture is None):
+            return
+        unfit = graphs_allowed(self.loaded.model)
+        if unfit is not None:
+            logger.warning("CUDA graphs off: %s; decoding eagerly", unfit)
             return
         buckets = graph_buckets(self.rows)
 

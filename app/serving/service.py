@@ -26,9 +26,10 @@ from app.engine.model_thread import ModelThread
 from app.engine.observer import EngineObserver
 from app.engine.runner import ModelStepRunner, RowInput, RunnerConfig
 from app.engine.step_work import StepWork
-from app.errors import InferenceFailed, InvalidRequest, ServiceError, ShuttingDown
+from app.errors import InferenceFailed, InvalidRequest, ServiceError, ShuttingDown, UrlFetchesFull
 from app.image_sources import ImageSources
 from app.images import decode_image, upload_key
+from app.lifecycle import unless_draining
 from app.masks.decoder import LoadedMaskDecoder
 from app.masks.placement import encode_rle, place_mask
 from app.model.inputs import ImageTransform, PromptEncoder
@@ -73,7 +74,11 @@ class InferenceService:
         self.encoder = PromptEncoder.from_processor(loaded.processor)
         self.runner = runner_factory(loaded, runner_config(settings))
         # What clients send in place of an image file (base64, data URLs, allowed image URLs).
-        self.image_sources = ImageSources.from_settings(settings)
+        self.image_sources = ImageSources(max_bytes=settings.max_image_bytes,
+                                          url_hosts=settings.image_url_hosts,
+                                          url_timeout_s=settings.image_url_timeout_s,
+                                          max_url_fetches=settings.max_url_fetches)
+        self._draining = asyncio.Event()  # set by begin_drain: fetches not admitted yet are refused
         self._prep = ThreadPoolExecutor(settings.prepare_workers, thread_name_prefix="prepare")
         # The mask decoder's device work, on the model thread once per step for every request that asks.
         self.mask_work = (StepWork("mask decoding", MaskDecoding(mask_decoder.decoder))
@@ -128,12 +133,13 @@ class InferenceService:
 
     async def warm_up(self) -> None:
         """Run every task path once through the engine, so the first clients pay no lazy set-up.
-        Client-facing limits (pixels, bytes) are not applied here: they must not stop start-up."""
+        Client-facing limits (pixels, bytes, the queue's size) are not applied here: they must not stop
+        start-up."""
         started = time.perf_counter()
         image = io.BytesIO()
         Image.new("RGB", (48, 32), (127, 127, 127)).save(image, format="PNG")
-        await asyncio.gather(*(self._run(job, ImageInput(image.getvalue()), None, max_pixels=48 * 32)
-                               for job in _WARM_UP_JOBS))
+        await asyncio.gather(*(self._run(job, ImageInput(image.getvalue()), None, max_pixels=48 * 32,
+                                         bounded=False) for job in _WARM_UP_JOBS))
         logger.info("warm-up: every task path ran in %.2f s", time.perf_counter() - started)
 
     def _warm_masks(self) -> None:
@@ -142,7 +148,9 @@ class InferenceService:
         encode_rle(place_mask(logits[0], (0.25, 0.25, 0.75, 0.75), 48, 32))
 
     def begin_drain(self) -> None:
+        """Stop admitting; on the event loop (a signal handler hands it over: app.__main__)."""
         self.engine.stop_intake()
+        self._draining.set()
 
     def abort_unfinished(self) -> None:
         """The drain deadline passed: answer every admitted request 503 now."""
@@ -156,22 +164,51 @@ class InferenceService:
     # Requests --------------------------------------------------------------------------------------
     async def run(self, job: Job, image: ImageInput, on_tokens: TokenCallback | None = None) -> JobResult:
         """Run `job` on `image`; `on_tokens` gets each step's new tokens (for streaming)."""
+        started = time.monotonic()
         self._active += 1
         try:
-            return await self._run(job, image, on_tokens, self.settings.max_image_pixels)
+            if image.remote:
+                await self._fetch(job, image)
+            return await self._run(job, image, on_tokens, self.settings.max_image_pixels, started=started)
         finally:
             self._active -= 1
 
+    async def _fetch(self, job: Job, image: ImageInput) -> None:
+        """An image URL is fetched before its request takes a place in the queue, under the fetches' own
+        bound (PALIGEMMA_MAX_URL_FETCHES): a slow host then holds a fetch, never a place that clients
+        who send their image need. Not admitted yet, it is refused (503) once the drain begins."""
+        self.engine.check_open()
+        try:
+            await unless_draining(image.read(), self._draining)
+        except UrlFetchesFull:
+            self.engine.observer.rejected("url_fetches_full")
+            raise
+        except ShuttingDown:
+            self.engine.observer.rejected("shutting_down")
+            raise
+        except asyncio.CancelledError:
+            self._client_left(job)  # while its image was fetched
+            raise
+
+    def _client_left(self, job: Job) -> None:
+        if job.label:  # a client's request (the warm-up's have no endpoint)
+            self.engine.observer.dropped("disconnected")
+
     async def _run(self, job: Job, image: ImageInput, on_tokens: TokenCallback | None,
-                   max_pixels: int) -> JobResult:
-        started = time.monotonic()
+                   max_pixels: int, bounded: bool = True, started: float | None = None) -> JobResult:
+        """`started`: when the request began (before its image URL was fetched), for its timings."""
+        started = time.monotonic() if started is None else started
         loop = asyncio.get_running_loop()
-        slot = self.engine.reserve()  # 429 / 503 before any work is spent on the image
+        slot = self.engine.reserve(bounded=bounded)  # 429 / 503 before any work is spent on the image
         try:
             input_ids = self._encode(job.prefix)
             image_bytes = await image.read()
             width, height, pixels, image_key = await loop.run_in_executor(
                 self._prep, self._prepare_image, image_bytes, max_pixels)
+        except asyncio.CancelledError:
+            slot.release()
+            self._client_left(job)  # while its image was prepared
+            raise
         except BaseException:
             slot.release()
             raise

@@ -8,7 +8,8 @@ import threading
 from app.engine.runner import ModelStepRunner
 from app.main import create_app
 from app.settings import Settings
-from tests.helpers import files, jpeg, serve
+from tests.helpers import files, serve
+from tests.images import jpeg
 
 
 def test_loading_warm_up_and_every_step_run_on_the_model_thread(monkeypatch):
