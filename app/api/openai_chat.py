@@ -24,7 +24,7 @@ from app.api.streaming import EVENT_STREAM, stream_job
 from app.api.tasks import count_prompt_tokens, generate_response, job_for, until_disconnect
 from app.engine.sampling_params import SamplingParams
 from app.errors import InvalidRequest, ServiceError, ValidationFailed
-from app.serving.jobs import ImageInput, JobResult
+from app.serving.jobs import JobResult
 from app.serving.service import InferenceService
 from app.tasks import prompts
 from app.tasks.prompts import PromptLimits, Task

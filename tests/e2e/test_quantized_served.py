@@ -10,7 +10,7 @@ import sys
 import httpx
 import pytest
 
-from tests.helpers import jpeg
+from tests.images import jpeg
 from tests.served import ROOT, served
 
 

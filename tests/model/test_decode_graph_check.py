@@ -18,7 +18,8 @@ from app.engine.graphs import disagreement
 from app.engine.runner import ModelStepRunner
 from app.main import create_app
 from app.settings import Settings
-from tests.helpers import files, jpeg, metric_value, serve
+from tests.helpers import files, metric_value, serve
+from tests.images import jpeg
 
 
 def runner_with(make_replay):

@@ -98,8 +98,8 @@ class FakeRunner:
 
 
 class StepByHand:
-    """Stands in for the model thread (`Engine.start(StepByHand())`): the engine's loop never runs by
-    itself; the test steps it with `engine.worker.step_once()` from the event loop's own thread, so what
+    """Stands in for the model thread (`EngineFront.start(StepByHand())`): the engine's loop never runs by
+    itself; the test steps it with `engine.core.step_once()` from the event loop's own thread, so what
     each step does is exact, whatever the machine's speed."""
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future[None]:

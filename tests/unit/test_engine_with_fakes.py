@@ -37,9 +37,9 @@ def make(rows=4, queue=100, budget=10_000, runner=None, fatal=None):
     runner = runner or FakeRunner()
     recorder = Recorder()
     engine = EngineFront(runner, rows, frozenset({STOP}), EngineConfig(queue, budget), recorder,
-                    is_oom=lambda exc: isinstance(exc, FakeOOM),
-                    is_fatal=lambda exc: isinstance(exc, DeviceBroken),
-                    on_fatal=fatal or (lambda exc: None))
+                         is_oom=lambda exc: isinstance(exc, FakeOOM),
+                         is_fatal=lambda exc: isinstance(exc, DeviceBroken),
+                         on_fatal=fatal or (lambda exc: None))
     return engine, runner, recorder
 
 
@@ -58,14 +58,14 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-async def step(engine: Engine, times: int = 1) -> None:
+async def step(engine: EngineFront, times: int = 1) -> None:
     """Run `times` model steps by hand (the engine was started on `StepByHand`), settling after each."""
     for _ in range(times):
-        engine.worker.step_once()
+        engine.core.step_once()
         await settle()
 
 
-async def run_together(engine: Engine, *requests: EngineRequest) -> list:
+async def run_together(engine: EngineFront, *requests: EngineRequest) -> list:
     """Submit `requests` at once, then step by hand until each has its answer: a result or an error."""
     tasks = [asyncio.create_task(run(engine, req)) for req in requests]
     await settle()  # all of them wait for the first step
@@ -284,7 +284,7 @@ def test_a_drain_that_runs_out_of_time_answers_the_rest_503_and_stops():
         await step(engine, 2)  # one generating, two waiting for the row
         await engine.stop(0.05)  # no step runs: the drain's deadline passes with all three unfinished
         results = await asyncio.gather(*pending, return_exceptions=True)
-        engine.worker.step_once()  # the worker takes the abort, then the stop
+        engine.core.step_once()  # the worker takes the abort, then the stop
         return results, engine.scheduler.idle
 
     results, idle = asyncio.run(main())

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.engine.kv_cache import CacheShape
+from app.engine.kv_cache import CACHE_MEMORY_SHARE, CacheShape
 from app.engine.memory_plan import PlanRequest, plan, quantized_linear_bytes
-from app.engine.runner import CACHE_MEMORY_SHARE
 from app.model.checkpoints import OFFICIAL_IDS, official_checkpoint
 from app.model.quantization import Quantization
 from app.plan import fit_table, main
