@@ -18,9 +18,9 @@ def test_loading_warm_up_and_every_step_run_on_the_model_thread(monkeypatch):
     threads: dict[str, set[int]] = {"load": set(), "runner": set(), "prefill": set(), "decode": set()}
     load_model = main_module.load_model
 
-    def recording_load(settings):
+    def recording_load(*args):
         threads["load"].add(threading.get_ident())
-        return load_model(settings)
+        return load_model(*args)
 
     class RecordingRunner(ModelStepRunner):
         def __init__(self, *args, **kwargs):
