@@ -9,7 +9,8 @@ On a lent GPU machine of this workplace (the device tool: Python 3.12, torch wit
 5.17, no FastAPI stack, no network), first run `bash benchmarks/gpu_wheels.sh` (the server's
 dependencies that image lacks, as wheels in the git-ignored .whl/, at the lock's versions) in the
 checkout the device tool sends (the session's own, not a helper's worktree: the code to measure must be
-checked out there), then make one call of the device tool's `run`:
+checked out there; `--quantization` adds torchao and bitsandbytes for `--quantized`), then make one
+call of the device tool's `run`:
 
     timeout_s: 600, carry: [".whl"], command:
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
