@@ -14,7 +14,8 @@ from fastapi.testclient import TestClient
 from app.api.errors import install_error_handlers
 from app.api.forms import StrictFormRoute
 from app.settings import Settings
-from tests.helpers import jpeg, serve
+from tests.helpers import serve
+from tests.images import jpeg
 
 BOUNDARY = "b0undary"
 
