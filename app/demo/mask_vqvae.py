@@ -119,7 +119,7 @@ def train_mask_vqvae(seed: int, steps: int, batch_size: int = 32, lr: float = 2e
         loss.backward()
         optimizer.step()
         schedule.step()
-        if step % 50 == 0 or step == steps:
+        if step == 1 or step % 50 == 0 or step == steps:  # the first step: where the loss started
             log(f"mask vq-vae step {step}/{steps}: loss {loss.item():.4f} reconstruction "
                 f"{reconstruction.item():.4f}")
     return model.eval()

@@ -39,10 +39,11 @@ def test_a_few_mask_vqvae_steps_lower_its_reconstruction_loss():
 
 
 def test_a_few_training_steps_lower_the_loss(vqvae_file):
-    config = TrainConfig(steps=12, images=2, prompts=3, warmup=2, lr=3e-3, eval_every=0)
+    # No vision pre-training here (600 steps by default): the loop itself is what is under test.
+    config = TrainConfig(steps=16, images=2, prompts=3, warmup=2, lr=3e-3, eval_every=0, vision_steps=0)
     torch.set_num_threads(2)
     _, _, losses = train_model(config, MaskTokenizer(vqvae_file))
-    assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3])
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
 
 
 def test_the_model_is_built_as_the_presets_are_and_saves_as_an_ordinary_checkpoint(tmp_path):
