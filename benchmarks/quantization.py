@@ -256,9 +256,12 @@ DEFAULT_EVAL = (
     f"{sys.executable} -m paligemma_client.cli eval {{task}} --coco {{coco}} --images {{images}} "
     "--url {url} --json"
 )
+TEXT_EVAL = f"{sys.executable} -m paligemma_client.cli eval {{task}} --jsonl {{jsonl}} --url {{url}} --json"
+TEXT_TASKS = ("caption", "vqa", "ocr")
 
 
-def accuracy(model: str, coco: Path, images: Path, eval_command: str, tasks: list[str]) -> str:
+def accuracy(model: str, coco: Path, images: Path, eval_command: str, tasks: list[str],
+             jsonl_dir: Path | None = None) -> str:
     from benchmarks import procs
     from benchmarks.systems import SYSTEMS, Config
 
@@ -275,6 +278,11 @@ def accuracy(model: str, coco: Path, images: Path, eval_command: str, tasks: lis
             scores[name] = {}
             for task in tasks:
                 evaluation = eval_command.format(task=task, coco=coco, images=images, url=server.base_url)
+                if task in TEXT_TASKS:  # caption / vqa / ocr: the JSONL file of that task in --jsonl-dir
+                    if jsonl_dir is None:
+                        raise SystemExit(f"{task} needs --jsonl-dir")
+                    evaluation = TEXT_EVAL.format(task=task, jsonl=jsonl_dir / f"{task}.jsonl",
+                                                  url=server.base_url)
                 # Exit 1 means some requests failed; the document still scores the others.
                 result = subprocess.run(shlex.split(evaluation), capture_output=True, text=True)
                 if result.returncode not in (0, 1):
@@ -282,28 +290,33 @@ def accuracy(model: str, coco: Path, images: Path, eval_command: str, tasks: lis
                 scores[name][task] = json.loads(result.stdout)
         print(f"[accuracy] {name}: {json.dumps(scores[name])[:300]}", flush=True)
 
-    def metric(name: str, task: str) -> float | None:
-        document = scores[name].get(task, {})
-        for key in ("mean_mask_iou", "AP50") if task == "segment" else ("AP50",):
-            if isinstance(document.get(key), (int, float)):
-                return float(document[key])
-        return None
+    def value(name: str, task: str, key: str) -> float | None:
+        found = scores[name].get(task, {}).get(key)
+        return float(found) if isinstance(found, (int, float)) else None
 
+    # (column, task, key of its JSON document): COCO AP50 and the per-object numbers for boxes and masks,
+    # exact match for the text tasks; each with its change from unquantized.
+    columns = [("detect AP50", "detect", "AP50"), ("detect recall@0.5", "detect", "recall_50"),
+               ("detect mean IoU", "detect", "mean_best_iou"),
+               ("segment mask IoU", "segment", "mean_mask_iou"),
+               *((f"{task} exact", task, "exact_match") for task in TEXT_TASKS)]
+    columns = [c for c in columns if c[1] in tasks]
     lines = [
         f"### Accuracy under quantization: {model} (`python -m benchmarks.quantization accuracy`)",
         "",
-        f"Dataset: {coco} ({images}). Targets: within 0.02 of unquantized for int8, 0.05 for nf4.",
+        f"Dataset: {coco} ({images}){f', {jsonl_dir}' if jsonl_dir else ''}. Targets: detect AP50 and "
+        "mask IoU within 0.02 of unquantized for int8, 0.05 for nf4. A cell: the value (change from none).",
         "",
-        "| setting | detect AP50 | change | segment (mask IoU or AP50) | change |",
-        "|---|---|---|---|---|",
+        "| setting | " + " | ".join(c[0] for c in columns) + " |",
+        "|---|" + "---|" * len(columns),
     ]
-    base_detect, base_segment = metric("none", "detect"), metric("none", "segment")
     for name in scores:
-        detect, segment = metric(name, "detect"), metric(name, "segment")
-        lines.append(
-            f"| {name} | {fmt(detect, 3)} | {fmt(_delta(detect, base_detect), 3)} | {fmt(segment, 3)} | "
-            f"{fmt(_delta(segment, base_segment), 3)} |"
-        )
+        cells = []
+        for _, task, key in columns:
+            got, base = value(name, task, key), value("none", task, key)
+            change = _delta(got, base)
+            cells.append(fmt(got, 3) + ("" if name == "none" or change is None else f" ({change:+.3f})"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -337,8 +350,11 @@ def main(argv: list[str] | None = None) -> None:
     acc.add_argument(
         "--tasks",
         default="detect,segment",
-        help="detect, segment or both (segment needs PALIGEMMA_MASK_DECODER in the environment)",
+        help="any of detect, segment (COCO; segment needs masks: PALIGEMMA_MASK_DECODER or the demo's own) "
+             "and caption, vqa, ocr (with --jsonl-dir)",
     )
+    acc.add_argument("--jsonl-dir", type=Path, help="folder of caption.jsonl, vqa.jsonl, ocr.jsonl (as "
+                                                     "`python -m app.demo.export` writes them)")
     acc.add_argument(
         "--eval-command",
         default=DEFAULT_EVAL,
@@ -367,7 +383,8 @@ def main(argv: list[str] | None = None) -> None:
         out.mkdir(exist_ok=True)
         (out / "quantization-speed.json").write_text(json.dumps(raw, indent=2, default=str))
     else:
-        markdown = accuracy(args.model, args.coco, args.images, args.eval_command, args.tasks.split(","))
+        markdown = accuracy(args.model, args.coco, args.images, args.eval_command, args.tasks.split(","),
+                            args.jsonl_dir)
     print(f"({time.perf_counter() - started:.0f} s)", file=sys.stderr)
     publish(args, f"{SECTION}-{args.command}", markdown)
 
