@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SERVE_STAMP := $(VENV)/.installed-serve
 LOCK_INPUTS := pyproject.toml client/pyproject.toml requirements/torch.in $(wildcard requirements/*.lock)
 
-.PHONY: serve test test-fast install lock system-deps lint bench clean
+.PHONY: serve test test-fast install lock system-deps lint bench demo-model clean
 
 serve: $(SERVE_STAMP)
 	$(PY) -m app
@@ -57,6 +57,12 @@ lint: install
 bench: install
 	$(PIP) install -q -r benchmarks/requirements.txt
 	$(PY) -m benchmarks.run
+
+# Train the built-in demo model and its mask decoder from a seed into app/demo/weights (docs/demo.md: what
+# it learns, how long it takes here). SEED=0 is the shipped one.
+SEED ?= 0
+demo-model: install
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m app.demo.train --seed $(SEED) --out app/demo/weights
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

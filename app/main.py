@@ -24,7 +24,7 @@ from app.engine.memory_plan import MemoryPlan
 from app.engine.model_thread import ModelThread
 from app.lifecycle import Lifecycle, StartupError
 from app.metrics import Metrics
-from app.model.loader import load_model, resolve_device, resolve_dtype
+from app.model.loader import LoadedModel, load_model, resolve_device, resolve_dtype
 from app.plan import startup_plan
 from app.serving.service import InferenceService, RunnerFactory
 from app.settings import Settings, load_settings
@@ -37,12 +37,14 @@ DESCRIPTION = """Google's PaliGemma behind typed endpoints: captions, answers, O
 decoded masks, with requests batched onto one model worker."""
 
 
-def _load_mask_decoder(settings: Settings, device):
-    if settings.mask_decoder is None:
+def _load_mask_decoder(settings: Settings, loaded: LoadedModel):
+    """PALIGEMMA_MASK_DECODER when set, else the checkpoint's own decoder (the demo's), else none."""
+    path = settings.mask_decoder or loaded.bundled_mask_decoder
+    if path is None:
         return None
     from app.masks.decoder import load_mask_decoder
 
-    return load_mask_decoder(settings.mask_decoder, device)
+    return load_mask_decoder(path, loaded.device, bundled=settings.mask_decoder is None)
 
 
 async def _bring_up(app: FastAPI) -> None:
@@ -58,7 +60,7 @@ async def _bring_up(app: FastAPI) -> None:
         app.state.memory_plan = await model_thread.run(
             startup_plan, settings, device, resolve_dtype(settings.dtype, device))
         loaded = await model_thread.run(load_model, settings, device)
-        decoder = await model_thread.run(_load_mask_decoder, settings, loaded.device)
+        decoder = await model_thread.run(_load_mask_decoder, settings, loaded)
         def worker_died(exc: BaseException) -> None:
             lifecycle.fail(f"model worker failed: {exc!r}")
             metrics.ready.set(0)

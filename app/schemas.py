@@ -101,6 +101,9 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     random_weights: bool
     warning: str | None
+    about: str | None = Field(
+        None, description="What the model is, when the server knows: the built-in `demo` says what world it "
+                          "was trained on (its answers on other images mean nothing).")
     image_size: int = Field(description="Input resolution in pixels (square).")
     image_tokens: int
     parameters: int

@@ -35,14 +35,16 @@ class Settings(BaseSettings):
 
     # Model.
     model: str = Field(
-        "tiny",
-        description="A built-in preset name (tiny, bench, paligemma-3b-224), a hub id or a local directory.",
+        "demo",
+        description="demo (the built-in model trained on generated shapes scenes), a preset with random "
+                    "weights (tiny, bench, paligemma-3b-224), a hub id or a local directory.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of `model`.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     seed: int = Field(0, ge=0, description="Seed of the random weights of the built-in presets.")
-    mask_decoder: Path | None = Field(None, description="Path of vae-oid.npz; masks are off without it.")
+    mask_decoder: Path | None = Field(
+        None, description="Path of vae-oid.npz; masks are off without it (the demo model brings its own).")
     quantization: Literal["none", "int8", "nf4"] = Field(
         "none", description="Weights of the language model's linear layers: none (the dtype), int8 (torchao "
                             "weight-only) or nf4 (bitsandbytes 4-bit, computing in bfloat16); the "

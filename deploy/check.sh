@@ -287,13 +287,18 @@ for layer in sorted(json.load(sys.stdin), key=lambda h: -h.get("size", 0))[:5]:
     fi
     rm -rf "$context"
 
-    # The entrypoint turns masks on when /models/vae-oid.npz exists. No real decoder here: an empty
-    # stand-in file, and `env` as the command instead of the server.
+    # The entrypoint turns masks on when /models/vae-oid.npz exists, for any model but the built-in demo
+    # (which brings its own decoder). No real decoder here: an empty stand-in file, and `env` as the
+    # command instead of the server.
     : >"$WORK/vae-oid.npz"
-    if "${PODMAN[@]}" run --rm --network host -v "$WORK/vae-oid.npz:/models/vae-oid.npz:ro" "$IMAGE" env 2>/dev/null \
+    if "${PODMAN[@]}" run --rm --network host -e PALIGEMMA_MODEL=tiny \
+            -v "$WORK/vae-oid.npz:/models/vae-oid.npz:ro" "$IMAGE" env 2>/dev/null \
             | grep -qx 'PALIGEMMA_MASK_DECODER=/models/vae-oid.npz' \
-        && ! "${PODMAN[@]}" run --rm --network host "$IMAGE" env 2>/dev/null | grep -q '^PALIGEMMA_MASK_DECODER='; then
-        pass "entrypoint sets PALIGEMMA_MASK_DECODER only when /models/vae-oid.npz is mounted"
+        && ! "${PODMAN[@]}" run --rm --network host -e PALIGEMMA_MODEL=tiny "$IMAGE" env 2>/dev/null \
+            | grep -q '^PALIGEMMA_MASK_DECODER=' \
+        && ! "${PODMAN[@]}" run --rm --network host -v "$WORK/vae-oid.npz:/models/vae-oid.npz:ro" "$IMAGE" env \
+            2>/dev/null | grep -q '^PALIGEMMA_MASK_DECODER='; then
+        pass "entrypoint sets PALIGEMMA_MASK_DECODER only when /models/vae-oid.npz is mounted, and not for the demo"
     else
         fail "entrypoint's mask decoder detection"
     fi
@@ -421,8 +426,8 @@ for layer in sorted(json.load(sys.stdin), key=lambda h: -h.get("size", 0))[:5]:
     overload_shutdown
 }
 
-# SIGTERM under overload: 64 requests of 256 tokens on 2 rows (the tiny model on the CPU: about 1 s each,
-# so ~32 s of work) and a 4 s drain. Every client must get a 200 or a 503 whose body is the JSON envelope
+# SIGTERM under overload: 64 requests of 256 tokens on 2 rows (the tiny model, whose random weights never
+# end an answer early, on the CPU: about 1 s each, so ~32 s of work) and a 4 s drain. Every client must get a 200 or a 503 whose body is the JSON envelope
 # (type shutting_down): no plain-text 500, no dropped connection; and the container must exit 0 within
 # the drain + 6 s (deploy/checks/live.py).
 overload_shutdown() {
@@ -432,6 +437,7 @@ overload_shutdown() {
     if ! "${PODMAN[@]}" run -d --name "$CONTAINER" --network host --read-only --cap-drop ALL \
             --security-opt no-new-privileges -e PALIGEMMA_HOST=127.0.0.1 -e PALIGEMMA_PORT="$port" \
             -e PALIGEMMA_API_KEYS="$key" -e PALIGEMMA_DRAIN_TIMEOUT_S=$drain -e PALIGEMMA_MAX_BATCH_SIZE=2 \
+            -e PALIGEMMA_MODEL=tiny \
             "$IMAGE" >"$WORK/overload.log" 2>&1; then
         cat "$WORK/overload.log" >&2
         fail "podman run (overload)"

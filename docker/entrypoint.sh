@@ -3,10 +3,11 @@
 #
 # PALIGEMMA_MASK_DECODER must name an existing file or the server refuses to start, so the image cannot
 # set it unconditionally; instead a file at the documented place (/models/vae-oid.npz, mounted or baked
-# in) switches masks on by itself. An explicit PALIGEMMA_MASK_DECODER always wins.
+# in) switches masks on by itself. An explicit PALIGEMMA_MASK_DECODER always wins. The built-in `demo`
+# model (the default) brings its own mask decoder; Google's would decode its tokens into nonsense.
 set -eu
 
-if [ -z "${PALIGEMMA_MASK_DECODER:-}" ] && [ -f /models/vae-oid.npz ]; then
+if [ -z "${PALIGEMMA_MASK_DECODER:-}" ] && [ -f /models/vae-oid.npz ] && [ "${PALIGEMMA_MODEL:-demo}" != demo ]; then
     export PALIGEMMA_MASK_DECODER=/models/vae-oid.npz
 fi
 

@@ -1,10 +1,15 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+# The tests' model is the `tiny` preset (random weights, built in milliseconds), not the default `demo`:
+# every `Settings()` and every served process the tests start reads this, unless a test names another.
+os.environ["PALIGEMMA_MODEL"] = "tiny"
 
 TESTS = Path(__file__).resolve().parent
 # The test layers, one folder each; every test gets its folder's marker (`make test-fast` runs tests/unit).

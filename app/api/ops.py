@@ -49,6 +49,7 @@ async def models(request: Request, service: ServiceDep) -> ModelList:
         id=loaded.name,
         random_weights=loaded.random_weights,
         warning=RANDOM_WEIGHTS_WARNING.format(name=loaded.name) if loaded.random_weights else None,
+        about=loaded.about,
         image_size=loaded.image_size,
         image_tokens=loaded.image_seq_length,
         parameters=loaded.parameters,

@@ -186,8 +186,11 @@ class LoadedMaskDecoder:
     matches_published: bool
 
 
-def load_mask_decoder(path: str | Path, device: str | torch.device = "cpu") -> LoadedMaskDecoder:
-    """Hash the file, load it with every check, and log whether it is the published vae-oid.npz."""
+def load_mask_decoder(path: str | Path, device: str | torch.device = "cpu", *,
+                      bundled: bool = False) -> LoadedMaskDecoder:
+    """Hash the file, load it with every check, and log whether it is the published vae-oid.npz.
+    `bundled`: the file came with the checkpoint (the demo model's own VQ-VAE), so another hash than the
+    published one is expected and not warned about."""
     path = Path(path)
     sha256, size = _file_digest(path)
     matches = sha256 == PUBLISHED_SHA256
@@ -195,6 +198,8 @@ def load_mask_decoder(path: str | Path, device: str | torch.device = "cpu") -> L
     decoder = MaskDecoder.from_npz(path, device, allow_unknown_keys=matches)
     if matches:
         logger.info("mask decoder: loaded the published vae-oid.npz from %s (sha256 %s)", path, sha256)
+    elif bundled:
+        logger.info("mask decoder: loaded the model's own VQ-VAE from %s (sha256 %s)", path, sha256)
     else:
         logger.warning(
             "mask decoder: %s (%s bytes, sha256 %s) is not the published vae-oid.npz (%s bytes, sha256 %s); "

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from transformers import PaliGemmaConfig
 
+from app import demo
 from app.model import presets
 
 VOCAB_SIZE = 257_216  # [hf-config]
@@ -151,6 +152,8 @@ def architecture(source: str, revision: str | None = None) -> tuple[PaliGemmaCon
     preset = presets.PRESETS.get(source)
     if preset is not None:
         return presets.build_config(preset, presets.build_tokenizer(preset)), "preset"
+    if source == demo.MODEL_NAME:  # the built-in demo: a checkpoint directory inside the package
+        source = str(demo.WEIGHTS_DIR)
     path = Path(source).expanduser()
     if not path.exists():
         official = official_checkpoint(source)

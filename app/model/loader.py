@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
+from app import demo
 from app.lifecycle import StartupError
 from app.model import presets
 from app.model.quantization import (
@@ -47,6 +48,11 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     random_weights: bool
+    # What the model is, when the server knows (the built-in demo says what world it was trained on).
+    about: str | None
+    # A mask decoder that belongs to the checkpoint (the demo's own VQ-VAE), used when
+    # PALIGEMMA_MASK_DECODER is not set.
+    bundled_mask_decoder: Path | None
     image_size: int
     image_seq_length: int
     eos_token_ids: tuple[int, ...]
@@ -201,13 +207,16 @@ def load_model(settings: Settings, device: torch.device | None = None) -> Loaded
     device = device or resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     preset = presets.PRESETS.get(settings.model)
+    is_demo = settings.model == demo.MODEL_NAME
     quantization = Quantization(settings.quantization)
     if preset is not None:
         model, processor = _from_preset(preset, device, dtype, settings.seed, quantization,
                                         settings.quantize_vision)
     else:
-        model, processor = _from_pretrained(settings.model, settings.revision, device, dtype, quantization,
-                                            settings.quantize_vision)
+        # The demo is an ordinary checkpoint directory inside the package.
+        source = str(demo.WEIGHTS_DIR) if is_demo else settings.model
+        model, processor = _from_pretrained(source, None if is_demo else settings.revision, device, dtype,
+                                            quantization, settings.quantize_vision)
     model.eval()
     fit_cpu_kernels(model)
     # Batched generation is only exact with left padding (right padding changes greedy outputs).
@@ -221,6 +230,8 @@ def load_model(settings: Settings, device: torch.device | None = None) -> Loaded
         device=device,
         dtype=dtype,
         random_weights=preset is not None,
+        about=demo.ABOUT if is_demo else None,
+        bundled_mask_decoder=demo.WEIGHTS_DIR / demo.MASK_DECODER_FILE if is_demo else None,
         image_size=int(vision.image_size),
         image_seq_length=int(processor.image_seq_length),
         eos_token_ids=_eos_ids(model, processor),
@@ -239,4 +250,6 @@ def load_model(settings: Settings, device: torch.device | None = None) -> Loaded
     )
     if loaded.random_weights:
         logger.warning(RANDOM_WEIGHTS_WARNING.format(name=loaded.name))
+    if loaded.about:
+        logger.info(loaded.about)
     return loaded

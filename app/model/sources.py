@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from app import demo
 from app.lifecycle import StartupError
 
 
@@ -81,11 +82,13 @@ def explain(source: str, revision: str | None, exc: BaseException, presets: list
             offline: bool | None = None) -> str:
     """The message for a checkpoint `source` that raised `exc` while loading."""
     what, certain = _diagnosis(source, revision, exc, offline_mode() if offline is None else offline)
-    close = difflib.get_close_matches(source, presets, n=1, cutoff=0.6)
-    hint = f" Did you mean the preset {close[0]!r}?" if close else ""
+    close = difflib.get_close_matches(source, [demo.MODEL_NAME, *presets], n=1, cutoff=0.6)
+    what_close = "the built-in model" if close and close[0] == demo.MODEL_NAME else "the preset"
+    hint = f" Did you mean {what_close} {close[0]!r}?" if close else ""
     lines = [
         f"PALIGEMMA_MODEL={source!r} cannot be loaded: {what}.{hint}",
         "PALIGEMMA_MODEL takes one of:",
+        f"  - {demo.MODEL_NAME}: the built-in model trained on generated shapes scenes (the default)",
         f"  - a built-in preset with random weights: {', '.join(presets)}",
         "  - a local directory written by save_pretrained (or a downloaded snapshot): it must exist",
         "  - a Hugging Face hub id, e.g. google/paligemma2-3b-mix-224: it must exist; gated ones need their "

@@ -125,6 +125,7 @@ class ModelCard(_Model):
     object: Literal["model"] = "model"
     random_weights: bool
     warning: str | None
+    about: str | None = None
     image_size: int
     image_tokens: int
     parameters: int

@@ -161,11 +161,51 @@ async function submit(event) {
   }
 }
 
+// The generated scenes shipped with the server (app/demo/scenes.py): one click loads the image and sets up
+// the task that shows what the built-in demo model does with it.
+const SCENES = "static/playground/scenes/";
+
+async function pickScene(scene) {
+  const response = await fetch(SCENES + scene.file);
+  const blob = await response.blob();
+  await choose(new File([blob], scene.file, { type: blob.type || "image/png" }));
+  $("task").value = scene.task;
+  if (scene.objects) $("objects").value = scene.objects;
+  if (scene.question) $("question").value = scene.question;
+  showFields();
+}
+
+async function loadScenes() {
+  try {
+    const response = await fetch(SCENES + "scenes.json");
+    if (!response.ok) return;
+    const scenes = await response.json();
+    const buttons = $("scene-buttons");
+    for (const scene of scenes) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.title = `${scene.task}: ${scene.caption}`;
+      button.dataset.scene = scene.file;
+      const image = document.createElement("img");
+      image.src = SCENES + scene.file;
+      image.alt = scene.caption;
+      button.append(image);
+      button.addEventListener("click", () => pickScene(scene));
+      buttons.append(button);
+    }
+    $("scenes").hidden = scenes.length === 0;
+  } catch {
+    // No scenes: the page works as before.
+  }
+}
+
 async function loadModel() {
   try {
     const card = await modelCard(apiKey());
     $("model").textContent = `${card.id} · ${card.device} · masks ${card.masks ? "on" : "off"}`;
     showWarning(card.warning);
+    $("about").textContent = card.about ?? "";
+    $("about").hidden = !card.about;
   } catch (error) {
     $("model").textContent = error.status === 401 ? "model: enter the API key" : "";
   }
@@ -202,6 +242,7 @@ function setUp() {
   showFields();
   setState("empty", "Choose or drop an image first.");
   loadModel();
+  loadScenes();
 }
 
 setUp();

@@ -1,0 +1,91 @@
+"""Training examples: which prompts a scene is trained on, drawn at random over every task.
+
+Each scene is trained on several prompts at once (its image is encoded once for all of them), drawn from
+a mixture weighted towards what is hardest to learn (the boxes of detect and segment). Detect and segment
+queries are one present `{color} {shape}` or all of the scene's objects in one prompt (as a COCO
+evaluation asks: `detect red circle ; blue square`), and also a bare `{shape}` and objects that are not
+there (the answer leaves them out, or is empty), so that any way a client asks has been seen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from app.demo import answers
+from app.demo.answers import MaskCodes
+from app.demo.world import COLORS, SHAPES, Scene
+
+KINDS = tuple(f"{color} {shape}" for color in COLORS for shape in SHAPES)
+
+# Relative weights of the tasks among a scene's prompts.
+TASK_WEIGHTS = {"detect": 0.4, "segment": 0.24, "caption": 0.13, "vqa": 0.13, "ocr": 0.1}
+
+
+@dataclass(frozen=True)
+class Example:
+    task: str
+    prefix: str
+    target: str
+
+
+def _queries(scene: Scene, rng: np.random.Generator) -> list[str]:
+    present = [obj.name for obj in scene.objects]
+    absent = [kind for kind in KINDS if kind not in present]
+    roll = rng.random()
+    if roll < 0.45:  # one object that is there
+        return [present[int(rng.integers(len(present)))]]
+    if roll < 0.8:  # every object there, in some order (how a COCO evaluation asks)
+        return [str(q) for q in rng.permutation(present)]
+    if roll < 0.9:  # every object of a shape
+        return [str(rng.choice(SHAPES))]
+    if roll < 0.95:  # one that is not there
+        return [absent[int(rng.integers(len(absent)))]]
+    # Some that are there and one that is not.
+    chosen = [str(q) for q in rng.permutation(present)][: int(rng.integers(1, len(present) + 1))]
+    chosen.insert(int(rng.integers(len(chosen) + 1)), absent[int(rng.integers(len(absent)))])
+    return chosen
+
+
+def _vqa(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+    roll = rng.random()
+    if roll < 0.3:
+        return answers.HOW_MANY, answers.count_answer(scene)
+    if roll < 0.6:
+        shapes = [s for s in SHAPES if answers.color_answer(scene, s) is not None]
+        shape = str(rng.choice(shapes)) if shapes else None
+        if shape is not None:
+            return answers.color_question(shape), str(answers.color_answer(scene, shape))
+    # Presence, half yes and half no.
+    if rng.random() < 0.5:
+        obj = scene.objects[int(rng.integers(len(scene.objects)))]
+        color, shape = obj.color, obj.shape
+    else:
+        present = {obj.name for obj in scene.objects}
+        color, shape = str(rng.choice(list(COLORS))), str(rng.choice(SHAPES))
+        while f"{color} {shape}" in present:
+            color, shape = str(rng.choice(list(COLORS))), str(rng.choice(SHAPES))
+    return answers.presence_question(color, shape), answers.presence_answer(scene, color, shape)
+
+
+def example(scene: Scene, task: str, rng: np.random.Generator, codes: MaskCodes) -> Example:
+    if task == "detect":
+        queries = _queries(scene, rng)
+        return Example(task, answers.detect_prompt(queries), answers.detect_answer(scene, queries))
+    if task == "segment":
+        queries = _queries(scene, rng)
+        return Example(task, answers.segment_prompt(queries), answers.segment_answer(scene, queries, codes))
+    if task == "caption":
+        return Example(task, answers.caption_prompt(), answers.caption(scene))
+    if task == "vqa":
+        question, answer = _vqa(scene, rng)
+        return Example(task, answers.vqa_prompt(question), answer)
+    return Example("ocr", answers.ocr_prompt(), answers.ocr_answer(scene))
+
+
+def examples(scene: Scene, count: int, rng: np.random.Generator, codes: MaskCodes) -> list[Example]:
+    tasks = list(TASK_WEIGHTS)
+    weights = np.array([TASK_WEIGHTS[t] for t in tasks])
+    picked = rng.choice(len(tasks), size=count, p=weights / weights.sum())
+    return [example(scene, tasks[int(i)], rng, codes) for i in picked]

@@ -1,0 +1,61 @@
+"""How the demo's answers are scored against a scene: the targets of docs/demo.md. Pure numpy.
+
+Detect: an object is found when some returned box has IoU >= 0.5 with its tight box; the mean of every
+object's best IoU (0 when nothing came back) is the second number. Segment: the IoU of the returned
+whole-image mask with the drawn shape's pixels. Caption, VQA and OCR: exact match.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+BoxXYXY = tuple[float, float, float, float]
+FOUND_IOU = 0.5
+
+
+def box_iou(a: BoxXYXY, b: BoxXYXY) -> float:
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    if width <= 0 or height <= 0:
+        return 0.0
+    inter = width * height
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+def best_iou(truth: BoxXYXY, predicted: Sequence[BoxXYXY]) -> float:
+    return max((box_iou(truth, p) for p in predicted), default=0.0)
+
+
+def mask_iou(truth: np.ndarray, predicted: np.ndarray | None) -> float:
+    if predicted is None:
+        return 0.0
+    union = np.logical_or(truth, predicted).sum()
+    return float(np.logical_and(truth, predicted).sum() / union) if union else 1.0
+
+
+@dataclass
+class Tally:
+    """Running scores; `summary()` gives the numbers the targets are stated in."""
+
+    detect_ious: list[float] = field(default_factory=list)
+    mask_ious: list[float] = field(default_factory=list)
+    exact: dict[str, list[bool]] = field(default_factory=dict)
+
+    def add_exact(self, task: str, answer: str, expected: str) -> None:
+        self.exact.setdefault(task, []).append(answer.strip() == expected)
+
+    def summary(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if self.detect_ious:
+            ious = np.array(self.detect_ious)
+            out["detect_found"] = round(float((ious >= FOUND_IOU).mean()), 4)
+            out["detect_mean_iou"] = round(float(ious.mean()), 4)
+        if self.mask_ious:
+            out["segment_mean_mask_iou"] = round(float(np.mean(self.mask_ious)), 4)
+        for task, hits in sorted(self.exact.items()):
+            out[f"{task}_exact"] = round(float(np.mean(hits)), 4)
+        return out

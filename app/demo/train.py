@@ -1,0 +1,318 @@
+"""Train the demo model and its mask decoder from a seed: `python -m app.demo.train` (`make demo-model`).
+
+1. The mask VQ-VAE (`mask_vqvae`) on every object mask of the world, saved as `vae-demo.npz`; the
+   model's `<seg>` targets are then read back from that saved file, the one the server decodes with.
+2. The PaliGemma: the real `PaliGemmaForConditionalGeneration`, its config and processor built as the
+   presets' are (byte-level tokenizer with Gemma's special, loc and seg tokens), trained on every task.
+   - Each step draws `images` scenes and `prompts` prompts per scene; the vision tower runs once per
+     scene and its features serve all the scene's prompts (`mm_encoder_outputs`).
+   - Loc tokens are 1024 ordered bins, so their targets are soft: a Gaussian of `loc_sigma` bins around
+     the true bin (a neighbour bin is almost right, a far one wrong), and their embeddings start as a
+     smooth sinusoidal code of the bin so that neighbours start out alike.
+   - AdamW, linear warm-up then cosine decay, gradient clipping; deterministic from the seed (the same
+     batches, the same initial weights; CPU kernels with the same thread count).
+3. `save_pretrained` (safetensors, model + processor) into the output directory with the decoder beside it.
+
+The run logs every task's loss, and a quick held-out evaluation now and then (`evaluate`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+# On a shared machine, OpenMP threads that spin while waiting for each other lose their time slices and
+# a step takes several times longer; passive waiting costs nothing on an idle one. Read when torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from app.demo import MASK_DECODER_FILE, WEIGHTS_DIR
+from app.demo.batches import Batch, BatchMaker
+from app.demo.mask_vqvae import MaskTokenizer, save_npz, train_mask_vqvae
+from app.demo.probe import VisionProbe
+from app.model import presets
+from app.model.inputs import ImageTransform, PromptEncoder
+
+logger = logging.getLogger("app.demo.train")
+
+# Layouts tried; `demo` is the one shipped (docs/demo.md says how they compared).
+ARCHITECTURES = {
+    # 224 px in 28 px patches: 64 image tokens, like 112 px / 14, but the patches see every pixel.
+    "demo": presets.Preset("demo", "PaliGemma trained on the demo world", 224, 28, 128, 4, 4, 512, 128, 4,
+                           4, 1, 32, 512, varied_outputs=False),
+    "demo-112": presets.Preset("demo-112", "112 px / patch 14", 112, 14, 128, 4, 4, 512, 128, 4, 4, 1, 32,
+                               512, varied_outputs=False),
+    "demo-wide": presets.Preset("demo-wide", "224 px / 28, 6 x 192", 224, 28, 192, 6, 4, 768, 192, 6, 4, 1,
+                                48, 768, varied_outputs=False),
+    "demo-v6": presets.Preset("demo-v6", "224 px / 28, vision 6 x 192, text 4 x 128", 224, 28, 192, 6, 6,
+                              768, 128, 4, 4, 1, 32, 512, varied_outputs=False),
+    "demo-56": presets.Preset("demo-56", "224 px / 56: 16 image tokens", 224, 56, 192, 4, 6, 768, 128, 4,
+                              4, 1, 32, 512, varied_outputs=False),
+    "demo-32": presets.Preset("demo-32", "224 px / 32: 49 image tokens", 224, 32, 128, 4, 4, 512, 128, 4,
+                              4, 1, 32, 512, varied_outputs=False),
+    "demo-16": presets.Preset("demo-16", "224 px / 16", 224, 16, 128, 4, 4, 512, 128, 4, 4, 1, 32, 512,
+                              varied_outputs=False),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    architecture: str = "demo"
+    steps: int = 3400
+    images: int = 8  # scenes per step
+    prompts: int = 6  # prompts per scene
+    lr: float = 2e-3
+    warmup: int = 200
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    loc_sigma: float = 4.0  # bins (one pixel of the 224 px canvas is ~4.6 bins)
+    loc_peak: float = 0.5  # share of a loc target on the true bin (see Objective)
+    vq_steps: int = 400
+    threads: int = 2
+    eval_every: int = 400
+    eval_scenes: int = 12
+    weights_dtype: str = "float16"
+    autocast: bool = True  # bfloat16 matmuls (see batch_logits)
+    probe_weight: float = 1.0  # the vision probe's loss (app.demo.probe) beside the model's
+    vision_steps: int = 600  # the vision tower alone on the probe first
+    single_object_steps: int = 0  # scenes of one object only at first
+    vision_images: int = 32
+
+
+def build(architecture: str, seed: int) -> tuple[PaliGemmaForConditionalGeneration, PaliGemmaProcessor]:
+    preset = ARCHITECTURES[architecture]
+    processor = presets.build_processor(preset)
+    torch.manual_seed(seed)
+    model = presets.build_model(preset, processor)
+    _smooth_loc_embeddings(model, loc_ids(processor)[0])
+    return model, processor
+
+
+def loc_ids(processor: PaliGemmaProcessor) -> tuple[int, int]:
+    """(first, last + 1) token ids of `<loc0000>`..`<loc1023>` (contiguous in every preset)."""
+    first = int(processor.tokenizer.convert_tokens_to_ids(presets.LOC_TOKENS[0]))
+    last = int(processor.tokenizer.convert_tokens_to_ids(presets.LOC_TOKENS[-1]))
+    assert last - first == len(presets.LOC_TOKENS) - 1
+    return first, last + 1
+
+
+def _smooth_loc_embeddings(model: PaliGemmaForConditionalGeneration, first: int) -> None:
+    """Sinusoids of the bin index, periods from 8 to 4096 bins, at the scale of the other embeddings."""
+    embeddings = model.get_input_embeddings().weight
+    width = embeddings.shape[1]
+    bins = torch.arange(len(presets.LOC_TOKENS), dtype=torch.float32)[:, None]
+    periods = 4096.0 * (8.0 / 4096.0) ** (torch.arange(width // 2, dtype=torch.float32) / (width // 2 - 1))
+    angles = 2 * math.pi * bins / periods
+    code = torch.cat([angles.sin(), angles.cos()], dim=1) * embeddings.std().item() * math.sqrt(2)
+    with torch.no_grad():
+        embeddings[first:first + len(presets.LOC_TOKENS)] = code.to(embeddings.dtype)
+
+
+class Objective:
+    """Cross-entropy on every target token; for a loc token, against a target that puts `loc_peak` on the
+    true bin and the rest on a Gaussian of `sigma` bins around it.
+
+    The Gaussian part tells the model that a neighbouring bin is almost right (a box learns from every
+    near miss); the peak keeps the true bin's probability high, because serving decodes greedily and the
+    first loc token of an answer competes with `<eos>` (an empty answer): a flat spread over bins would
+    lose to it even when an object is certainly there.
+    """
+
+    def __init__(self, loc_range: tuple[int, int], sigma: float, peak: float) -> None:
+        self.first, self.end = loc_range
+        offsets = torch.arange(self.end - self.first, dtype=torch.float32)
+        kernel = torch.exp(-0.5 * ((offsets[None, :] - offsets[:, None]) / sigma) ** 2)
+        kernel = kernel / kernel.sum(dim=1, keepdim=True)
+        self.kernel = peak * torch.eye(len(offsets)) + (1 - peak) * kernel  # row b: the target for bin b
+
+    def is_loc(self, targets: torch.Tensor) -> torch.Tensor:
+        return (targets >= self.first) & (targets < self.end)
+
+    def token_losses(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        log_probs = F.log_softmax(logits.float(), dim=-1)
+        losses = -log_probs.gather(1, targets[:, None])[:, 0]
+        is_loc = self.is_loc(targets)
+        if bool(is_loc.any()):
+            soft = self.kernel[targets[is_loc] - self.first]
+            losses = losses.clone()
+            losses[is_loc] = -(soft * log_probs[is_loc, self.first:self.end]).sum(dim=1)
+        return losses
+
+
+def batch_logits(model: PaliGemmaForConditionalGeneration, batch: Batch, autocast: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the loss positions of every group, in `batch.targets` order, and the image features the
+    language model reads (for the probe); the vision tower runs once per image for all its rows. Matmuls in
+    bfloat16
+    under autocast (2.5x faster on CPUs with AVX512-BF16), the logits and the loss in float32."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        vision = model.model.get_image_features(batch.pixel_values)
+        hidden = []
+        for rows in batch.groups:
+            image = BaseModelOutputWithPooling(pooler_output=vision.pooler_output[rows.image_index])
+            states = model.model(input_ids=rows.input_ids, attention_mask=rows.attention_mask,
+                                 token_type_ids=rows.token_type_ids, mm_encoder_outputs={"image": image},
+                                 use_cache=False).last_hidden_state
+            hidden.append(states[rows.loss_rows, rows.loss_positions])
+    return model.lm_head(torch.cat(hidden).float()), vision.pooler_output
+
+
+def _pretrain_vision(model: PaliGemmaForConditionalGeneration, probe: VisionProbe, maker: BatchMaker,
+                     config: TrainConfig) -> None:
+    """The vision tower and projector alone, on the probe, before the language model joins: its image
+    tokens then already say what is where (app.demo.probe says why)."""
+    if not config.vision_steps:
+        return
+    params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(),
+              *probe.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    started = time.perf_counter()
+    for step in range(config.vision_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * min(1.0, (step + 1) / 50) * (1 - step / config.vision_steps)
+        pixels, probe_targets = maker.images_only(step, config.vision_images)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.autocast):
+            features = model.model.get_image_features(pixels).pooler_output
+        loss = probe.loss(features, probe_targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.clip)
+        optimizer.step()
+        if (step + 1) % 50 == 0:
+            logger.info("vision step %d/%d probe loss %.4f, %.0f s", step + 1, config.vision_steps,
+                        loss.item(), time.perf_counter() - started)
+
+
+def _learning_rate(config: TrainConfig, step: int) -> float:
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return config.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def train_model(config: TrainConfig, codes: MaskTokenizer, evaluate_every=None,
+                ) -> tuple[PaliGemmaForConditionalGeneration, PaliGemmaProcessor, list[float]]:
+    """The training loop; returns the model, its processor and the loss of every step."""
+    model, processor = build(config.architecture, config.seed)
+    maker = BatchMaker(PromptEncoder.from_processor(processor), ImageTransform.from_processor(processor),
+                       codes, config.seed, config.images, config.prompts)
+    objective = Objective(loc_ids(processor), config.loc_sigma, config.loc_peak)
+    probe = VisionProbe(model.config.text_config.hidden_size)
+    _pretrain_vision(model, probe, maker, config)
+    named = [*model.named_parameters(), *probe.named_parameters()]
+    decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
+    rest = [p for n, p in named if not (p.dim() >= 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": rest, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
+    model.train()
+    losses: list[float] = []
+    window: dict[str, list[float]] = defaultdict(list)
+    loc_errors: list[float] = []  # mean distance in bins of the argmax from the true bin
+    probe_losses: list[float] = []
+    started = time.perf_counter()
+    for step in range(config.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(config, step)
+        batch = maker.batch(step, 1 if step < config.single_object_steps else 3)
+        logits, patches = batch_logits(model, batch, config.autocast)
+        token_losses = objective.token_losses(logits, batch.targets)
+        probe_loss = probe.loss(patches, batch.probe) if config.probe_weight else torch.zeros(())
+        loss = token_losses.mean() + config.probe_weight * probe_loss
+        is_loc = objective.is_loc(batch.targets)
+        if bool(is_loc.any()):
+            guessed = logits[is_loc, objective.first:objective.end].argmax(-1)
+            truth = batch.targets[is_loc] - objective.first
+            loc_errors.append(float((guessed - truth).abs().float().mean()))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in named], config.clip)
+        optimizer.step()
+        losses.append(token_losses.mean().item())
+        probe_losses.append(probe_loss.item())
+        for task, value in zip(batch.tasks, token_losses.detach().tolist(), strict=True):
+            window[task].append(value)
+        if (step + 1) % 50 == 0 or step + 1 == config.steps:
+            per_task = " ".join(f"{t} {np.mean(v):.3f}" for t, v in sorted(window.items()))
+            elapsed = time.perf_counter() - started
+            logger.info("step %d/%d loss %.4f (%s) loc error %.1f bins, probe %.3f, lr %.2e, %.0f s, "
+                        "%.2f s/step", step + 1, config.steps, np.mean(losses[-50:]), per_task,
+                        np.mean(loc_errors[-50:]), np.mean(probe_losses[-50:]),
+                        optimizer.param_groups[0]["lr"], elapsed, elapsed / (step + 1))
+            window.clear()
+        if evaluate_every is not None and config.eval_every and (step + 1) % config.eval_every == 0:
+            model.eval()
+            evaluate_every(model, processor, step + 1)
+            model.train()
+    model.eval()
+    return model, processor, losses
+
+
+def save_checkpoint(model: PaliGemmaForConditionalGeneration, processor: PaliGemmaProcessor,
+                    directory: Path, dtype: str) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    model.to(getattr(torch, dtype)).save_pretrained(directory)
+    model.to(torch.float32)
+    processor.save_pretrained(directory)
+
+
+def run(config: TrainConfig, out: Path, mask_vqvae: Path | None = None) -> dict[str, object]:
+    """Both trainings into `out`; `mask_vqvae` reuses a trained mask VQ-VAE instead (for experiments)."""
+    torch.set_num_threads(config.threads)
+    started = time.perf_counter()
+    npz = out / MASK_DECODER_FILE
+    if mask_vqvae is None:
+        save_npz(train_mask_vqvae(config.seed, config.vq_steps), npz, np.dtype(config.weights_dtype))
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(mask_vqvae, npz)
+    vq_seconds = time.perf_counter() - started
+    codes = MaskTokenizer(npz)
+
+    from app.demo import evaluate
+
+    def quick_eval(model, processor, step):
+        scores = evaluate.in_process(model, processor, npz, seed=config.seed + 10_000,
+                                     count=config.eval_scenes)
+        logger.info("eval at step %d: %s", step, json.dumps(scores))
+
+    model, processor, losses = train_model(config, codes, quick_eval)
+    save_checkpoint(model, processor, out, config.weights_dtype)
+    total = time.perf_counter() - started
+    record = {"config": asdict(config), "mask_vqvae_seconds": round(vq_seconds, 1),
+              "total_seconds": round(total, 1), "final_loss": float(np.mean(losses[-50:]))}
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    logger.info("trained in %.1f min: %s", total / 60, out)
+    return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m app.demo.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=WEIGHTS_DIR,
+                        help="checkpoint directory (default: %(default)s)")
+    parser.add_argument("--mask-vqvae", type=Path, help="reuse this trained mask VQ-VAE (.npz) instead")
+    defaults = TrainConfig()
+    for name, value in asdict(defaults).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    args = parser.parse_args(argv)
+    config = replace(defaults, **{k: getattr(args, k) for k in asdict(defaults)})
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    run(config, args.out, args.mask_vqvae)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Training the demo model and its mask VQ-VAE, in a few steps: the loss falls, and what is saved loads
+through the server's own paths."""
+
+import numpy as np
+import pytest
+import torch
+
+from app.demo.batches import BatchMaker
+from app.demo.mask_vqvae import MaskTokenizer, all_crops, save_npz, train_mask_vqvae
+from app.demo.train import ARCHITECTURES, TrainConfig, build, loc_ids, save_checkpoint, train_model
+from app.masks.decoder import MaskDecoder, load_mask_decoder
+from app.model import presets
+from app.model.inputs import ImageTransform, PromptEncoder
+
+
+@pytest.fixture(scope="module")
+def vqvae_file(tmp_path_factory):
+    model = train_mask_vqvae(seed=0, steps=30, batch_size=8)
+    return save_npz(model, tmp_path_factory.mktemp("vqvae") / "vae-demo.npz")
+
+
+def test_the_mask_vqvae_file_loads_through_the_servers_decoder_path(vqvae_file):
+    decoder = MaskDecoder.from_npz(vqvae_file)  # every key, shape and dtype checked; strict load
+    assert set(MaskDecoder.expected_shapes()) <= set(np.load(vqvae_file).files)
+    loaded = load_mask_decoder(vqvae_file, bundled=True)
+    assert loaded.matches_published is False
+    tokenizer = MaskTokenizer(vqvae_file)
+    _, crops = all_crops()
+    codes = tokenizer.codes_of_crops(crops[:4])
+    assert codes.shape == (4, 16) and codes.min() >= 0 and codes.max() < 128
+    assert decoder.decode(codes).shape == (4, 64, 64)
+
+
+def test_a_few_mask_vqvae_steps_lower_its_reconstruction_loss():
+    logged: list[str] = []
+    train_mask_vqvae(seed=1, steps=50, batch_size=8, log=logged.append)
+    first, last = (float(line.split("reconstruction ")[1]) for line in (logged[0], logged[-1]))
+    assert last < first
+
+
+def test_a_few_training_steps_lower_the_loss(vqvae_file):
+    # No vision pre-training here (600 steps by default): the loop itself is what is under test.
+    config = TrainConfig(steps=16, images=2, prompts=3, warmup=2, lr=3e-3, eval_every=0, vision_steps=0)
+    torch.set_num_threads(2)
+    _, _, losses = train_model(config, MaskTokenizer(vqvae_file))
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
+
+
+def test_the_model_is_built_as_the_presets_are_and_saves_as_an_ordinary_checkpoint(tmp_path):
+    model, processor = build("demo", seed=0)
+    preset = ARCHITECTURES["demo"]
+    assert model.config.to_dict() == presets.build_config(preset, processor.tokenizer).to_dict()
+    first, end = loc_ids(processor)
+    embeddings = model.get_input_embeddings().weight[first:end]
+    # Loc embeddings start smooth: neighbouring bins alike, far ones not.
+    near = torch.nn.functional.cosine_similarity(embeddings[:-1], embeddings[1:]).mean()
+    far = torch.nn.functional.cosine_similarity(embeddings[:512], embeddings[512:]).mean()
+    assert near > 0.9 and far < 0.5
+    save_checkpoint(model, processor, tmp_path, "float16")
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "processor_config.json").is_file()
+
+
+def test_batches_use_the_servers_prompt_encoding_and_image_preprocessing(vqvae_file):
+    _, processor = build("demo", seed=0)
+    encoder = PromptEncoder.from_processor(processor)
+    maker = BatchMaker(encoder, ImageTransform.from_processor(processor), MaskTokenizer(vqvae_file), seed=3,
+                       images=2, prompts=4)
+    batch = maker.batch(0)
+    assert batch.pixel_values.shape == (2, 3, 224, 224)
+    rows = batch.groups[0]
+    prompt_length = int((rows.token_type_ids[0] == 0).sum())
+    assert rows.input_ids[0, :prompt_length].tolist()[:encoder.image_seq_length] == (
+        [encoder.image_token_id] * encoder.image_seq_length)
+    assert rows.input_ids[0, encoder.image_seq_length].item() == encoder.bos_token_id
