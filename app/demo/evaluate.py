@@ -123,7 +123,7 @@ def in_process(model: PaliGemmaForConditionalGeneration, processor: PaliGemmaPro
             truth = scene_box(what, width, height)  # type: ignore[arg-type]
             boxes = [tuple(o.box.to_pixels(width, height).__dict__.values()) for o in parsed]
             if task == "detect":
-                tally.detect_ious.append(best_iou(truth, boxes))  # type: ignore[arg-type]
+                tally.detect_ious.append(best_iou(truth, boxes))
                 continue
             usable = [o for o in parsed if o.mask_tokens is not None and o.mask_problem is None]
             predicted = None

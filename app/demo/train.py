@@ -113,7 +113,9 @@ def loc_ids(processor: PaliGemmaProcessor) -> tuple[int, int]:
 
 def _smooth_loc_embeddings(model: PaliGemmaForConditionalGeneration, first: int) -> None:
     """Sinusoids of the bin index, periods from 8 to 4096 bins, at the scale of the other embeddings."""
-    embeddings = model.get_input_embeddings().weight
+    layer = model.get_input_embeddings()
+    assert isinstance(layer, torch.nn.Embedding)
+    embeddings = layer.weight
     width = embeddings.shape[1]
     bins = torch.arange(len(presets.LOC_TOKENS), dtype=torch.float32)[:, None]
     periods = 4096.0 * (8.0 / 4096.0) ** (torch.arange(width // 2, dtype=torch.float32) / (width // 2 - 1))
@@ -212,7 +214,7 @@ def train_model(config: TrainConfig, codes: MaskTokenizer, evaluate_every=None,
     maker = BatchMaker(PromptEncoder.from_processor(processor), ImageTransform.from_processor(processor),
                        codes, config.seed, config.images, config.prompts)
     objective = Objective(loc_ids(processor), config.loc_sigma, config.loc_peak)
-    probe = VisionProbe(model.config.text_config.hidden_size)
+    probe = VisionProbe(model.config.text_config.hidden_size)  # type: ignore[union-attr]
     _pretrain_vision(model, probe, maker, config)
     named = [*model.named_parameters(), *probe.named_parameters()]
     decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
@@ -266,7 +268,7 @@ def save_checkpoint(model: PaliGemmaForConditionalGeneration, processor: PaliGem
                     directory: Path, dtype: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     model.to(getattr(torch, dtype)).save_pretrained(directory)
-    model.to(torch.float32)
+    model.to(torch.float32)  # type: ignore[arg-type]
     processor.save_pretrained(directory)
 
 

@@ -115,7 +115,7 @@ def _place_word(rng: np.random.Generator, objects: list[SceneObject]) -> Word | 
     text = WORDS[int(rng.integers(len(WORDS)))]
     size = int(rng.integers(FONT_SIZES[0], FONT_SIZES[1] + 1))
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font(size))
+    left, top, right, bottom = (int(v) for v in draw.textbbox((0, 0), text, font=font(size)))
     for _ in range(_PLACEMENT_TRIES):
         x = int(rng.integers(-left, CANVAS - right + 1))
         y = int(rng.integers(-top, CANVAS - bottom + 1))
