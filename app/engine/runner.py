@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from app.adapters.bank import AdapterBank, AdapterRef
 from app.engine.graphs import DecodeGraphs, graph_buckets
 from app.engine.kv_cache import CacheShape, SlotKVCache
 from app.engine.sampling import GREEDY, SamplingParams, new_generator, select_tokens
@@ -33,6 +35,19 @@ class RowInput:
     pixel_values: torch.Tensor  # (3, H, W) float32 on the CPU, already normalised
     image_key: str | None = None  # identifies the image's content, for the feature cache
     sampling: SamplingParams = GREEDY
+    adapter: AdapterRef | None = None  # the LoRA adapter it runs with; None: the base
+
+    @property
+    def slot(self) -> int:
+        return self.adapter.slot if self.adapter is not None else 0
+
+    @property
+    def feature_key(self) -> tuple[int | None, str] | None:
+        """The feature cache's key: the image, and the adapter when it changes the vision tower."""
+        if self.image_key is None:
+            return None
+        vision = self.adapter.uid if self.adapter is not None and self.adapter.vision else None
+        return vision, self.image_key
 
 
 @dataclass(frozen=True)
@@ -42,6 +57,10 @@ class RunnerConfig:
     max_new_tokens: int
     feature_cache_size: int = 0
     cuda_graphs: bool = True
+    adapters: AdapterBank | None = None  # LoRA slots over the model's linear layers (app.adapters)
+    # Eager decode steps add adapter deltas the way captured graphs do (one matmul over all slots) rather
+    # than per adapter present: tests use it to check that form on the CPU.
+    dense_adapter_decode: bool = False
 
 
 def cache_shape(loaded: LoadedModel, config: RunnerConfig) -> CacheShape:
@@ -86,7 +105,8 @@ class ModelStepRunner:
                     self.shape.bytes(loaded.dtype) / 2**30)
         self.cache = SlotKVCache(self.shape, loaded.dtype, loaded.device)
         self.step = StepModel(loaded.model, self.cache)
-        self.graphs = DecodeGraphs(self.step, loaded.pad_token_id)
+        self.adapters = config.adapters
+        self.graphs = DecodeGraphs(self.step, loaded.pad_token_id, self.adapters, config.dense_adapter_decode)
         self.features = FeatureCache(config.feature_cache_size)
         self._generators: dict[int, torch.Generator | None] = {}
         self.feature_cache_hits = 0  # read by the engine for its metrics
@@ -124,29 +144,36 @@ class ModelStepRunner:
             return tensor.pin_memory().to(self.device, dtype, non_blocking=True)
         return tensor.to(self.device, dtype)
 
+    def _route(self, slots: list[int]) -> None:
+        """Each batch item's adapter slot, for the next eager forward."""
+        if self.adapters is not None:
+            self.adapters.route(slots)
+
     def _image_features(self, inputs: list[RowInput]) -> torch.Tensor:
-        """(batch, image tokens, hidden); each distinct image not in the cache is encoded once."""
-        found: dict[str | int, torch.Tensor] = {}
-        to_encode: dict[str | int, torch.Tensor] = {}
-        for index, item in enumerate(inputs):
-            key: str | int = item.image_key if item.image_key is not None else index
+        """(batch, image tokens, hidden); each distinct image (per vision adapter) not in the cache is
+        encoded once."""
+        keys: list[Hashable] = [item.feature_key or index for index, item in enumerate(inputs)]
+        found: dict[Hashable, torch.Tensor] = {}
+        to_encode: dict[Hashable, RowInput] = {}
+        for key, item in zip(keys, inputs, strict=True):
             if key in found or key in to_encode:
                 continue
-            cached = self.features.get(item.image_key)
+            cached = self.features.get(item.feature_key)
             if cached is not None:
                 found[key] = cached
                 self.feature_cache_hits += 1
             else:
-                to_encode[key] = item.pixel_values
+                to_encode[key] = item
         if to_encode:
-            pixels = self._to_device(torch.stack(list(to_encode.values())), self.loaded.dtype)
+            pixels = self._to_device(torch.stack([item.pixel_values for item in to_encode.values()]),
+                                     self.loaded.dtype)
+            self._route([item.slot if item.adapter is not None and item.adapter.vision else 0
+                         for item in to_encode.values()])
             encoded = self.loaded.model.get_image_features(pixels).pooler_output
-            for key, features in zip(to_encode, encoded, strict=True):
+            for (key, item), features in zip(to_encode.items(), encoded, strict=True):
                 found[key] = features
-                if isinstance(key, str):
-                    self.features.put(key, features)
-        return torch.stack([found[item.image_key if item.image_key is not None else index]
-                            for index, item in enumerate(inputs)])
+                self.features.put(item.feature_key, features)
+        return torch.stack([found[key] for key in keys])
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> list[int]:
@@ -161,8 +188,10 @@ class ModelStepRunner:
             input_ids[i, : len(item.input_ids)] = torch.tensor(item.input_ids, dtype=torch.long)
         lengths = torch.tensor([len(item.input_ids) for item in inputs], dtype=torch.long)
         rows = torch.tensor([seq.row for seq in seqs], dtype=torch.long)
+        features = self._image_features(inputs)
+        self._route([item.slot for item in inputs])
         logits = self.step.prefill(self._to_device(rows), self._to_device(input_ids),
-                                   self._to_device(lengths), self._image_features(inputs))
+                                   self._to_device(lengths), features)
         for seq, item in zip(seqs, inputs, strict=True):
             self._generators[seq.request_id] = new_generator(item.sampling, self.device)
         return self._select(seqs, logits)
@@ -172,17 +201,20 @@ class ModelStepRunner:
         """One token for each running row; the step covers rows 0..width-1 (idle ones at scratch)."""
         tokens = [self.loaded.pad_token_id] * width
         positions = [self.shape.scratch] * width
+        slots = [0] * width
         for seq in seqs:
             assert seq.row is not None
             tokens[seq.row] = seq.computed[-1]
             positions[seq.row] = seq.next_position
-        logits = self.graphs.run(tokens, positions)
+            slots[seq.row] = seq.payload.slot
+        logits = self.graphs.run(tokens, positions, slots)
         return self._select(seqs, logits[[seq.row for seq in seqs]])
 
     @torch.inference_mode()
     def decode_alone(self, seq: Sequence) -> int:
         """The same step for one row by itself, eagerly: used to find which row makes a step fail."""
         assert seq.row is not None
+        self._route([seq.payload.slot])
         logits = self.step.decode(
             torch.tensor([seq.computed[-1]], device=self.device),
             torch.tensor([seq.next_position], device=self.device),

@@ -1,0 +1,165 @@
+"""A linear layer that adds, for each item of the batch, the delta of that item's LoRA adapter.
+
+`LoraLinear` wraps any linear-like module (an `nn.Linear`, or a quantized one that subclasses it): it
+calls the module, then adds `scale[s] * B[s] @ (A[s] @ x)` for each batch item's slot `s`, from weights
+stacked over every slot and padded to one rank (slot 0 holds zeros: the base). Which slot each batch
+item uses is not an argument (the model's own forward calls these layers): the runner sets it on the
+`SlotRouting` that all wrapped layers share, before each forward.
+
+Two ways to add the deltas, one result:
+- grouped (eager steps: prefills, the vision tower, decode steps run without a CUDA graph): for each
+  slot present in the batch, the rows that use it, at that adapter's own rank. Rows of the base, and
+  layers an adapter does not target, cost nothing.
+- dense (fixed shapes, what a captured CUDA graph replays): one matmul over all slots at once, each row
+  keeping only its own slot's part (a one-hot mask times the slot's scale), so the step's shapes and
+  kernels never depend on which adapters run; writing a slot changes the weights in place, so captured
+  graphs see it without a re-capture. It reads every slot's weights once per step, whatever the rows.
+
+As PEFT does by default, the delta is computed in float32 and added to the base output before it is cast
+back to the output's dtype (PEFT's `autocast_adapter_dtype` keeps LoRA weights in float32).
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ADAPTER_DTYPE = torch.float32
+
+
+class Mode(enum.Enum):
+    OFF = "off"  # every row runs the base: the wrapped layers add nothing
+    GROUPED = "grouped"
+    DENSE = "dense"
+
+
+class SlotRouting:
+    """The slot of each batch item for the next forward, shared by every wrapped layer."""
+
+    def __init__(self, slots: int, device: torch.device):
+        self.slots = slots
+        self.mode = Mode.OFF
+        # GROUPED: (slot, rows of the batch that use it, or None when every row does).
+        self.groups: list[tuple[int, torch.Tensor | None]] = []
+        self.mask: torch.Tensor | None = None  # DENSE: (batch, slots) one-hot, float32
+        self._ids = torch.arange(slots, device=device)
+        self.device = device
+
+    def off(self) -> None:
+        self.mode = Mode.OFF
+
+    def grouped(self, slots: list[int]) -> None:
+        """Eager forwards: batch item i uses slot `slots[i]`."""
+        present = sorted(set(slots) - {0})
+        if not present:
+            self.mode = Mode.OFF
+            return
+        if len(present) == 1 and len(set(slots)) == 1:
+            self.groups = [(present[0], None)]
+        else:
+            self.groups = [(slot, torch.tensor([i for i, s in enumerate(slots) if s == slot],
+                                               device=self.device)) for slot in present]
+        self.mode = Mode.GROUPED
+
+    def dense(self, slots: torch.Tensor) -> None:
+        """Fixed-shape forwards: `slots` (batch,) on the device. Only tensor ops, so a CUDA graph captured
+        after this call recomputes the mask from whatever `slots` holds when it is replayed."""
+        self.mask = (slots[:, None] == self._ids[None, :]).to(ADAPTER_DTYPE)
+        self.mode = Mode.DENSE
+
+
+class LoraLinear(nn.Module):
+    def __init__(self, base: nn.Module, routing: SlotRouting, rank: int):
+        super().__init__()
+        self.base = base
+        self.routing = routing
+        self.in_features = int(base.in_features)  # type: ignore[arg-type]
+        self.out_features = int(base.out_features)  # type: ignore[arg-type]
+        slots, device = routing.slots, routing.device
+        self.rank = rank
+        self.a: torch.Tensor
+        self.b: torch.Tensor
+        self.scale: torch.Tensor
+        # Not part of the model's state dict: they are the adapters', written slot by slot.
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=ADAPTER_DTYPE, device=device)
+
+        self.register_buffer("a", zeros(slots, rank, self.in_features), persistent=False)
+        # (out, slots, rank): viewed as (out, slots * rank), the dense form's second matmul is one call.
+        self.register_buffer("b", zeros(self.out_features, slots, rank), persistent=False)
+        self.register_buffer("scale", zeros(slots), persistent=False)
+        # Host copies, so the grouped form never reads the device: each slot's rank here (0: it does not
+        # target this layer) and its scale.
+        self.ranks = [0] * slots
+        self.scales = [0.0] * slots
+
+    # The wrapped module's parameters, for code that reads them through the layer.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight  # type: ignore[return-value]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias  # type: ignore[return-value]
+
+    @property
+    def stacked_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.a, self.b, self.scale))
+
+    # Slots (written between steps, on the model's thread) -----------------------------------------
+    def write(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        rank = a.shape[0]
+        self.a[slot, :rank].copy_(a)
+        self.a[slot, rank:].zero_()
+        self.b[:, slot, :rank].copy_(b)
+        self.b[:, slot, rank:].zero_()
+        self.scale[slot].fill_(scale)
+        self.ranks[slot] = rank
+        self.scales[slot] = scale
+
+    def clear(self, slot: int) -> None:
+        if self.ranks[slot]:
+            self.a[slot].zero_()
+            self.b[:, slot].zero_()
+            self.scale[slot].fill_(0.0)
+            self.ranks[slot] = 0
+            self.scales[slot] = 0.0
+
+    # Forward ---------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = self.base(x)
+        routing = self.routing
+        if routing.mode is Mode.GROUPED:
+            return self._grouped(x, y, routing.groups)
+        if routing.mode is Mode.DENSE:
+            assert routing.mask is not None
+            return self._dense(x, y, routing.mask)
+        return y
+
+    def _delta(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+        rank = self.ranks[slot]
+        hidden = F.linear(x.to(ADAPTER_DTYPE), self.a[slot, :rank])
+        return F.linear(hidden, self.b[:, slot, :rank]) * self.scales[slot]
+
+    def _grouped(self, x: torch.Tensor, y: torch.Tensor,
+                 groups: list[tuple[int, torch.Tensor | None]]) -> torch.Tensor:
+        for slot, rows in groups:
+            if not self.ranks[slot]:
+                continue
+            if rows is None:
+                return (y + self._delta(x, slot)).to(y.dtype)
+            updated = y.index_select(0, rows) + self._delta(x.index_select(0, rows), slot)
+            y.index_copy_(0, rows, updated.to(y.dtype))
+        return y
+
+    def _dense(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        slots, rank = self.scale.shape[0], self.rank
+        hidden = F.linear(x.to(ADAPTER_DTYPE), self.a.view(slots * rank, self.in_features))
+        # Each row keeps its own slot's part, times that slot's scale; every other slot's part becomes 0.
+        keep = (mask * self.scale).view(mask.shape[0], *([1] * (x.dim() - 2)), slots, 1)
+        hidden = (hidden.unflatten(-1, (slots, rank)) * keep).flatten(-2)
+        delta = F.linear(hidden, self.b.view(self.out_features, slots * rank))
+        return (y + delta).to(y.dtype)
