@@ -115,9 +115,8 @@ def _check_supported(path: Path, config: Any) -> None:
             what = "DoRA (use_dora)" if field.name == "use_dora" else f"the LoRA variant {field.name}"
             raise AdapterInvalid(path, f"it uses {what}, which this server does not compute; {_MERGE_HINT}")
     init = config.init_lora_weights
-    variant_inits = dataclasses.fields(config)
-    init_variants = next((f.metadata.get("lora_variants", []) for f in variant_inits
-                          if f.name == "init_lora_weights"), [])
+    init_variants: list[str] = next((f.metadata.get("lora_variants", []) for f in dataclasses.fields(config)
+                                     if f.name == "init_lora_weights"), [])
     if isinstance(init, str) and init in init_variants:
         raise AdapterInvalid(path, f"it uses the LoRA variant init_lora_weights={init!r}, which this server "
                                    f"does not compute; {_MERGE_HINT}")
@@ -176,7 +175,7 @@ def _apply_to_skeleton(path: Path, config: Any, state_dict: dict[str, torch.Tens
         except ValueError as exc:  # "Target modules {...} not found in the base model", and the like
             raise AdapterInvalid(path, f"it does not fit this base: {exc}") from None
         try:
-            result = set_peft_model_state_dict(model, state_dict, adapter_name="default")
+            result: Any = set_peft_model_state_dict(model, state_dict, adapter_name="default")
         except RuntimeError as exc:  # size mismatches, with PEFT's list of them
             raise AdapterInvalid(path, f"its weights do not fit this base's layers: {exc}") from None
     notes = tuple(dict.fromkeys(str(w.message) for w in caught if "peft" in w.filename.replace("\\", "/")))
@@ -199,8 +198,8 @@ def _apply_to_skeleton(path: Path, config: Any, state_dict: dict[str, torch.Tens
             variant = type(module.lora_variant["default"]).__name__
             raise AdapterInvalid(path, f"{name} uses a LoRA variant ({variant}), which this server does not "
                                        f"compute; {_MERGE_HINT}")
-        a = module.lora_A["default"].weight.detach().to(torch.float32)
-        b = module.lora_B["default"].weight.detach().to(torch.float32)
+        a: torch.Tensor = module.lora_A["default"].weight.detach().to(torch.float32)  # type: ignore[operator]
+        b: torch.Tensor = module.lora_B["default"].weight.detach().to(torch.float32)  # type: ignore[operator]
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise AdapterInvalid(path, f"the weights of {name} hold NaN or infinite values")
         modules[name] = LoraWeights(int(module.r["default"]), float(module.scaling["default"]), a, b)

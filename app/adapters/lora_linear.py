@@ -9,7 +9,9 @@ item uses is not an argument (the model's own forward calls these layers): the r
 Two ways to add the deltas, one result:
 - grouped (eager steps: prefills, the vision tower, decode steps run without a CUDA graph): for each
   slot present in the batch, the rows that use it, at that adapter's own rank. Rows of the base, and
-  layers an adapter does not target, cost nothing.
+  layers an adapter does not target, cost nothing. The runner orders a prefill's rows by slot, so each
+  slot's rows are one slice of the batch and its delta is added in place, with no gather or scatter
+  of the (large) prefill activations.
 - dense (fixed shapes, what a captured CUDA graph replays): one matmul over all slots at once, each row
   keeping only its own slot's part (a one-hot mask times the slot's scale), so the step's shapes and
   kernels never depend on which adapters run; writing a slot changes the weights in place, so captured
@@ -42,8 +44,8 @@ class SlotRouting:
     def __init__(self, slots: int, device: torch.device):
         self.slots = slots
         self.mode = Mode.OFF
-        # GROUPED: (slot, rows of the batch that use it, or None when every row does).
-        self.groups: list[tuple[int, torch.Tensor | None]] = []
+        # GROUPED: (slot, the rows of the batch that use it: a slice when they are contiguous).
+        self.groups: list[tuple[int, slice | torch.Tensor]] = []
         self.mask: torch.Tensor | None = None  # DENSE: (batch, slots) one-hot, float32
         self._ids = torch.arange(slots, device=device)
         self.device = device
@@ -57,11 +59,13 @@ class SlotRouting:
         if not present:
             self.mode = Mode.OFF
             return
-        if len(present) == 1 and len(set(slots)) == 1:
-            self.groups = [(present[0], None)]
-        else:
-            self.groups = [(slot, torch.tensor([i for i, s in enumerate(slots) if s == slot],
-                                               device=self.device)) for slot in present]
+        self.groups = []
+        for slot in present:
+            rows = [i for i, s in enumerate(slots) if s == slot]
+            if rows[-1] - rows[0] + 1 == len(rows):
+                self.groups.append((slot, slice(rows[0], rows[-1] + 1)))
+            else:
+                self.groups.append((slot, torch.tensor(rows, device=self.device)))
         self.mode = Mode.GROUPED
 
     def dense(self, slots: torch.Tensor) -> None:
@@ -139,20 +143,29 @@ class LoraLinear(nn.Module):
             return self._dense(x, y, routing.mask)
         return y
 
-    def _delta(self, x: torch.Tensor, slot: int) -> torch.Tensor:
-        rank = self.ranks[slot]
-        hidden = F.linear(x.to(ADAPTER_DTYPE), self.a[slot, :rank])
-        return F.linear(hidden, self.b[:, slot, :rank]) * self.scales[slot]
-
     def _grouped(self, x: torch.Tensor, y: torch.Tensor,
-                 groups: list[tuple[int, torch.Tensor | None]]) -> torch.Tensor:
+                 groups: list[tuple[int, slice | torch.Tensor]]) -> torch.Tensor:
+        # In place on the base's output, a fresh tensor of this call: `y[rows] += delta`, summed in float32
+        # and rounded once to y's dtype, as PEFT's `result + delta` then `.to(result_dtype)` does.
         for slot, rows in groups:
-            if not self.ranks[slot]:
+            rank = self.ranks[slot]
+            if not rank:
                 continue
-            if rows is None:
-                return (y + self._delta(x, slot)).to(y.dtype)
-            updated = y.index_select(0, rows) + self._delta(x.index_select(0, rows), slot)
-            y.index_copy_(0, rows, updated.to(y.dtype))
+            xs = x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+            # The scale on the rank-wide hidden state: (r) numbers a token instead of (out).
+            hidden = F.linear(xs.to(ADAPTER_DTYPE), self.a[slot, :rank]) * self.scales[slot]
+            b = self.b[:, slot, :rank]
+            if isinstance(rows, slice):
+                target = y[rows]
+                if target.dtype == ADAPTER_DTYPE and target.is_contiguous():
+                    # One GEMM that accumulates into the output: no delta tensor at all.
+                    target.view(-1, self.out_features).addmm_(hidden.reshape(-1, rank), b.t())
+                else:
+                    target.copy_(target + F.linear(hidden, b))
+            elif y.dtype == ADAPTER_DTYPE:
+                y.index_add_(0, rows, F.linear(hidden, b))
+            else:
+                y.index_copy_(0, rows, (y.index_select(0, rows) + F.linear(hidden, b)).to(y.dtype))
         return y
 
     def _dense(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -160,6 +173,6 @@ class LoraLinear(nn.Module):
         hidden = F.linear(x.to(ADAPTER_DTYPE), self.a.view(slots * rank, self.in_features))
         # Each row keeps its own slot's part, times that slot's scale; every other slot's part becomes 0.
         keep = (mask * self.scale).view(mask.shape[0], *([1] * (x.dim() - 2)), slots, 1)
-        hidden = (hidden.unflatten(-1, (slots, rank)) * keep).flatten(-2)
+        hidden = (hidden.view(*hidden.shape[:-1], slots, rank) * keep).flatten(-2)
         delta = F.linear(hidden, self.b.view(self.out_features, slots * rank))
         return (y + delta).to(y.dtype)

@@ -43,6 +43,7 @@ class EngineRequest:
     payload: Any  # the runner's input
     context: Any = None  # handed back with the output to whoever finishes it
     label: str = ""  # metrics label (the endpoint)
+    adapter: str = ""  # metrics label (the LoRA adapter; "" for the base)
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,8 @@ class Engine:
             slot.release()
             raise ShuttingDown("the server shut down before this request could run; retry on another replica")
         seq = Sequence(request.prompt_length, request.max_new_tokens, self.stop_tokens, request.payload,
-                       request.context, request.label, submitted, streams=on_tokens is not None)
+                       request.context, request.label, submitted, streams=on_tokens is not None,
+                       adapter=request.adapter)
         handle = _Handle(seq, asyncio.get_running_loop().create_future(), slot, on_tokens)
         self._handles[seq.request_id] = handle
         self.worker.submit(seq)
@@ -252,3 +254,7 @@ class Engine:
 
     def stalled_for(self) -> float:
         return self.worker.stalled_for()
+
+    async def between_steps(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the model's thread between two steps (EngineLoop.call_between_steps)."""
+        await asyncio.wrap_future(self.worker.call_between_steps(fn))

@@ -80,6 +80,12 @@ _STOP = object()
 _ABORT = object()
 
 
+@dataclass(frozen=True)
+class _Call:
+    fn: Callable[[], Any]
+    future: Future[Any]
+
+
 class EngineLoop:
     def __init__(self, scheduler: Scheduler, runner: StepRunner, finish: Finisher,
                  post: Callable[[StepEvents], None], observer: EngineObserver,
@@ -109,6 +115,13 @@ class EngineLoop:
 
     def submit(self, seq: Sequence) -> None:
         self._inbox.put(seq)
+
+    def call_between_steps(self, fn: Callable[[], T]) -> Future[T]:
+        """Run `fn` in the worker after the step in progress and before the next one (at once when idle):
+        for changes to the model's state that a step must never see half done (an adapter's slot)."""
+        future: Future[T] = Future()
+        self._inbox.put(_Call(fn, future))
+        return future
 
     def wake(self) -> None:
         """Look at cancellations now (they are flags on the requests, read when a step is planned)."""
@@ -182,6 +195,12 @@ class EngineLoop:
     def _take(self, item: object) -> None:
         if isinstance(item, Sequence):
             self.scheduler.add(item)
+        elif isinstance(item, _Call):
+            if item.future.set_running_or_notify_cancel():
+                try:
+                    item.future.set_result(item.fn())
+                except Exception as exc:  # handed to the caller
+                    item.future.set_exception(exc)
         elif item is _ABORT:
             for seq in self.scheduler.all_requests():
                 self.scheduler.fail(seq)
@@ -213,7 +232,7 @@ class EngineLoop:
             raise _Fatal from exc
 
     def _record(self, seqs: list[Sequence], tokens: list[int], finished: list[Sequence]) -> None:
-        by_label: dict[str, int] = {}
+        by_label: dict[tuple[str, str], int] = {}
         now = time.monotonic()
         for seq, token in zip(seqs, tokens, strict=True):
             if self.scheduler.record(seq, token):
@@ -222,9 +241,10 @@ class EngineLoop:
                 self.runner.release(seq)
             if seq.streams and seq.finish_reason != "stop" and seq.cancel_reason is None:
                 self._events.tokens.append((seq, [token]))  # a stop token is not part of the output
-            by_label[seq.label] = by_label.get(seq.label, 0) + 1
-        for label, count in by_label.items():
-            self.observer.tokens(label, count)
+            labels = (seq.label, seq.adapter)
+            by_label[labels] = by_label.get(labels, 0) + 1
+        for (label, adapter), count in by_label.items():
+            self.observer.tokens(label, adapter, count)
 
     def _prefill(self, seqs: list[Sequence], finished: list[Sequence]) -> None:
         started = time.perf_counter()

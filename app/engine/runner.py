@@ -50,6 +50,11 @@ class RowInput:
         return vision, self.image_key
 
 
+def _vision_slot(item: RowInput) -> int:
+    """The adapter slot an item's image is encoded with: the base's unless its adapter changes vision."""
+    return item.slot if item.adapter is not None and item.adapter.vision else 0
+
+
 @dataclass(frozen=True)
 class RunnerConfig:
     rows: int
@@ -165,12 +170,12 @@ class ModelStepRunner:
             else:
                 to_encode[key] = item
         if to_encode:
-            pixels = self._to_device(torch.stack([item.pixel_values for item in to_encode.values()]),
-                                     self.loaded.dtype)
-            self._route([item.slot if item.adapter is not None and item.adapter.vision else 0
-                         for item in to_encode.values()])
+            # Ordered by vision adapter: each adapter's images are one slice of the batch.
+            batch = sorted(to_encode.items(), key=lambda entry: _vision_slot(entry[1]))
+            pixels = self._to_device(torch.stack([item.pixel_values for _, item in batch]), self.loaded.dtype)
+            self._route([_vision_slot(item) for _, item in batch])
             encoded = self.loaded.model.get_image_features(pixels).pooler_output
-            for (key, item), features in zip(to_encode.items(), encoded, strict=True):
+            for (key, item), features in zip(batch, encoded, strict=True):
                 found[key] = features
                 self.features.put(item.feature_key, features)
         return torch.stack([found[key] for key in keys])
@@ -178,6 +183,15 @@ class ModelStepRunner:
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> list[int]:
         """Write each newcomer's prompt into its row; each one's first generated token."""
+        if self.adapters is not None:
+            # Ordered by adapter, each adapter's rows are one slice of the batch (app.adapters.lora_linear).
+            order = sorted(range(len(seqs)), key=lambda i: seqs[i].payload.slot)
+            tokens = self._prefill([seqs[i] for i in order])
+            by_seq = dict(zip(order, tokens, strict=True))
+            return [by_seq[i] for i in range(len(seqs))]
+        return self._prefill(seqs)
+
+    def _prefill(self, seqs: list[Sequence]) -> list[int]:
         inputs: list[RowInput] = [seq.payload for seq in seqs]
         longest = max(len(item.input_ids) for item in inputs)
         if longest > self.shape.length:

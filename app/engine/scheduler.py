@@ -45,6 +45,7 @@ class Sequence:
     # Whether someone reads its tokens as they come (streaming): only then does every step post them to
     # the event loop; others are woken once, when they finish.
     streams: bool = False
+    adapter: str = ""  # for metrics: the LoRA adapter it runs with ("" for the base)
     # Set by the worker (time.monotonic()): when it got a row, when its prefill produced the first token,
     # and when its last token was computed. For traces and latency metrics.
     admitted_at: float | None = None

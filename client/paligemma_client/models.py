@@ -50,6 +50,7 @@ class TaskResponse(_Model):
     raw_text: str
     timings: Timings
     warning: str | None = None
+    adapter: str | None = None
 
 
 class TextResponse(TaskResponse):
@@ -120,6 +121,14 @@ class MaskDecoderInfo(_Model):
     matches_published: bool
 
 
+class AdapterSlots(_Model):
+    max_adapters: int
+    max_lora_rank: int
+    memory_bytes: int
+    loaded: int
+    runtime_loading: bool
+
+
 class ModelCard(_Model):
     id: str
     object: Literal["model"] = "model"
@@ -137,11 +146,29 @@ class ModelCard(_Model):
     decode_graphs: list[int]
     max_new_tokens: int
     default_max_new_tokens: int
+    adapters: AdapterSlots | None = None
+
+
+class AdapterCard(_Model):
+    id: str
+    object: Literal["model"] = "model"
+    parent: str
+    created: int
+    rank: int
+    layers: int
+    vision: bool
+    base_model: str | None
+
+
+class AdapterDeleted(_Model):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool = True
 
 
 class ModelList(_Model):
     object: Literal["list"] = "list"
-    data: list[ModelCard]
+    data: list[ModelCard | AdapterCard]
 
 
 class ErrorBody(_Model):

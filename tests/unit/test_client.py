@@ -40,7 +40,7 @@ from tests.served import free_port
 
 TEXT_RESULT = {
     "model": "m", "usage": {"prompt_tokens": 3, "completion_tokens": 2}, "image": {"width": 4, "height": 3},
-    "finish_reason": "stop", "raw_text": "hi", "warning": None, "text": "hi",
+    "finish_reason": "stop", "raw_text": "hi", "warning": None, "adapter": None, "text": "hi",
     "timings": {"prepare_ms": 1.0, "queue_and_inference_ms": 2.0, "postprocess_ms": 0.0, "total_ms": 3.0},
 }
 TASKS = ("caption", "vqa", "ocr", "detect", "segment", "generate")
