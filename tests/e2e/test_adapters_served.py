@@ -18,11 +18,21 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from app.engine.runner import RowInput
 from app.images import decode_image
 from app.model.inputs import ImageTransform, PromptEncoder
 from app.settings import Settings
+from tests.e2e.test_playground_browser import (  # the browser and its helpers (the fixture is module-scoped)
+    browser,  # noqa: F401
+    open_playground,
+    page_result,
+    script_errors,
+    text,
+    wait_for,
+)
 from tests.helpers import jpeg
 from tests.model.test_engine_exactness import generate_alone
 from tests.served import served
@@ -252,3 +262,24 @@ def test_a_folder_it_cannot_serve_stops_start_up_naming_it(root, tmp_path):
     assert "Traceback" not in log, log
     assert (f"exiting: start-up failed: PALIGEMMA_ADAPTERS: adapter 'bad': adapter folder {root / 'dora'}: it "
             "uses DoRA (use_dora)") in log
+
+
+def test_the_playground_offers_the_adapters_and_runs_the_chosen_one(server, browser, tmp_path):  # noqa: F811
+    picture = tmp_path / "picture.jpg"
+    picture.write_bytes(IMAGE)
+    open_playground(browser, server.url, KEY)
+    WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "adapter-field").is_displayed())
+    select = Select(browser.find_element(By.ID, "adapter"))
+    assert [o.get_attribute("value") for o in select.options] == ["", "att"]
+    browser.find_element(By.ID, "file").send_keys(str(picture))
+    wait_for(browser, "ready")
+    Select(browser.find_element(By.ID, "task")).select_by_value("caption")
+    select.select_by_value("att")
+    browser.find_element(By.ID, "max-new-tokens").send_keys("8")
+    assert "--form-string 'adapter=att'" in text(browser, "curl")
+    browser.find_element(By.ID, "run").click()
+    assert wait_for(browser, "done", "error") == "done", text(browser, "error")
+    result = page_result(browser)
+    assert result["adapter"] == "att"
+    assert result["raw_text"] == caption(server, "att").json()["raw_text"]
+    assert script_errors(browser) == []
