@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -24,6 +25,10 @@ from app.adapters.folder import AdapterFolder, AdapterInvalid
 from app.adapters.lora_linear import ADAPTER_DTYPE, LoraLinear, SlotRouting
 
 logger = logging.getLogger(__name__)
+
+# How an eager step adds the deltas (app.adapters.lora_linear): per adapter present, over all slots at
+# once, or whichever suits the rows' mix.
+DecodeForm = Literal["grouped", "dense", "auto"]
 
 # Where adapters may apply, as module-name prefixes of PaliGemmaForConditionalGeneration.
 LANGUAGE_PREFIXES = ("model.language_model.layers.",)
@@ -120,9 +125,13 @@ class AdapterBank:
             raise ValueError(f"slot {slot} is not an adapter slot (1..{self.max_adapters})")
 
     # Routing (the runner, before each forward) -----------------------------------------------------
-    def route(self, slots: list[int], dense: bool = False) -> None:
-        """The next forward's batch item i uses slot `slots[i]`."""
-        if dense:
+    def route(self, slots: list[int], form: DecodeForm = "grouped") -> None:
+        """The next forward's batch item i uses slot `slots[i]`. `auto` (eager decode steps): the dense
+        form when two adapters or more are present (a few kernels per layer, whatever the mix), the
+        grouped one otherwise (a single adapter's rows, at its own rank)."""
+        if form == "auto":
+            form = "dense" if len(set(slots) - {0}) >= 2 else "grouped"
+        if form == "dense":
             self.routing.dense(torch.tensor(slots, device=self.device))
         else:
             self.routing.grouped(slots)

@@ -13,7 +13,7 @@ Two ways to add the deltas, one result:
   slot's rows are one slice of the batch and its delta is added in place, with no gather or scatter
   of the (large) prefill activations.
 - dense (fixed shapes, what a captured CUDA graph replays): one matmul over all slots at once, each row
-  keeping only its own slot's part (a one-hot mask times the slot's scale), so the step's shapes and
+  keeping only its own slot's part (a one-hot mask), so the step's shapes and
   kernels never depend on which adapters run; writing a slot changes the weights in place, so captured
   graphs see it without a re-capture. It reads every slot's weights once per step, whatever the rows.
 
@@ -86,19 +86,18 @@ class LoraLinear(nn.Module):
         self.rank = rank
         self.a: torch.Tensor
         self.b: torch.Tensor
-        self.scale: torch.Tensor
-        # Not part of the model's state dict: they are the adapters', written slot by slot.
+
         def zeros(*shape: int) -> torch.Tensor:
             return torch.zeros(shape, dtype=ADAPTER_DTYPE, device=device)
 
+        # Not part of the model's state dict: they are the adapters', written slot by slot. B is kept
+        # times its slot's scale (one rounding of a float32 product), so no step multiplies by it; and as
+        # (out, slots, rank), so that viewed as (out, slots * rank) the dense form's second matmul is one.
         self.register_buffer("a", zeros(slots, rank, self.in_features), persistent=False)
-        # (out, slots, rank): viewed as (out, slots * rank), the dense form's second matmul is one call.
         self.register_buffer("b", zeros(self.out_features, slots, rank), persistent=False)
-        self.register_buffer("scale", zeros(slots), persistent=False)
-        # Host copies, so the grouped form never reads the device: each slot's rank here (0: it does not
-        # target this layer) and its scale.
+        # Each slot's rank in this layer, on the host (0: its adapter does not adapt this layer), so the
+        # grouped form never reads the device to know what to skip.
         self.ranks = [0] * slots
-        self.scales = [0.0] * slots
 
     # The wrapped module's parameters, for code that reads them through the layer.
     @property
@@ -111,29 +110,26 @@ class LoraLinear(nn.Module):
 
     @property
     def stacked_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.a, self.b, self.scale))
+        return sum(t.numel() * t.element_size() for t in (self.a, self.b))
 
     # Slots (written between steps, on the model's thread) -----------------------------------------
     def write(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
         rank = a.shape[0]
         self.a[slot, :rank].copy_(a)
         self.a[slot, rank:].zero_()
-        self.b[:, slot, :rank].copy_(b)
+        self.b[:, slot, :rank].copy_(b * scale)
         self.b[:, slot, rank:].zero_()
-        self.scale[slot].fill_(scale)
         self.ranks[slot] = rank
-        self.scales[slot] = scale
 
     def clear(self, slot: int) -> None:
         if self.ranks[slot]:
             self.a[slot].zero_()
             self.b[:, slot].zero_()
-            self.scale[slot].fill_(0.0)
             self.ranks[slot] = 0
-            self.scales[slot] = 0.0
 
     # Forward ---------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The base module's output is a tensor of its own (a linear layer's): the deltas go into it in place.
         y: torch.Tensor = self.base(x)
         routing = self.routing
         if routing.mode is Mode.GROUPED:
@@ -143,36 +139,35 @@ class LoraLinear(nn.Module):
             return self._dense(x, y, routing.mask)
         return y
 
+    def _add(self, y: torch.Tensor, hidden: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """`y + hidden @ b.T`, summed in float32 and rounded once to y's dtype (PEFT's `result + delta`,
+        then `.to(result_dtype)`); in place when y is float32, as one GEMM that accumulates into it."""
+        if y.dtype == ADAPTER_DTYPE and y.is_contiguous():
+            y.view(-1, self.out_features).addmm_(hidden.reshape(-1, hidden.shape[-1]), b.t())
+            return y
+        return y.copy_(y + F.linear(hidden, b))
+
     def _grouped(self, x: torch.Tensor, y: torch.Tensor,
                  groups: list[tuple[int, slice | torch.Tensor]]) -> torch.Tensor:
-        # In place on the base's output, a fresh tensor of this call: `y[rows] += delta`, summed in float32
-        # and rounded once to y's dtype, as PEFT's `result + delta` then `.to(result_dtype)` does.
         for slot, rows in groups:
             rank = self.ranks[slot]
             if not rank:
                 continue
-            xs = x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
-            # The scale on the rank-wide hidden state: (r) numbers a token instead of (out).
-            hidden = F.linear(xs.to(ADAPTER_DTYPE), self.a[slot, :rank]) * self.scales[slot]
-            b = self.b[:, slot, :rank]
-            if isinstance(rows, slice):
-                target = y[rows]
-                if target.dtype == ADAPTER_DTYPE and target.is_contiguous():
-                    # One GEMM that accumulates into the output: no delta tensor at all.
-                    target.view(-1, self.out_features).addmm_(hidden.reshape(-1, rank), b.t())
-                else:
-                    target.copy_(target + F.linear(hidden, b))
-            elif y.dtype == ADAPTER_DTYPE:
-                y.index_add_(0, rows, F.linear(hidden, b))
+            a, b = self.a[slot, :rank], self.b[:, slot, :rank]
+            if isinstance(rows, slice):  # a slice of the batch: no gather, no scatter
+                self._add(y[rows], F.linear(x[rows].to(ADAPTER_DTYPE), a), b)
+                continue
+            delta = F.linear(F.linear(x.index_select(0, rows).to(ADAPTER_DTYPE), a), b)
+            if y.dtype == ADAPTER_DTYPE:
+                y.index_add_(0, rows, delta)
             else:
-                y.index_copy_(0, rows, (y.index_select(0, rows) + F.linear(hidden, b)).to(y.dtype))
+                y.index_copy_(0, rows, (y.index_select(0, rows) + delta).to(y.dtype))
         return y
 
     def _dense(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        slots, rank = self.scale.shape[0], self.rank
+        slots, rank = self.routing.slots, self.rank
         hidden = F.linear(x.to(ADAPTER_DTYPE), self.a.view(slots * rank, self.in_features))
-        # Each row keeps its own slot's part, times that slot's scale; every other slot's part becomes 0.
-        keep = (mask * self.scale).view(mask.shape[0], *([1] * (x.dim() - 2)), slots, 1)
-        hidden = (hidden.view(*hidden.shape[:-1], slots, rank) * keep).flatten(-2)
-        delta = F.linear(hidden, self.b.view(self.out_features, slots * rank))
-        return (y + delta).to(y.dtype)
+        # Each row keeps its own slot's part of the hidden state; every other slot's part becomes 0.
+        keep = mask.view(mask.shape[0], *([1] * (x.dim() - 2)), slots, 1)
+        hidden.view(*hidden.shape[:-1], slots, rank).mul_(keep)
+        return self._add(y, hidden, self.b.view(self.out_features, slots * rank))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from app.adapters.bank import AdapterBank
+from app.adapters.bank import AdapterBank, DecodeForm
 from app.engine.step_model import StepModel
 
 logger = logging.getLogger(__name__)
@@ -47,11 +47,11 @@ class _Captured:
 
 class DecodeGraphs:
     def __init__(self, step: StepModel, pad_token_id: int, adapters: AdapterBank | None = None,
-                 dense_eager: bool = False):
+                 eager_form: DecodeForm = "auto"):
         self.step = step
         self.pad_token_id = pad_token_id
         self.adapters = adapters
-        self.dense_eager = dense_eager  # eager steps add adapter deltas in the captured graphs' form
+        self.eager_form = eager_form  # how eager steps add adapter deltas (AdapterBank.route)
         self.device = step.device
         self._graphs: dict[int, _Captured] = {}
 
@@ -106,7 +106,7 @@ class DecodeGraphs:
             real = [p for p in positions if p != self.step.scratch]
             length = max(real) + 1 if real else 1
             if self.adapters is not None:
-                self.adapters.route(slots, dense=self.dense_eager)
+                self.adapters.route(slots, self.eager_form)
             return self.step.decode(new_tokens.to(self.device), new_positions.to(self.device), length=length)
         captured = self._graphs[bucket]
         captured.tokens.fill_(self.pad_token_id)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from app.adapters.bank import AdapterBank, AdapterRef
+from app.adapters.bank import AdapterBank, AdapterRef, DecodeForm
 from app.engine.graphs import DecodeGraphs, graph_buckets
 from app.engine.kv_cache import CacheShape, SlotKVCache
 from app.engine.sampling import GREEDY, SamplingParams, new_generator, select_tokens
@@ -63,9 +63,9 @@ class RunnerConfig:
     feature_cache_size: int = 0
     cuda_graphs: bool = True
     adapters: AdapterBank | None = None  # LoRA slots over the model's linear layers (app.adapters)
-    # Eager decode steps add adapter deltas the way captured graphs do (one matmul over all slots) rather
-    # than per adapter present: tests use it to check that form on the CPU.
-    dense_adapter_decode: bool = False
+    # How decode steps that run eagerly add adapter deltas (captured graphs always use the dense form);
+    # tests force each form to check both on the CPU.
+    adapter_decode: DecodeForm = "auto"
 
 
 def cache_shape(loaded: LoadedModel, config: RunnerConfig) -> CacheShape:
@@ -111,7 +111,7 @@ class ModelStepRunner:
         self.cache = SlotKVCache(self.shape, loaded.dtype, loaded.device)
         self.step = StepModel(loaded.model, self.cache)
         self.adapters = config.adapters
-        self.graphs = DecodeGraphs(self.step, loaded.pad_token_id, self.adapters, config.dense_adapter_decode)
+        self.graphs = DecodeGraphs(self.step, loaded.pad_token_id, self.adapters, config.adapter_decode)
         self.features = FeatureCache(config.feature_cache_size)
         self._generators: dict[int, torch.Generator | None] = {}
         self.feature_cache_hits = 0  # read by the engine for its metrics

@@ -90,9 +90,9 @@ def _schedule(setup: Setup, seed: int, count: int = 12):
     return plans
 
 
-def _run(setup: Setup, plans, dense: bool) -> tuple[list[Sequence | None], Driver]:
+def _run(setup: Setup, plans, form: str) -> tuple[list[Sequence | None], Driver]:
     driver = Driver(setup.served, rows=4, prefill_token_budget=3 * (setup.served.image_seq_length + 20),
-                    adapters=setup.bank, dense_adapter_decode=dense, feature_cache_size=8)
+                    adapters=setup.bank, adapter_decode=form, feature_cache_size=8)
     seqs: list[Sequence | None] = [None] * len(plans)
     for step in range(1000):
         for i, (arrive, cancel, *_, item, max_new) in enumerate(plans):
@@ -107,10 +107,10 @@ def _run(setup: Setup, plans, dense: bool) -> tuple[list[Sequence | None], Drive
 
 
 # The same arrivals both ways, so PEFT's reference outputs are computed once.
-@pytest.mark.parametrize("dense", [False, True], ids=["grouped", "dense"])
-def test_mixed_adapters_equal_peft_merged_generate_alone(setup, dense):
+@pytest.mark.parametrize("form", ["grouped", "dense"])
+def test_mixed_adapters_equal_peft_merged_generate_alone(setup, form):
     plans = _schedule(setup, seed=1)
-    seqs, driver = _run(setup, plans, dense)
+    seqs, driver = _run(setup, plans, form)
     finished = changed = adapted = 0
     for (_, cancel, name, prompt, image, _, max_new), seq in zip(plans, seqs, strict=True):
         assert seq is not None and seq.done

@@ -1,0 +1,314 @@
+"""LoRA adapters: what serving four of them, mixed in every step, costs against the base alone.
+
+    python -m benchmarks.adapters                          # bench preset, N = 16 and 64, 2 rounds (~25 min)
+    python -m benchmarks.adapters --concurrency 16 --rounds 1 --duration 20 --results -   # a quick look
+    python -m benchmarks.adapters --steps-only --out FILE  # the per-step part alone (run.py-style child)
+
+Two measurements, each alternating A and B so that a shared machine disturbs both alike (medians and
+ratios are what the report quotes, with the machine's load average):
+
+- Served throughput (`python -m app`, the benchmark workload of benchmarks/run.py, N requests in flight):
+  A = the base alone (no adapters configured), B = the same server with 4 adapters of rank 16 loaded
+  (PALIGEMMA_ADAPTERS) and every request naming one of them in turn, so each step mixes all four.
+  Target: B >= 0.8 A at 16 and 64 in flight.
+- The LoRA path's cost per step, in-process (a child process, like the ceiling): the decode step over
+  16 and 64 rows with every row on the base, then with the rows spread evenly over the 4 adapters (as
+  eager steps add deltas: per adapter present; and in the fixed-shape form captured CUDA graphs use),
+  and a prefill of 8 newcomers, base against mixed.
+
+The adapters are made here with PEFT: rank 16, alpha 32, on the modules the common PaliGemma fine-tuning
+recipe targets (`q_proj k_proj v_proj o_proj gate_proj up_proj down_proj`: the language model's attention
+and MLP, and the vision tower's attention, whose q/k/v share those names), their B matrices drawn at
+random (a freshly initialised LoRA adds nothing) and saved with `save_pretrained`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from benchmarks import procs, report
+from benchmarks.report import fmt
+from benchmarks.workload import PHOTO_SOURCES, Request, build_mix, multipart, skimage_available
+
+ROOT = Path(__file__).resolve().parent
+OUT = ROOT / "out"
+SECTION = "adapters"
+ADAPTERS = 4
+RANK = 16
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGET_RATIO = 0.8
+# The decode steps timed: every row on the base, then rows mixed over the adapters with each form of
+# adding the deltas (app.adapters.lora_linear; eager steps with 2 adapters or more take the dense one).
+DECODE_FORMS = {"base": "auto", "mixed, grouped (per adapter)": "grouped",
+                "mixed, dense (all slots, as CUDA graphs)": "dense"}
+
+
+def make_adapters(model: str, directory: Path, count: int = ADAPTERS, rank: int = RANK) -> list[Path]:
+    """`count` PEFT LoRA adapters for the preset `model`, saved under `directory` (made once, reused)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from app.model.loader import load_model
+    from app.settings import Settings
+
+    folders = [directory / f"adapter{i}" for i in range(count)]
+    for i, folder in enumerate(folders):
+        if (folder / "adapter_model.safetensors").is_file():
+            continue
+        torch.manual_seed(1000 + i)
+        loaded = load_model(Settings(model=model))
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, init_lora_weights="gaussian")
+        peft_model = get_peft_model(loaded.model, config)
+        with torch.no_grad():
+            for name, parameter in peft_model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0.0, 0.02)
+        peft_model.save_pretrained(folder, save_embedding_layers=False)
+    return folders
+
+
+# ------------------------------------------------------------------------------------------- steps
+def measure_steps(model: str, folders: list[Path], rounds: int, repeats: int) -> dict[str, Any]:
+    """Decode and prefill step times, base rows against rows mixed over the adapters (this process)."""
+    import torch
+
+    from app.adapters.bank import AdapterBank, AdapterRef
+    from app.adapters.folder import read_adapter
+    from app.engine.runner import ModelStepRunner, RowInput, RunnerConfig
+    from app.engine.scheduler import Sequence
+    from app.model.inputs import ImageTransform, PromptEncoder
+    from app.model.loader import load_model
+    from app.settings import Settings
+    from benchmarks.workload import build_mix as mix_of
+
+    loaded = load_model(Settings(model=model))
+    bank = AdapterBank(loaded.model, ADAPTERS, RANK, loaded.device)
+    refs = []
+    for slot, folder in enumerate(folders, start=1):
+        staged = bank.stage(read_adapter(folder, loaded.model.config))
+        bank.write(slot, staged)
+        refs.append(AdapterRef(folder.name, slot, slot, staged.vision))
+    encoder = PromptEncoder.from_processor(loaded.processor)
+    transform = ImageTransform.from_processor(loaded.processor)
+    from app.images import decode_image
+
+    photos = mix_of(1, photos="synthetic")[:8]
+    pixels = [transform(decode_image(r.jpeg, max_pixels=10**9, min_side=transform.min_side).image)
+              for r in photos]
+    prompt = encoder.encode("caption en")
+
+    def rows_for(count: int, mixed: bool) -> list[RowInput]:
+        return [RowInput(prompt, pixels[i % len(pixels)], None,
+                         adapter=refs[i % len(refs)] if mixed else None) for i in range(count)]
+
+    def sequences(inputs: list[RowInput]) -> list[Sequence]:
+        seqs = []
+        for row, item in enumerate(inputs):
+            seq = Sequence(len(item.input_ids), 1_000, frozenset(), item)
+            seq.row = row
+            seqs.append(seq)
+        return seqs
+
+    results: dict[str, Any] = {"bank_mib": bank.bytes / 2**20, "layers": len(bank.layers), "decode": {},
+                               "prefill": {}}
+    with torch.inference_mode():
+        for rows in (16, 64):
+            config = RunnerConfig(rows=rows, max_prompt_tokens=32, max_new_tokens=64, adapters=bank)
+            runners = {mode: ModelStepRunner(loaded, dataclasses.replace(config, adapter_decode=form))
+                       for mode, form in DECODE_FORMS.items()}
+            states = {}
+            for mode, runner in runners.items():
+                seqs = sequences(rows_for(rows, mixed=mode != "base"))
+                for start in range(0, rows, 8):  # fill the cache rows (not timed)
+                    for seq, token in zip(seqs[start:start + 8], runner.prefill(seqs[start:start + 8]),
+                                          strict=True):
+                        seq.computed.append(token)
+                states[mode] = (runner, seqs)
+            times: dict[str, list[float]] = {mode: [] for mode in states}
+            for _ in range(rounds):
+                for mode, (runner, seqs) in states.items():
+                    times[mode].append(report.median_ms(lambda r=runner, s=seqs, n=rows: r.decode(s, n),
+                                                        repeats))
+            results["decode"][rows] = {mode: statistics.median(values) for mode, values in times.items()}
+            print(f"[steps] decode over {rows} rows: " + ", ".join(
+                f"{mode} {ms:.1f} ms" for mode, ms in results["decode"][rows].items()), flush=True)
+        runner = ModelStepRunner(loaded, RunnerConfig(rows=8, max_prompt_tokens=32, max_new_tokens=64,
+                                                      adapters=bank))
+        batches = {"base": sequences(rows_for(8, False)), "mixed": sequences(rows_for(8, True))}
+        times = {mode: [] for mode in batches}
+        for _ in range(rounds):
+            for mode, seqs in batches.items():
+                times[mode].append(report.median_ms(lambda s=seqs: runner.prefill(s), max(1, repeats // 4)))
+        results["prefill"][8] = {mode: statistics.median(values) for mode, values in times.items()}
+        print("[steps] prefill of 8: " + ", ".join(
+            f"{mode} {ms:.0f} ms" for mode, ms in results["prefill"][8].items()), flush=True)
+    return results
+
+
+# ------------------------------------------------------------------------------------------ served
+def adapter_mix(mix: list[Request], names: list[str]) -> list[Request]:
+    """The same requests, each naming the next adapter in turn (so every step mixes them all)."""
+    mixed = []
+    for i, request in enumerate(mix):
+        fields = {**request.fields, "adapter": names[i % len(names)]}
+        body, content_type = multipart({**fields, "max_new_tokens": str(request.max_new_tokens)},
+                                       request.jpeg)
+        mixed.append(dataclasses.replace(request, fields=fields, body=body, content_type=content_type))
+    return mixed
+
+
+def measure_served(args: argparse.Namespace, folders: list[Path], stamp: str) -> dict[str, Any]:
+    from benchmarks.run import measure_level
+    from benchmarks.systems import SYSTEMS, Config
+
+    mix = build_mix(args.variants, photos=args.photos)
+    names = [folder.name for folder in folders]
+    setups = {
+        "base": ({}, mix),
+        "4 adapters": ({"PALIGEMMA_ADAPTERS": ",".join(f"{f.name}={f}" for f in folders),
+                        "PALIGEMMA_MAX_ADAPTERS": str(ADAPTERS), "PALIGEMMA_MAX_LORA_RANK": str(RANK)},
+                       adapter_mix(mix, names)),
+    }
+    levels: dict[str, dict[int, list[dict[str, Any]]]] = {name: {n: [] for n in args.concurrency}
+                                                          for name in setups}
+    system = SYSTEMS["ours"]
+    for round_index in range(args.rounds):
+        for name, (extra, requests) in setups.items():
+            port = procs.free_port()
+            command, env = system.command(port, Config(args.model))
+            env = {**env, **extra}
+            if args.quiet_wait > 0:
+                procs.wait_until_quiet(args.quiet_wait)
+            log = OUT / "logs" / f"adapters-{name.replace(' ', '-')}-{stamp}-{round_index}.log"
+            with procs.running(name, command, env, system.ready_path, log, port) as server:
+                index = 0
+                for concurrency in args.concurrency:
+                    level = asyncio.run(measure_level(server, True, requests, concurrency, args.warmup,
+                                                      args.duration, index))
+                    index += level.pop("sent")
+                    level.pop("samples", None)
+                    levels[name][concurrency].append(level)
+                    print(f"[served] round {round_index + 1} {name} N={concurrency}: "
+                          f"{level['requests_per_s']:.2f} req/s, errors {level['errors'] or 0}, load "
+                          f"{level['loadavg']:.1f}, other processes "
+                          f"{level['cpu'].get('other_cores', 0):.2f} cores", flush=True)
+    return {"levels": levels, "command": shlex.join(command)}
+
+
+# ------------------------------------------------------------------------------------------ report
+def render(results: dict[str, Any]) -> str:
+    meta = results["meta"]
+    lines = [f"## LoRA adapters: four mixed in every step against the base alone ({meta['date']})", "",
+             f"`{meta['command']}` at commit {meta['commit']}, `{meta['model']}` preset; 4 PEFT adapters "
+             f"of rank {RANK} on `{' '.join(TARGETS)}` (language model attention and MLP, vision tower "
+             f"q/k/v). Machine: {meta['cpu']}, {meta['cores']} cores, shared: the load average is quoted "
+             "per window.", ""]
+    served = results.get("served")
+    if served:
+        lines += ["### Served throughput (`python -m app`, the benchmark workload, N in flight)", "",
+                  "Each round starts the base server then the adapter server; every request of the adapter "
+                  "run names one of the 4 adapters in turn. Requests per second, each round, then the "
+                  "median ratio.", "",
+                  "| in flight | base req/s (rounds) | 4 adapters req/s (rounds) | ratio (median of "
+                  "rounds) | target | load averages |", "|---|---|---|---|---|---|"]
+        for n in meta["concurrency"]:
+            base = [lv["requests_per_s"] for lv in served["levels"]["base"][str(n)]]
+            mixed = [lv["requests_per_s"] for lv in served["levels"]["4 adapters"][str(n)]]
+            ratios = [m / b for m, b in zip(mixed, base, strict=False) if b]
+            ratio = statistics.median(ratios) if ratios else None
+            loads = [lv["loadavg"] for k in ("base", "4 adapters") for lv in served["levels"][k][str(n)]]
+            verdict = "met" if ratio is not None and ratio >= TARGET_RATIO else "not met"
+            lines.append(f"| {n} | {', '.join(fmt(v) for v in base)} | {', '.join(fmt(v) for v in mixed)} "
+                         f"| {fmt(ratio)} | >= {TARGET_RATIO} ({verdict}) | "
+                         f"{', '.join(fmt(v, 1) for v in loads)} |")
+        lines.append("")
+    steps = results.get("steps")
+    if steps:
+        lines += ["### The LoRA path per step (in-process, medians of alternated rounds)", "",
+                  f"Stacked weights: {steps['bank_mib']:.1f} MiB over {steps['layers']} wrapped linear "
+                  f"layers ({ADAPTERS} slots of rank {RANK}, float32).", "",
+                  "| step | base ms | mixed ms | LoRA cost |", "|---|---|---|---|"]
+        for rows, modes in steps["decode"].items():
+            base = modes["base"]
+            for mode in list(DECODE_FORMS)[1:]:
+                cost = modes[mode] - base
+                lines.append(f"| decode, {rows} rows, {mode} | {fmt(base, 1)} | {fmt(modes[mode], 1)} | "
+                             f"{fmt(cost, 1)} ms ({fmt(100 * cost / base, 0)} %) |")
+        for rows, modes in steps["prefill"].items():
+            base, mixed = modes["base"], modes["mixed"]
+            lines.append(f"| prefill of {rows} (image + prompt), 2 rows per adapter | {fmt(base, 0)} | "
+                         f"{fmt(mixed, 0)} | {fmt(mixed - base, 0)} ms ({fmt(100 * (mixed / base - 1), 0)} "
+                         "%) |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--model", default="bench")
+    parser.add_argument("--concurrency", default="16,64")
+    parser.add_argument("--rounds", type=int, default=2, help="A/B rounds of the served measurement")
+    parser.add_argument("--duration", type=float, default=40.0, help="window per N, s")
+    parser.add_argument("--warmup", type=float, default=10.0, help="warm-up before each window, s")
+    parser.add_argument("--variants", type=int, default=16, help="rounds of the workload mix")
+    parser.add_argument("--photos", choices=PHOTO_SOURCES,
+                        default="skimage" if skimage_available() else "synthetic")
+    parser.add_argument("--step-rounds", type=int, default=5, help="alternated rounds of the step timing")
+    parser.add_argument("--step-repeats", type=int, default=12, help="steps timed per round")
+    parser.add_argument("--no-served", action="store_true", help="only the per-step measurement")
+    parser.add_argument("--no-steps", action="store_true", help="only the served measurement")
+    parser.add_argument("--steps-only", action="store_true", help=argparse.SUPPRESS)  # the child process
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    report.add_section_arguments(parser, SECTION, quiet_wait_s=0.0)
+    args = parser.parse_args(argv)
+    args.concurrency = [int(n) for n in str(args.concurrency).split(",")]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    folders = make_adapters(args.model, OUT / "adapters" / args.model)
+    if args.steps_only:
+        steps = measure_steps(args.model, folders, args.step_rounds, args.step_repeats)
+        args.out.write_text(json.dumps(steps))
+        return
+    from benchmarks.run import machine_info
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    machine = machine_info()
+    results: dict[str, Any] = {"meta": {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python -m benchmarks.adapters " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "commit": machine["commit"], "cpu": machine["cpu"], "cores": machine["cores"], "model": args.model,
+        "concurrency": args.concurrency}}
+    if not args.no_steps:
+        out = OUT / f"adapter-steps-{stamp}.json"
+        started = time.perf_counter()
+        subprocess.run([procs.python(), "-m", "benchmarks.adapters", "--steps-only", "--model", args.model,
+                        "--step-rounds", str(args.step_rounds), "--step-repeats", str(args.step_repeats),
+                        "--out", str(out)], check=True, cwd=ROOT.parent, timeout=3600)
+        results["steps"] = json.loads(out.read_text())
+        results["meta"]["steps_s"] = time.perf_counter() - started
+    if not args.no_served:
+        results["served"] = measure_served(args, folders, stamp)
+    raw = OUT / f"adapters-{stamp}.json"
+    raw.write_text(json.dumps(results, indent=1))
+    print(f"raw results: {raw}")
+    report.publish(args, SECTION, render(json.loads(raw.read_text())))
+
+
+if __name__ == "__main__":
+    main()
