@@ -1,6 +1,6 @@
 """Prometheus metrics, ours prefixed `paligemma_`, in a registry owned by one app instance.
 
-`CONTRACT` is the one list of what the server exports: the collectors are built from it, and the README's
+`CONTRACT` is the one list of what the server exports: the collectors are built from it, and the docs'
 metrics table, the Grafana dashboard, the alert rules and the autoscaler are checked against it in both
 directions (tests/unit/test_metric_contract.py), so none of them can name a metric the server lacks, nor the
 server add one they do not show.

@@ -26,7 +26,7 @@ from app.masks.placement import decode_rle
 MASK_OPACITY = 0.45
 
 # supervision draws with its own NumPy code when OpenCV is absent, and says so once at import. That is
-# the intended set-up here (OpenCV is a large optional speed-up, see the README), not a problem to log.
+# the intended set-up here (OpenCV is a large optional speed-up, see docs/api.md), not a problem to log.
 warnings.filterwarnings("ignore", message=r"OpenCV \(`opencv-python`\) is not installed",
                         category=UserWarning)
 

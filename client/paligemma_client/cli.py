@@ -6,6 +6,7 @@
     paligemma detect images/ --objects car --out results.jsonl
     paligemma caption photo.jpg --stream --temperature 0.7 --seed 1
     paligemma detect images/ --objects receipt --adapter receipts --out receipts.jsonl
+    paligemma eval detect --coco annotations.json --images images/    (paligemma eval --help)
 
 One image: the result on stdout (`--json` for the whole JSON); with `--stream`, the text as it is
 generated first. A folder: one JSON line per image (to
@@ -32,8 +33,10 @@ from paligemma_client import __version__
 from paligemma_client._core import GenerationOptions
 from paligemma_client.client import AsyncPaliGemmaClient, PaliGemmaClient
 from paligemma_client.convert import INSTALL_HINT, draw_file
-from paligemma_client.errors import APIError, PaliGemmaError
+from paligemma_client.errors import PaliGemmaError
+from paligemma_client.evaluation import cli as evaluation
 from paligemma_client.models import AnswerResponse, Detection, Segment, TaskResponse
+from paligemma_client.runs import PROGRESS_MODES, Failure, Progress, error_fields, run_bounded, write_summary
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
 LOCATING = ("detect", "segment", "generate")
@@ -61,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("--out", type=Path, metavar="FILE", help="write results as JSON lines to FILE")
     task.add_argument("--concurrency", type=int, default=4, metavar="N",
                       help="requests in flight for a folder (default 4)")
-    task.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
+    task.add_argument("--progress", choices=PROGRESS_MODES, default="auto",
                       help="progress bar for a folder on stderr (auto: when stderr is a terminal)")
 
     parser = argparse.ArgumentParser(prog="paligemma", description=__doc__.split("\n\n")[0],
@@ -98,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_draw(generate)
 
     commands.add_parser("models", parents=[connection], help="show the loaded model")
+    evaluation.add_parser(commands, connection)
     return parser
 
 
@@ -148,35 +152,8 @@ def record(path: Path, result: BaseModel | None = None, error: Exception | None 
     """One JSON line of a folder run."""
     if result is not None:
         return {"file": str(path), "ok": True, "result": result.model_dump(mode="json")}
-    described: dict[str, Any] = {"type": type(error).__name__, "message": str(error)}
-    if isinstance(error, APIError):
-        described = {"status": error.status_code, "type": error.type, "message": error.message,
-                     "param": error.param, "request_id": error.request_id}
-    return {"file": str(path), "ok": False, "error": described}
-
-
-class Progress:
-    """A one-line progress bar, redrawn in place (only where it was asked for or stderr is a terminal)."""
-
-    WIDTH = 30
-
-    def __init__(self, total: int, stream: IO[str], enabled: bool):
-        self.total, self.stream, self.enabled = total, stream, enabled
-        self.done = self.failed = 0
-        self.started = time.monotonic()
-
-    def advance(self, ok: bool) -> None:
-        self.done += 1
-        self.failed += 0 if ok else 1
-        if self.enabled:
-            filled = self.WIDTH * self.done // max(self.total, 1)
-            self.stream.write(f"\r[{'#' * filled}{'.' * (self.WIDTH - filled)}] {self.done}/{self.total} "
-                              f"failed {self.failed}  {time.monotonic() - self.started:.1f} s")
-            self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled and self.done:
-            self.stream.write("\n")
+    assert error is not None
+    return {"file": str(path), "ok": False, "error": error_fields(error)}
 
 
 def images_in(folder: Path) -> list[Path]:
@@ -187,37 +164,28 @@ async def run_folder(args: argparse.Namespace, files: list[Path], out: IO[str], 
                      transport: httpx.AsyncBaseTransport | None = None) -> int:
     positional, options = task_arguments(args)
     concurrency = max(1, args.concurrency)
-    show_progress = args.progress == "always" or (args.progress == "auto" and err.isatty())
-    progress = Progress(len(files), err, show_progress)
-    pending = list(reversed(files))
-    failures: list[tuple[Path, str]] = []
+    failures: list[Failure] = []
 
-    async def process(client: AsyncPaliGemmaClient, path: Path) -> dict[str, Any]:
+    async def process(client: AsyncPaliGemmaClient, path: Path) -> bool:
         try:
             result = await getattr(client, args.task)(path, *positional, **options)
             if args.draw is not None:
                 await asyncio.to_thread(draw_file, path, result, args.draw / f"{path.stem}.png")
         except (PaliGemmaError, OSError, ValueError) as exc:
-            failures.append((path, str(exc)))
-            return record(path, error=exc)
-        return record(path, result)
-
-    async def worker(client: AsyncPaliGemmaClient) -> None:
-        while pending:
-            line = await process(client, pending.pop())
-            out.write(json.dumps(line) + "\n")
-            out.flush()
-            progress.advance(line["ok"])
+            failures.append(Failure(str(path), str(exc)))
+            line = record(path, error=exc)
+        else:
+            line = record(path, result)
+        out.write(json.dumps(line) + "\n")
+        out.flush()
+        return bool(line["ok"])
 
     started = time.monotonic()
     async with AsyncPaliGemmaClient(args.url, api_key=args.api_key, timeout=args.timeout,
                                     max_connections=concurrency, transport=transport) as client:
-        await asyncio.gather(*(worker(client) for _ in range(min(concurrency, len(files)))))
-    progress.close()
-    ok = len(files) - len(failures)
-    err.write(f"{len(files)} images in {time.monotonic() - started:.1f} s: {ok} ok, {len(failures)} failed\n")
-    for path, message in sorted(failures):
-        err.write(f"  {path}: {message}\n")
+        await run_bounded(files, lambda path: process(client, path), concurrency,
+                          Progress.shown(len(files), err, args.progress))
+    write_summary(err, len(files), "images", failures, time.monotonic() - started)
     return 1 if failures else 0
 
 
@@ -274,6 +242,8 @@ def main(argv: list[str] | None = None, out: IO[str] | None = None, err: IO[str]
             err.write(f"paligemma: {exc}\n")
             return 1
         return 0
+    if args.task == "eval":
+        return evaluation.run(args, out, err)
 
     if args.task in ("detect", "segment") and not [*args.objects, *args.more_objects]:
         parser.error(f"{args.task} needs at least one object: paligemma {args.task} IMAGE OBJECT... "

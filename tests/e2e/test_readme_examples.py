@@ -1,6 +1,6 @@
-"""Every `$ curl ...` example in the README runs against a served `tiny` model and prints what the README
-shows: the same fields, the same structure, the same values, except what a random model generates (text,
-boxes), timings and per-request ids. So the README cannot drift from what the server does."""
+"""Every `$ curl ...` example in the README and docs/api.md runs against a served `tiny` model and prints
+what the page shows: the same fields, the same structure, the same values, except what a random model
+generates (text, boxes), timings and per-request ids. So the docs cannot drift from what the server does."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from tests.served import served
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
+# The pages whose examples run here: the README's one per task, and the API reference's.
+DOCUMENTED = (README, ROOT / "docs" / "api.md")
 DOCUMENTED_URL = "http://localhost:8000"
 
 # Values that differ from run to run, or that a model with random weights makes up.
@@ -25,14 +27,15 @@ GENERATED = {"raw_text", "text", "answer", "content", "detections", "segments", 
              "total_tokens", "finish_reason"}
 
 
-def examples() -> list[tuple[str, str]]:
-    """(command, documented output) for every `$ ` line of the README's sh blocks."""
+def examples(pages: tuple[Path, ...] = DOCUMENTED) -> list[tuple[str, str]]:
+    """(command, documented output) for every `$ ` line of the pages' sh blocks."""
     found = []
-    for block in re.findall(r"```sh\n(.*?)```", README.read_text(), re.S):
-        parts = re.split(r"(?m)^\$ ", block)
-        for part in parts[1:]:
-            command, _, output = part.partition("\n")
-            found.append((command, output.strip()))
+    for page in pages:
+        for block in re.findall(r"```sh\n(.*?)```", page.read_text(), re.S):
+            parts = re.split(r"(?m)^\$ ", block)
+            for part in parts[1:]:
+                command, _, output = part.partition("\n")
+                found.append((command, output.strip()))
     return found
 
 
@@ -69,16 +72,22 @@ def server(tmp_path_factory):
         yield s
 
 
-def test_the_readme_has_examples_for_every_task_and_streaming():
-    commands = " ".join(command for command, _ in examples())
+def test_the_readme_has_an_example_for_every_task():
+    commands = " ".join(command for command, _ in examples((README,)))
     for path in ("/v1/caption", "/v1/vqa", "/v1/ocr", "/v1/detect", "/v1/segment", "/v1/generate",
-                 "/v1/chat/completions", "/v1/models", "stream=true", "Content-Type: application/json",
                  "--form-string"):
         assert path in commands, path
 
 
+def test_the_api_reference_has_examples_of_streaming_json_chat_and_errors():
+    commands = " ".join(command for command, _ in examples((DOCUMENTED[1],)))
+    for path in ("/v1/chat/completions", "/v1/models", "stream=true", "Content-Type: application/json",
+                 "seed="):
+        assert path in commands, path
+
+
 @pytest.mark.parametrize(("command", "documented"), examples(), ids=[c[:60] for c, _ in examples()])
-def test_each_example_prints_what_the_readme_shows(server, command, documented):
+def test_each_example_prints_what_the_docs_show(server, command, documented):
     run = subprocess.run(["bash", "-c", command.replace(DOCUMENTED_URL, server.url)], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr

@@ -1,5 +1,5 @@
-"""The README's configuration table lists exactly the settings `app.settings.Settings` reads, with their
-defaults: a setting added, removed or changed in one place only fails here."""
+"""The settings table of docs/configuration.md lists exactly the settings `app.settings.Settings` reads,
+with their defaults: a setting added, removed or changed in one place only fails here."""
 
 from __future__ import annotations
 
@@ -8,13 +8,12 @@ from pathlib import Path
 
 from app.settings import ENV_PREFIX, Settings
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+CONFIGURATION = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
 
 def documented() -> dict[str, str]:
-    section = README.read_text().split("## Configuration", 1)[1].split("\n## ", 1)[0]
     table: dict[str, str] = {}
-    for line in section.splitlines():
+    for line in CONFIGURATION.read_text().splitlines():
         if not line.startswith("| `PALIGEMMA_"):
             continue
         cells = line.split("|")
