@@ -54,7 +54,8 @@ DECODE_FORMS = {"base": "auto", "mixed, grouped (per adapter)": "grouped",
                 "mixed, dense (all slots, as CUDA graphs)": "dense"}
 
 
-def make_adapters(model: str, directory: Path, count: int = ADAPTERS, rank: int = RANK) -> list[Path]:
+def make_adapters(model: str, directory: Path, device: str = "cpu", count: int = ADAPTERS,
+                  rank: int = RANK) -> list[Path]:
     """`count` PEFT LoRA adapters for the preset `model`, saved under `directory` (made once, reused)."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -63,96 +64,118 @@ def make_adapters(model: str, directory: Path, count: int = ADAPTERS, rank: int 
     from app.settings import Settings
 
     folders = [directory / f"adapter{i}" for i in range(count)]
-    for i, folder in enumerate(folders):
-        if (folder / "adapter_model.safetensors").is_file():
-            continue
+    missing = [(i, folder) for i, folder in enumerate(folders)
+               if not (folder / "adapter_model.safetensors").is_file()]
+    if not missing:
+        return folders
+    base = load_model(Settings(model=model, device=device)).model
+    for i, folder in missing:
         torch.manual_seed(1000 + i)
-        loaded = load_model(Settings(model=model))
         config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, init_lora_weights="gaussian")
-        peft_model = get_peft_model(loaded.model, config)
+        peft_model = get_peft_model(base, config)
         with torch.no_grad():
             for name, parameter in peft_model.named_parameters():
                 if "lora_B" in name:
                     parameter.normal_(0.0, 0.02)
         peft_model.save_pretrained(folder, save_embedding_layers=False)
+        base = peft_model.unload()  # the base again, for the next one
     return folders
 
 
 # ------------------------------------------------------------------------------------------- steps
-def measure_steps(model: str, folders: list[Path], rounds: int, repeats: int) -> dict[str, Any]:
-    """Decode and prefill step times, base rows against rows mixed over the adapters (this process)."""
+def measure_steps(model: str, folders: list[Path], rounds: int, repeats: int, device: str = "cpu",
+                  row_counts: tuple[int, ...] = (16, 64)) -> dict[str, Any]:
+    """Decode and prefill step times, base rows against rows mixed over the adapters (this process).
+
+    On CUDA the decode steps are the captured graphs the server replays, also timed on the model before
+    any layer is wrapped (no adapters configured at all); on the CPU they run eagerly, each way of adding
+    the deltas timed apart."""
     import torch
 
     from app.adapters.bank import AdapterBank, AdapterRef
     from app.adapters.folder import read_adapter
     from app.engine.runner import ModelStepRunner, RowInput, RunnerConfig
     from app.engine.scheduler import Sequence
+    from app.images import decode_image
     from app.model.inputs import ImageTransform, PromptEncoder
     from app.model.loader import load_model
     from app.settings import Settings
-    from benchmarks.workload import build_mix as mix_of
 
-    loaded = load_model(Settings(model=model))
-    bank = AdapterBank(loaded.model, ADAPTERS, RANK, loaded.device)
-    refs = []
-    for slot, folder in enumerate(folders, start=1):
-        staged = bank.stage(read_adapter(folder, loaded.model.config))
-        bank.write(slot, staged)
-        refs.append(AdapterRef(folder.name, slot, slot, staged.vision))
+    loaded = load_model(Settings(model=model, device=device))
+    graphs = loaded.device.type == "cuda"
     encoder = PromptEncoder.from_processor(loaded.processor)
     transform = ImageTransform.from_processor(loaded.processor)
-    from app.images import decode_image
-
-    photos = mix_of(1, photos="synthetic")[:8]
+    photos = build_mix(1, photos="synthetic")[:8]
     pixels = [transform(decode_image(r.jpeg, max_pixels=10**9, min_side=transform.min_side).image)
               for r in photos]
     prompt = encoder.encode("caption en")
+    refs: list[AdapterRef] = []
 
-    def rows_for(count: int, mixed: bool) -> list[RowInput]:
-        return [RowInput(prompt, pixels[i % len(pixels)], None,
-                         adapter=refs[i % len(refs)] if mixed else None) for i in range(count)]
-
-    def sequences(inputs: list[RowInput]) -> list[Sequence]:
+    def sequences(count: int, mixed: bool) -> list[Sequence]:
         seqs = []
-        for row, item in enumerate(inputs):
+        for row in range(count):
+            item = RowInput(prompt, pixels[row % len(pixels)], None,
+                            adapter=refs[row % len(refs)] if mixed else None)
             seq = Sequence(len(item.input_ids), 1_000, frozenset(), item)
             seq.row = row
             seqs.append(seq)
         return seqs
 
-    results: dict[str, Any] = {"bank_mib": bank.bytes / 2**20, "layers": len(bank.layers), "decode": {},
-                               "prefill": {}}
+    def ready(runner: ModelStepRunner, seqs: list[Sequence]) -> tuple[ModelStepRunner, list[Sequence]]:
+        for start in range(0, len(seqs), 8):  # each row's prompt into the cache (not timed)
+            for seq, token in zip(seqs[start:start + 8], runner.prefill(seqs[start:start + 8]), strict=True):
+                seq.computed.append(token)
+        return runner, seqs
+
+    def alternated(states: dict[str, tuple[ModelStepRunner, list[Sequence]]]) -> dict[str, float]:
+        times: dict[str, list[float]] = {mode: [] for mode in states}
+        for _ in range(rounds):
+            for mode, (runner, seqs) in states.items():
+                # decode() returns the sampled tokens as ints: every timed call waits for the device.
+                times[mode].append(report.median_ms(lambda r=runner, s=seqs: r.decode(s, len(s)), repeats))
+        return {mode: statistics.median(values) for mode, values in times.items()}
+
+    def config(rows: int, bank: AdapterBank | None, form: str = "auto") -> RunnerConfig:
+        return RunnerConfig(rows=rows, max_prompt_tokens=32, max_new_tokens=64, adapters=bank,
+                            adapter_decode=form)  # type: ignore[arg-type]
+
+    results: dict[str, Any] = {"device": str(loaded.device), "graphs": graphs, "decode": {}, "prefill": {}}
     with torch.inference_mode():
-        for rows in (16, 64):
-            config = RunnerConfig(rows=rows, max_prompt_tokens=32, max_new_tokens=64, adapters=bank)
-            runners = {mode: ModelStepRunner(loaded, dataclasses.replace(config, adapter_decode=form))
-                       for mode, form in DECODE_FORMS.items()}
-            states = {}
-            for mode, runner in runners.items():
-                seqs = sequences(rows_for(rows, mixed=mode != "base"))
-                for start in range(0, rows, 8):  # fill the cache rows (not timed)
-                    for seq, token in zip(seqs[start:start + 8], runner.prefill(seqs[start:start + 8]),
-                                          strict=True):
-                        seq.computed.append(token)
-                states[mode] = (runner, seqs)
-            times: dict[str, list[float]] = {mode: [] for mode in states}
-            for _ in range(rounds):
-                for mode, (runner, seqs) in states.items():
-                    times[mode].append(report.median_ms(lambda r=runner, s=seqs, n=rows: r.decode(s, n),
-                                                        repeats))
-            results["decode"][rows] = {mode: statistics.median(values) for mode, values in times.items()}
+        plain = {}
+        if graphs:  # before any layer is wrapped: the server without adapters
+            for rows in row_counts:
+                runner = ModelStepRunner(loaded, config(rows, None))
+                runner.capture_graphs()
+                plain[rows] = ready(runner, sequences(rows, False))
+        bank = AdapterBank(loaded.model, ADAPTERS, RANK, loaded.device)
+        for slot, folder in enumerate(folders, start=1):
+            staged = bank.stage(read_adapter(folder, loaded.model.config))
+            bank.write(slot, staged)
+            refs.append(AdapterRef(folder.name, slot, slot, staged.vision))
+        results.update(bank_mib=bank.bytes / 2**20, layers=len(bank.layers))
+        for rows in row_counts:
+            if graphs:
+                runner = ModelStepRunner(loaded, config(rows, bank))
+                runner.capture_graphs()
+                states = {"no adapters configured": plain[rows],
+                          "adapters configured, base rows": ready(runner, sequences(rows, False)),
+                          "mixed, CUDA graph (dense)": ready(runner, sequences(rows, True))}
+            else:
+                states = {mode: ready(ModelStepRunner(loaded, config(rows, bank, form)),
+                                      sequences(rows, mode != "base"))
+                          for mode, form in DECODE_FORMS.items()}
+            results["decode"][rows] = alternated(states)
             print(f"[steps] decode over {rows} rows: " + ", ".join(
-                f"{mode} {ms:.1f} ms" for mode, ms in results["decode"][rows].items()), flush=True)
-        runner = ModelStepRunner(loaded, RunnerConfig(rows=8, max_prompt_tokens=32, max_new_tokens=64,
-                                                      adapters=bank))
-        batches = {"base": sequences(rows_for(8, False)), "mixed": sequences(rows_for(8, True))}
-        times = {mode: [] for mode in batches}
+                f"{mode} {ms:.2f} ms" for mode, ms in results["decode"][rows].items()), flush=True)
+        runner = ModelStepRunner(loaded, config(8, bank))
+        batches = {"base": sequences(8, False), "mixed": sequences(8, True)}
+        times: dict[str, list[float]] = {mode: [] for mode in batches}
         for _ in range(rounds):
             for mode, seqs in batches.items():
                 times[mode].append(report.median_ms(lambda s=seqs: runner.prefill(s), max(1, repeats // 4)))
         results["prefill"][8] = {mode: statistics.median(values) for mode, values in times.items()}
         print("[steps] prefill of 8: " + ", ".join(
-            f"{mode} {ms:.0f} ms" for mode, ms in results["prefill"][8].items()), flush=True)
+            f"{mode} {ms:.1f} ms" for mode, ms in results["prefill"][8].items()), flush=True)
     return results
 
 
@@ -168,11 +191,14 @@ def adapter_mix(mix: list[Request], names: list[str]) -> list[Request]:
     return mixed
 
 
-def measure_served(args: argparse.Namespace, folders: list[Path], stamp: str) -> dict[str, Any]:
+def measure_served(args: argparse.Namespace, folders: list[Path], stamp: str, logs: Path = OUT / "logs",
+                   device: str | None = None) -> dict[str, Any]:
+    """Rounds of (the base server, the adapter server), each measured at every N; `args` has model,
+    concurrency, rounds, warmup, duration, variants, photos and quiet_wait."""
     from benchmarks.run import measure_level
     from benchmarks.systems import SYSTEMS, Config
 
-    mix = build_mix(args.variants, photos=args.photos)
+    mix = build_mix(args.variants, tokens=getattr(args, "tokens", None), photos=args.photos)
     names = [folder.name for folder in folders]
     setups = {
         "base": ({}, mix),
@@ -187,10 +213,10 @@ def measure_served(args: argparse.Namespace, folders: list[Path], stamp: str) ->
         for name, (extra, requests) in setups.items():
             port = procs.free_port()
             command, env = system.command(port, Config(args.model))
-            env = {**env, **extra}
+            env = {**env, **extra, **({"PALIGEMMA_DEVICE": device} if device else {})}
             if args.quiet_wait > 0:
                 procs.wait_until_quiet(args.quiet_wait)
-            log = OUT / "logs" / f"adapters-{name.replace(' ', '-')}-{stamp}-{round_index}.log"
+            log = logs / f"adapters-{name.replace(' ', '-')}-{stamp}-{round_index}.log"
             with procs.running(name, command, env, system.ready_path, log, port) as server:
                 index = 0
                 for concurrency in args.concurrency:
@@ -208,6 +234,7 @@ def measure_served(args: argparse.Namespace, folders: list[Path], stamp: str) ->
 
 # ------------------------------------------------------------------------------------------ report
 def render(results: dict[str, Any]) -> str:
+    results = json.loads(json.dumps(results))  # as written to disk: counts of rows and N as strings
     meta = results["meta"]
     lines = [f"## LoRA adapters: four mixed in every step against the base alone ({meta['date']})", "",
              f"`{meta['command']}` at commit {meta['commit']}, `{meta['model']}` preset; 4 PEFT adapters "
@@ -228,7 +255,7 @@ def render(results: dict[str, Any]) -> str:
             ratios = [m / b for m, b in zip(mixed, base, strict=False) if b]
             ratio = statistics.median(ratios) if ratios else None
             loads = [lv["loadavg"] for k in ("base", "4 adapters") for lv in served["levels"][k][str(n)]]
-            verdict = "met" if ratio is not None and ratio >= TARGET_RATIO else "not met"
+            verdict = "n/a" if ratio is None else "met" if ratio >= TARGET_RATIO else "not met"
             lines.append(f"| {n} | {', '.join(fmt(v) for v in base)} | {', '.join(fmt(v) for v in mixed)} "
                          f"| {fmt(ratio)} | >= {TARGET_RATIO} ({verdict}) | "
                          f"{', '.join(fmt(v, 1) for v in loads)} |")
@@ -237,19 +264,21 @@ def render(results: dict[str, Any]) -> str:
     if steps:
         lines += ["### The LoRA path per step (in-process, medians of alternated rounds)", "",
                   f"Stacked weights: {steps['bank_mib']:.1f} MiB over {steps['layers']} wrapped linear "
-                  f"layers ({ADAPTERS} slots of rank {RANK}, float32).", "",
-                  "| step | base ms | mixed ms | LoRA cost |", "|---|---|---|---|"]
+                  f"layers ({ADAPTERS} slots of rank {RANK}, float32), on {steps.get('device', 'cpu')}"
+                  f"{', decode steps as CUDA graphs' if steps.get('graphs') else ', eager steps'}.", "",
+                  "| step | reference | reference ms | ms | LoRA cost |", "|---|---|---|---|---|"]
         for rows, modes in steps["decode"].items():
-            base = modes["base"]
-            for mode in list(DECODE_FORMS)[1:]:
+            reference, *others = modes  # the first: every row on the base
+            base = modes[reference]
+            for mode in others:
                 cost = modes[mode] - base
-                lines.append(f"| decode, {rows} rows, {mode} | {fmt(base, 1)} | {fmt(modes[mode], 1)} | "
-                             f"{fmt(cost, 1)} ms ({fmt(100 * cost / base, 0)} %) |")
+                lines.append(f"| decode, {rows} rows, {mode} | {reference} | {fmt(base, 2)} | "
+                             f"{fmt(modes[mode], 2)} | {fmt(cost, 2)} ms ({fmt(100 * cost / base, 0)} %) |")
         for rows, modes in steps["prefill"].items():
             base, mixed = modes["base"], modes["mixed"]
-            lines.append(f"| prefill of {rows} (image + prompt), 2 rows per adapter | {fmt(base, 0)} | "
-                         f"{fmt(mixed, 0)} | {fmt(mixed - base, 0)} ms ({fmt(100 * (mixed / base - 1), 0)} "
-                         "%) |")
+            lines.append(f"| prefill of {rows} (image + prompt), 2 rows per adapter | base rows | "
+                         f"{fmt(base, 1)} | {fmt(mixed, 1)} | {fmt(mixed - base, 1)} ms "
+                         f"({fmt(100 * (mixed / base - 1), 0)} %) |")
         lines.append("")
     return "\n".join(lines)
 
@@ -307,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     raw = OUT / f"adapters-{stamp}.json"
     raw.write_text(json.dumps(results, indent=1))
     print(f"raw results: {raw}")
-    report.publish(args, SECTION, render(json.loads(raw.read_text())))
+    report.publish(args, SECTION, render(results))
 
 
 if __name__ == "__main__":

@@ -15,12 +15,15 @@ LOCK=requirements/base.lock
 DEST=.whl
 # The server's own imports the GPU image lacks or has too old (transformers 5.17 there), and what
 # they need that the image lacks or may have too old (opentelemetry-api for FastAPI, typing-extensions
-# >= 4.16 for pydantic, regex for transformers). The image's huggingface-hub (1.33) and tokenizers
-# (0.23.2) satisfy transformers 5.24. --no-deps below: every wheel is named here.
+# >= 4.16 for pydantic, regex for transformers). The image's tokenizers (0.23.2) satisfies transformers;
+# from transformers 5.25 on it needs huggingface-hub >= 2.4 (with hf-xet, httpx2, click, typer) and
+# kernels (with tomlkit), newer than the image's; peft reads LoRA adapters (benchmarks.gpu --adapters).
+# --no-deps below: every wheel is named here.
 PACKAGES=(
     fastapi starlette pydantic pydantic-core pydantic-settings typing-inspection annotated-types
     annotated-doc python-dotenv uvicorn python-multipart pycocotools swagger-ui-bundle-v2
     opentelemetry-api typing-extensions transformers regex
+    huggingface-hub hf-xet httpx2 click typer kernels tomlkit peft
 )
 
 rm -rf "$DEST"

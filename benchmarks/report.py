@@ -36,7 +36,7 @@ MIN_GAIN = 1.05  # a batching gain below this makes "the share of the gain reali
 # Other processes' CPU (cores) up to which a measurement counts as undisturbed (run.py's --retry-above).
 QUIET_CORES = 0.25
 
-SECTION_ORDER = ("run", "image_prep", "placement", "exif", "soak", "gpu")
+SECTION_ORDER = ("run", "image_prep", "placement", "exif", "soak", "adapters", "gpu", "gpu_adapters")
 
 
 def _level(results: dict[str, Any], system: str, concurrency: int) -> dict[str, Any] | None:
