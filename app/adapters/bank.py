@@ -132,10 +132,10 @@ class AdapterBank:
         if form == "auto":
             form = "dense" if len(set(slots) - {0}) >= 2 else "grouped"
         if form == "dense":
-            self.routing.dense(torch.tensor(slots, device=self.device))
+            self.routing.dense(torch.tensor(slots, device=self.device), captured=False)
         else:
             self.routing.grouped(slots)
 
     def route_fixed(self, slots: torch.Tensor) -> None:
         """For a fixed-shape step (a CUDA graph): `slots` is a device buffer the caller refills."""
-        self.routing.dense(slots)
+        self.routing.dense(slots, captured=True)

@@ -47,6 +47,9 @@ class SlotRouting:
         # GROUPED: (slot, the rows of the batch that use it: a slice when they are contiguous).
         self.groups: list[tuple[int, slice | torch.Tensor]] = []
         self.mask: torch.Tensor | None = None  # DENSE: (batch, slots) one-hot, float32
+        # DENSE: whether a layer that no loaded adapter adapts may skip its delta (eager steps; a captured
+        # graph must hold every layer's, since an adapter loaded later may adapt any of them).
+        self.skip_empty = False
         self._ids = torch.arange(slots, device=device)
         self.device = device
 
@@ -68,10 +71,11 @@ class SlotRouting:
                 self.groups.append((slot, torch.tensor(rows, device=self.device)))
         self.mode = Mode.GROUPED
 
-    def dense(self, slots: torch.Tensor) -> None:
-        """Fixed-shape forwards: `slots` (batch,) on the device. Only tensor ops, so a CUDA graph captured
-        after this call recomputes the mask from whatever `slots` holds when it is replayed."""
+    def dense(self, slots: torch.Tensor, captured: bool) -> None:
+        """The dense form: `slots` (batch,) on the device. Only tensor ops, so a CUDA graph captured after
+        this call (`captured`) recomputes the mask from whatever `slots` holds when it is replayed."""
         self.mask = (slots[:, None] == self._ids[None, :]).to(ADAPTER_DTYPE)
+        self.skip_empty = not captured
         self.mode = Mode.DENSE
 
 
@@ -134,7 +138,7 @@ class LoraLinear(nn.Module):
         routing = self.routing
         if routing.mode is Mode.GROUPED:
             return self._grouped(x, y, routing.groups)
-        if routing.mode is Mode.DENSE:
+        if routing.mode is Mode.DENSE and not (routing.skip_empty and not any(self.ranks)):
             assert routing.mask is not None
             return self._dense(x, y, routing.mask)
         return y
