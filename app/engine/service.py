@@ -178,8 +178,8 @@ class InferenceService:
 
     async def run(self, job: Job, image: ImageInput, on_tokens: TokenCallback | None = None) -> JobResult:
         """Run `job` on `image`; `on_tokens` gets each step's new tokens (for streaming)."""
-        self._active += 1
         lease = self.lease_adapter(job.adapter) if job.adapter is not None else None
+        self._active += 1
         try:
             return await self._run(job, image, on_tokens, self.settings.max_image_pixels, lease)
         finally:
