@@ -262,10 +262,12 @@ def render(results: dict[str, Any]) -> str:
         lines.append("")
     steps = results.get("steps")
     if steps:
+        threads = f", {steps['threads']} torch thread(s)" if "threads" in steps else ""
         lines += ["### The LoRA path per step (in-process, medians of alternated rounds)", "",
                   f"Stacked weights: {steps['bank_mib']:.1f} MiB over {steps['layers']} wrapped linear "
                   f"layers ({ADAPTERS} slots of rank {RANK}, float32), on {steps.get('device', 'cpu')}"
-                  f"{', decode steps as CUDA graphs' if steps.get('graphs') else ', eager steps'}.", "",
+                  f"{', decode steps as CUDA graphs' if steps.get('graphs') else ', eager steps'}{threads}.",
+                  "",
                   "| step | reference | reference ms | ms | LoRA cost |", "|---|---|---|---|---|"]
         for rows, modes in steps["decode"].items():
             reference, *others = modes  # the first: every row on the base
@@ -296,6 +298,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         default="skimage" if skimage_available() else "synthetic")
     parser.add_argument("--step-rounds", type=int, default=5, help="alternated rounds of the step timing")
     parser.add_argument("--step-repeats", type=int, default=12, help="steps timed per round")
+    parser.add_argument("--step-threads", type=int, default=1,
+                        help="torch threads of the step timing (default 1: on a shared machine a 2-thread "
+                        "OpenMP team waits for a descheduled thread at every op, which swamps the LoRA "
+                        "path's cost; 0: torch's default)")
     parser.add_argument("--no-served", action="store_true", help="only the per-step measurement")
     parser.add_argument("--no-steps", action="store_true", help="only the served measurement")
     parser.add_argument("--steps-only", action="store_true", help=argparse.SUPPRESS)  # the child process
@@ -310,7 +316,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     folders = make_adapters(args.model, OUT / "adapters" / args.model)
     if args.steps_only:
+        import torch
+
+        if args.step_threads:
+            torch.set_num_threads(args.step_threads)
         steps = measure_steps(args.model, folders, args.step_rounds, args.step_repeats)
+        steps["threads"] = torch.get_num_threads()
         args.out.write_text(json.dumps(steps))
         return
     from benchmarks.run import machine_info
@@ -328,7 +339,8 @@ def main(argv: list[str] | None = None) -> None:
         started = time.perf_counter()
         subprocess.run([procs.python(), "-m", "benchmarks.adapters", "--steps-only", "--model", args.model,
                         "--step-rounds", str(args.step_rounds), "--step-repeats", str(args.step_repeats),
-                        "--out", str(out)], check=True, cwd=ROOT.parent, timeout=3600)
+                        "--step-threads", str(args.step_threads), "--out", str(out)],
+                       check=True, cwd=ROOT.parent, timeout=3600)
         results["steps"] = json.loads(out.read_text())
         results["meta"]["steps_s"] = time.perf_counter() - started
     if not args.no_served:
