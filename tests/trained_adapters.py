@@ -20,6 +20,7 @@ from app.model.inputs import ImageTransform, PromptEncoder
 from app.model.loader import LoadedModel, load_model
 from app.settings import Settings
 from tests.helpers import photo
+from tests.trained_model import fit
 
 LANGUAGE_ATTENTION = r"model\.language_model\.layers\.\d+\.self_attn\.(q_proj|v_proj)"
 
@@ -57,24 +58,9 @@ def train_adapter(preset: str, kind: AdapterKind, directory: Path, steps: int = 
     torch.manual_seed(seed)
     model = get_peft_model(loaded.model, LoraConfig(init_lora_weights="gaussian", **kind.options))
     target = tokenizer(kind.sentence, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    rows = []
-    for i, prompt in enumerate(PROMPTS):
-        ids = encoder.encode(prompt)
-        pixels = transform(photo(64 + 8 * i, 48, seed=100 + i))[None]
-        rows.append((ids, pixels))
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
-    model.train()
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss = torch.zeros(())
-        for ids, pixels in rows:
-            full = torch.tensor([ids + target])
-            labels = torch.tensor([[-100] * len(ids) + target])
-            token_types = torch.tensor([[0] * len(ids) + [1] * len(target)])
-            loss = loss + model(input_ids=full, pixel_values=pixels, labels=labels,
-                                token_type_ids=token_types).loss
-        loss.backward()
-        optimizer.step()
+    rows = [(encoder.encode(prompt), target, transform(photo(64 + 8 * i, 48, seed=100 + i))[None])
+            for i, prompt in enumerate(PROMPTS)]
+    fit(model, rows, steps, lr=5e-2)
     model.peft_config["default"].base_model_name_or_path = base_model_name or preset
     # No embedding layers are trained; saying so keeps PEFT from looking the base up on the hub.
     model.save_pretrained(directory, save_embedding_layers=False)
