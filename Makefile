@@ -15,9 +15,10 @@ serve: $(SERVE_STAMP)
 test: install system-deps
 	$(PY) -m pytest
 
-# The fast loop: pure units and fakes (tests/unit), no model, no served process; about half a minute.
+# The fast loop: the unit folder alone (pure units and fakes: no model, no served process, no torch beyond
+# the mask decoder's own tests); CONTRIBUTING.md says how long it takes.
 test-fast: install
-	$(PY) -m pytest -m unit
+	$(PY) -m pytest tests/unit
 
 install: $(STAMP)
 
@@ -29,8 +30,8 @@ $(STAMP): $(LOCK_INPUTS)
 	$(PY) scripts/lock.py install
 	touch $(STAMP)
 
-# What serving needs only (torch, the server, annotated PNGs): no test or lint tools. Seconds when the
-# full set is already installed.
+# What serving needs only (torch, the server, annotated PNGs, quantized weights): no test or lint tools.
+# Seconds when the full set is already installed.
 $(SERVE_STAMP): $(LOCK_INPUTS)
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) scripts/lock.py install --no-dev

@@ -82,6 +82,14 @@ class QueueFull(ServiceError):
     error_type = "queue_full"
 
 
+class UrlFetchesFull(ServiceError):
+    """As many image URLs are being fetched as PALIGEMMA_MAX_URL_FETCHES allows (a bound of their own,
+    apart from the model queue's)."""
+
+    status_code = 429
+    error_type = "url_fetches_full"
+
+
 class NotReady(ServiceError):
     status_code = 503
     error_type = "not_ready"

@@ -16,15 +16,19 @@ from fastapi.responses import Response
 from app import __version__
 from app.api import adapters, openai_chat, ops, pages, tasks
 from app.api.auth import ApiKeyMiddleware, api_key_scheme, bearer_scheme
+from app.api.draining import DrainingUploadsMiddleware
 from app.api.errors import install_error_handlers
 from app.api.limits import BodyLimitMiddleware
 from app.api.middleware import REQUEST_ID_HEADER, RequestContextMiddleware
+from app.engine.memory_plan import MemoryPlan
 from app.engine.model_thread import ModelThread
-from app.engine.service import InferenceService, RunnerFactory
 from app.lifecycle import Lifecycle, StartupError
 from app.metrics import Metrics
-from app.model.loader import load_model
+from app.model.loader import load_model, resolve_device, resolve_dtype
+from app.plan import startup_plan
+from app.serving.service import InferenceService, RunnerFactory
 from app.settings import Settings, load_settings
+from app.sizes import gib
 from app.tracing import TELEMETRY_OFF, Tracing, tracing_from_settings
 
 logger = logging.getLogger(__name__)
@@ -49,7 +53,11 @@ async def _bring_up(app: FastAPI) -> None:
     try:
         # Everything that touches the model runs on this one thread (app.engine.model_thread says why).
         model_thread = app.state.model_thread = ModelThread()
-        loaded = await model_thread.run(load_model, settings)
+        device = resolve_device(settings.device)
+        # What the model will take, before any weight is loaded: refuse now, with the table, if it cannot fit.
+        app.state.memory_plan = await model_thread.run(
+            startup_plan, settings, device, resolve_dtype(settings.dtype, device))
+        loaded = await model_thread.run(load_model, settings, device)
         decoder = await model_thread.run(_load_mask_decoder, settings, loaded.device)
         def worker_died(exc: BaseException) -> None:
             lifecycle.fail(f"model worker failed: {exc!r}")
@@ -62,7 +70,10 @@ async def _bring_up(app: FastAPI) -> None:
         if service.adapters is not None:
             service.adapters.on_unloaded = metrics.forget_adapter
         await service.start(model_thread)
+        metrics.decode_graphs_failed.set(1 if service.decode_graphs_failure else 0)
         app.state.service = service
+        _log_measured(app.state.memory_plan, loaded.weight_bytes,
+                      getattr(service.runner, "cache_bytes", None))
         await service.warm_up()
     except StartupError as exc:
         # The message says what is wrong and what to do; the process's exit line shows it once.
@@ -80,6 +91,13 @@ async def _bring_up(app: FastAPI) -> None:
     lifecycle.mark_ready()
     metrics.ready.set(1 if lifecycle.ready else 0)
     logger.info("ready: serving %s", loaded.name)
+
+
+def _log_measured(plan: MemoryPlan | None, weights: int, cache: int | None) -> None:
+    if plan is None:
+        return
+    logger.info("memory: weights %s measured (%s planned), KV cache %s measured (%s planned)", gib(weights),
+                gib(plan.weight_bytes), gib(cache), gib(plan.cache_bytes))
 
 
 @asynccontextmanager
@@ -127,6 +145,7 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] | 
     app.state.metrics = Metrics()
     app.state.lifecycle = Lifecycle()
     app.state.service = None
+    app.state.memory_plan = None  # set before the model loads (app.plan)
     app.state.model_thread = None  # set when the model starts loading
     app.state.on_fatal = on_fatal or (lambda: None)
     app.state.runner_factory = runner_factory
@@ -149,6 +168,8 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] | 
     # At run time, outermost first: the request context (id, access log, metrics) sees every answer;
     # CORS answers preflights before the key check (browsers send no key with them) and adds its headers
     # to refusals too, so that a page can read them; the body limit refuses before the key check reads.
+    # Innermost: an upload still streaming in when the drain begins is answered 503 at once.
+    app.add_middleware(DrainingUploadsMiddleware, lifecycle=app.state.lifecycle, metrics=app.state.metrics)
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys, protect_metrics=settings.metrics_require_key)
     app.add_middleware(BodyLimitMiddleware, body_limit=settings.request_body_limit)
     if settings.cors_origins:

@@ -77,12 +77,15 @@ CONTRACT: tuple[MetricSpec, ...] = (
                "included).", ("endpoint", "adapter")),
     MetricSpec("paligemma_rejections", "counter",
                "Requests refused, dropped or cancelled before their answer, by reason: queue_full, "
-               "shutting_down, timeout, disconnected.", ("reason",)),
+               "url_fetches_full, shutting_down, timeout, disconnected.", ("reason",)),
     MetricSpec("paligemma_model_info", "gauge", "The loaded model (value is always 1).",
                ("model", "dtype", "device", "random_weights", "masks")),
     MetricSpec("paligemma_ready", "gauge", "1 when the model is loaded and warmed up and not draining."),
     MetricSpec("paligemma_feature_cache_hits", "counter",
                "Prefills whose image features came from the cache."),
+    MetricSpec("paligemma_decode_graphs_failed", "gauge",
+               "1 when the decode graphs were discarded at warm-up (they disagreed with the eager step, or "
+               "capturing them failed) and the server decodes eagerly; 0 otherwise."),
 )
 
 # Prefixes of the standard collectors' series above: beside the contract, not in it.
@@ -120,6 +123,7 @@ class Metrics:
         self.model_info = c["paligemma_model_info"]
         self.ready = c["paligemma_ready"]
         self.feature_cache_hit_count = c["paligemma_feature_cache_hits"]
+        self.decode_graphs_failed = c["paligemma_decode_graphs_failed"]
 
     def _build(self, spec: MetricSpec) -> Any:  # a Counter, Gauge or Histogram: each has its own methods
         extra = {"buckets": spec.buckets} if spec.kind == "histogram" else {}

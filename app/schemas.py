@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -123,8 +123,22 @@ class ModelCard(BaseModel):
     decode_graphs: list[int] = Field(
         description="Row counts whose decode step was captured as a CUDA graph (empty: decoding eagerly)."
     )
+    decode_graphs_failure: str | None = Field(
+        None, description="Why the decode graphs were discarded at warm-up (they disagreed with the eager "
+                          "step, or capturing them failed): the server decodes eagerly. Null otherwise.")
     max_new_tokens: int
     default_max_new_tokens: int
+    # Defaults only so that clients of older servers, which sent none of these, read a card the same way.
+    quantization: str = Field("none", description="The language model's linear layers: none, int8, nf4 or "
+                                                  "bnb-int8 (a checkpoint saved in bitsandbytes' 8-bit).")
+    vision_quantized: bool = Field(False,
+                                   description="Whether the vision tower and projector are quantized too.")
+    weight_bytes: int | None = Field(None, description="Bytes the weights take on the device, measured after "
+                                                       "loading.")
+    kv_cache_bytes: int | None = Field(None, description="Bytes of the preallocated KV cache.")
+    memory_plan: dict[str, Any] | None = Field(
+        None, description="The start-up memory plan (`paligemma-server plan --json` for these settings), or "
+                          "null when the model's config could not be read before loading.")
     adapters: AdapterSlots | None = Field(None, description="LoRA adapter slots; null when adapters are off.")
 
 

@@ -16,7 +16,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.adapters.names import parse_adapter_list
-from app.image_sources import normalise_host_entries
+from app.image_sources.hosts import normalise_host_entries
+from app.sizes import parse_bytes
 
 ENV_PREFIX = "PALIGEMMA_"
 # A browser origin: scheme, host, optional port; nothing after.
@@ -43,6 +44,20 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     seed: int = Field(0, ge=0, description="Seed of the random weights of the built-in presets.")
     mask_decoder: Path | None = Field(None, description="Path of vae-oid.npz; masks are off without it.")
+    quantization: Literal["none", "int8", "nf4"] = Field(
+        "none", description="Weights of the language model's linear layers: none (the dtype), int8 (torchao "
+                            "weight-only) or nf4 (bitsandbytes 4-bit, computing in bfloat16); the "
+                            "`quantization` extra. A checkpoint saved quantized loads as saved.",
+    )
+    quantize_vision: bool = Field(
+        False,
+        description="Quantize the vision tower and the projector too (they stay in the dtype by default).",
+    )
+    memory: Annotated[int | None, NoDecode] = Field(
+        None,
+        description="Device memory the start-up memory plan may use (e.g. 24GiB, 80GB); unset: what the "
+                    "device has free (the CPU: MemAvailable). Start-up stops when the model does not fit.",
+    )
 
     # Engine.
     max_batch_size: int = Field(
@@ -103,6 +118,11 @@ class Settings(BaseSettings):
     image_url_timeout_s: float = Field(
         10.0, gt=0, le=300, description="Time limit on fetching one image URL, redirects included."
     )
+    max_url_fetches: int = Field(
+        16, ge=1, le=10_000,
+        description="Most image URLs fetched at once; beyond it, 429. A bound of its own: a request holds a "
+                    "place in the model queue (max_queue) only once its image is fetched.",
+    )
 
     # Access and operation.
     api_keys: Annotated[tuple[str, ...], NoDecode] = ()
@@ -125,7 +145,13 @@ class Settings(BaseSettings):
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
-            return tuple(key.strip() for key in value.split(",") if key.strip())
+            keys = tuple(key.strip() for key in value.split(",") if key.strip())
+            if value.strip() and not keys:
+                # Set, but to separators only: taken as no keys, it would quietly turn authentication off.
+                raise ValueError(f"{value!r} holds no key, which would turn authentication off; give "
+                                 "comma-separated keys (key-one,key-two), or set it empty for no "
+                                 "authentication")
+            return keys
         return value
 
     @field_validator("adapters", mode="before")
@@ -176,6 +202,24 @@ class Settings(BaseSettings):
         if needed and not _importable(needed[0]):
             raise ValueError(f"{value} traces need the `{needed[1]}` extra: pip install "
                              f"'paligemma-server[{needed[1]}]' (or set it to off)")
+        return value
+
+    @field_validator("quantization")
+    @classmethod
+    def _check_quantization_packages(cls, value: str) -> str:
+        needed = {"int8": "torchao", "nf4": "bitsandbytes"}.get(value)
+        if needed and not _importable(needed):
+            raise ValueError(f"{value} needs {needed}, in the `quantization` extra: pip install "
+                             "'paligemma-server[quantization]' (or set it to none)")
+        return value
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _parse_memory(cls, value: object) -> object:
+        if isinstance(value, str):
+            if not value.strip():
+                return None
+            return parse_bytes(value)
         return value
 
     @field_validator("device")

@@ -1,11 +1,12 @@
 """The ceiling: the server's own step engine in-process, N requests always in flight, no HTTP.
 
-The worker side of `python -m app`, driven in the calling thread: `EngineLoop.step_once()` over the
+The worker side of `python -m app`, driven in the calling thread: `EngineCore.step_once()` over the
 `Scheduler` and `ModelStepRunner` the server builds from the same settings (`runner_config`: KV-cache
-rows, prompt and token caps, feature cache; the prefill token budget), each finished request finished by
-the server's `OutputFinisher` (text, parsed boxes). No HTTP, no asyncio, no admission queue, and no image
-decoding while it runs: images and prompts are prepared beforehand through the server's own functions
-(`decode_image`, `ImageTransform`, `PromptEncoder`, `upload_key`).
+rows, prompt and token caps, feature cache; the prefill token budget), each finished request finished as
+the server finishes it (`app.serving.finishing.read_output`: text, parsed boxes), here in the same
+thread. No HTTP, no asyncio, no admission queue, and no image decoding while it runs: images and prompts
+are prepared beforehand through the server's own functions (`decode_image`, `ImageTransform`,
+`PromptEncoder`, `upload_key`).
 
 Steady state at N in flight: N requests are submitted; whenever one finishes, the next request of the
 workload sequence is submitted at once (it joins at the next step, the earliest a request reaching the
@@ -35,8 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.engine.finishing import OutputFinisher
-from app.engine.loop import EngineLoop, StepEvents
+from app.engine.core import EngineCore, StepEvents
 from app.engine.observer import NullObserver
 from app.engine.runner import ModelStepRunner, RowInput
 from app.engine.scheduler import Scheduler, Sequence
@@ -101,8 +101,8 @@ class EngineDriver:
 
     def __init__(self, loaded: LoadedModel, settings: Settings):
         from app.engine.faults import is_out_of_memory, is_unrecoverable
-        from app.engine.service import runner_config
         from app.model.inputs import PromptEncoder
+        from app.serving.service import runner_config
 
         self.loaded = loaded
         self.settings = settings
@@ -112,21 +112,26 @@ class EngineDriver:
         self.capture_s = time.perf_counter() - started
         self.scheduler = Scheduler(settings.max_batch_size, settings.prefill_tokens)
         self.recorder = StepRecorder()
-        finisher = OutputFinisher(PromptEncoder.from_processor(loaded.processor), None)
-        self.loop = EngineLoop(self.scheduler, self.runner, finisher, self._post, self.recorder,
-                               is_out_of_memory, is_unrecoverable)
+        self.encoder = PromptEncoder.from_processor(loaded.processor)
+        self.loop = EngineCore(self.scheduler, self.runner, self._post, self.recorder, is_out_of_memory,
+                               is_unrecoverable)
+        self.tasks: dict[int, Task] = {}  # request id -> task, to finish its output
         self.stop_tokens = frozenset(loaded.eos_token_ids)
 
-    @staticmethod
-    def _post(events: StepEvents) -> None:
+    def _post(self, events: StepEvents) -> None:
+        from app.serving.finishing import read_output
+
         if events.fatal is not None:
             raise RuntimeError(f"the engine failed: {events.fatal!r}")
         if events.failed:
             raise RuntimeError(f"{len(events.failed)} requests failed: {events.failed[0][1]}")
+        for seq in events.finished:  # what the server's thread pool does with a finished request
+            read_output(self.encoder, self.tasks.pop(seq.request_id), seq.output_tokens)
 
     def submit(self, item: Prepared) -> Sequence:
-        seq = Sequence(len(item.row.input_ids), item.max_new_tokens, self.stop_tokens, item.row, item.task,
+        seq = Sequence(len(item.row.input_ids), item.max_new_tokens, self.stop_tokens, item.row,
                        item.task.value, time.monotonic())
+        self.tasks[seq.request_id] = item.task
         self.loop.submit(seq)
         return seq
 
@@ -141,6 +146,7 @@ class EngineDriver:
         for seq in seqs:
             if not seq.done:
                 seq.cancel_reason = "benchmark window over"
+                self.tasks.pop(seq.request_id, None)
         self.loop.run_until_idle()
 
 

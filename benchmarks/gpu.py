@@ -2,12 +2,16 @@ r"""PaliGemma-3B (224 px) on one GPU: the step engine's ceiling, the served serv
 
     python -m benchmarks.gpu              # one H100 or H200: about 6 min, stops starting stages at 8
     python -m benchmarks.gpu --dry-run    # the same code on the CPU with the `tiny` preset, about 1 min
+    python -m benchmarks.gpu --quantized  # PaliGemma 2 10B at 448 px in nf4 and int8 instead
+                                          # (benchmarks/gpu_quantized.py; with --dry-run on the CPU)
     python -m benchmarks.gpu --adapters   # LoRA adapters instead (below): about 6 min; --dry-run too
 
 On a lent GPU machine of this workplace (the device tool: Python 3.12, torch with CUDA, transformers
-5.17, no FastAPI stack, no network), first run here `bash benchmarks/gpu_wheels.sh` (the server's
-dependencies that image lacks, as wheels in the git-ignored .whl/, at the lock's versions), then make
-one call of the device tool's `run`:
+5.17, no FastAPI stack, no network), first run `bash benchmarks/gpu_wheels.sh` (the server's
+dependencies that image lacks, as wheels in the git-ignored .whl/, at the lock's versions) in the
+checkout the device tool sends (the session's own, not a helper's worktree: the code to measure must be
+checked out there; `--quantization` adds torchao and bitsandbytes for `--quantized`), then make one
+call of the device tool's `run`:
 
     timeout_s: 600, carry: [".whl"], command:
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -30,7 +34,11 @@ every request generates 32 tokens unless said otherwise (random weights never em
    decode-step rows and times from its /metrics and the graph-capture time from its log.
 4. Mixed lengths, same server, 64 in flight: max_new_tokens cycling over 8, 16, ..., 64; the p50 of the
    8-token and of the 64-token requests reported apart.
-5. The tutorial server (`benchmarks/peers/tutorial.py`, one `generate` per request) on the same GPU.
+5. Sampled, same server, 32 in flight: the workload at temperature 1, with top_k 50 and with top_p 0.9
+   (a seed per request), against the greedy level at 32. In-process, the sampler alone at 32 rows x
+   257,216 bf16 logits per mode (`benchmarks.sampling`, peaked logits), and whether the decode graphs
+   passed their warm-up check against the eager step (in-process and in the server's /v1/models).
+6. The tutorial server (`benchmarks/peers/tutorial.py`, one `generate` per request) on the same GPU.
 The issue's targets are checked at the end.
 
 With --adapters, instead: 4 PEFT LoRA adapters of rank 16 made for the preset (benchmarks/adapters.py),
@@ -62,6 +70,7 @@ from typing import Any
 
 from benchmarks import gpu_report, procs
 from benchmarks.run import measure_level
+from benchmarks.served_sampling import with_sampling
 from benchmarks.systems import SERVER_ROWS, SYSTEMS, Config
 from benchmarks.workload import TASKS, build_mix, skimage_available, spread_new_tokens
 
@@ -79,6 +88,7 @@ class Plan:
     ceiling: tuple[int, ...]  # requests in flight in-process
     served: tuple[int, ...]  # requests in flight against the server
     mixed: int  # requests in flight for the mixed-length workload
+    sampled: int  # requests in flight for the sampled workloads
     tutorial: tuple[int, ...]
     ceiling_warmup_s: float
     ceiling_s: float
@@ -93,10 +103,13 @@ class Plan:
     adapter_rounds: int = 3  # alternated rounds of the in-process step timing
 
 
-FULL = Plan("paligemma-3b-224", "cuda", SERVER_ROWS, (1, 8, 32), (1, 8, 32, 64), 64, (1, 8),
+FULL = Plan("paligemma-3b-224", "cuda", SERVER_ROWS, (1, 8, 32), (1, 8, 32, 64), 64, 32, (1, 8),
             5.0, 15.0, 5.0, 15.0, 10.0, 30.0, 3.0, 10.0, 4)
-DRY = Plan("tiny", "cpu", SERVER_ROWS, (1, 2, 4), (1, 2, 4, 8), 8, (1, 2),
+DRY = Plan("tiny", "cpu", SERVER_ROWS, (1, 2, 4), (1, 2, 4, 8), 8, 4, (1, 2),
            1.0, 2.0, 1.0, 2.0, 1.0, 3.0, 1.0, 3.0, 1, adapter_served=(4,), adapter_rounds=1)
+# The sampled workloads (form fields added to every request; a seed each).
+SAMPLED = {"temperature 1": {"temperature": "1.0"}, "top_k 50": {"temperature": "1.0", "top_k": "50"},
+           "top_p 0.9": {"temperature": "1.0", "top_p": "0.9"}}
 
 
 class Budget:
@@ -164,11 +177,17 @@ def _in_process(plan: Plan, photos: str) -> dict[str, Any]:
     position = prompt_tokens + NEW_TOKENS // 2  # a row's mean length over its decode steps
     replay = {str(width): replay_ms(driver, width, position) for width in sorted({1, plan.rows})}
     memory = torch.cuda.max_memory_allocated() / 1e9 if plan.device == "cuda" else None
+    from benchmarks.sampling import device_ms
+
+    sampler = device_ms(plan.device, loaded.dtype, plan.rows, rounds=10 if plan.device == "cuda" else 2)
+    print(f"[in-process] sampler at {plan.rows} rows x 257,216 ({loaded.dtype}): "
+          + ", ".join(f"{mode} {ms:.2f} ms" for mode, ms in sampler.items()), flush=True)
     return {"load_s": load_s, "dtype": str(loaded.dtype), "device": str(loaded.device), "gpu": gpu,
             "rows": plan.rows, "cache_length": driver.runner.shape.length,
             "cache_gb": driver.runner.cache_bytes / 1e9, "capture_s": driver.capture_s,
-            "graphs": driver.runner.graphs.captured, "max_memory_allocated_gb": memory, "limits": limits,
-            "ceiling": rows, "replay_ms": replay, "replay_position": position}
+            "graphs": driver.runner.graphs.captured, "graphs_failure": driver.runner.graphs.failure,
+            "max_memory_allocated_gb": memory, "limits": limits, "ceiling": rows, "replay_ms": replay,
+            "replay_position": position, "sampler_ms": sampler}
 
 
 def _graphs(driver) -> str:
@@ -179,45 +198,52 @@ def _graphs(driver) -> str:
 def replay_ms(driver, width: int, position: int, repeats: int = 50) -> float:
     """One decode step over rows 0..width-1 as the runner runs it (the captured graph on CUDA, eager
     otherwise), without sampling: mean of `repeats` back-to-back steps, timed with CUDA events on a GPU.
-    The driver must hold no request: the steps write keys and values into rows nobody reads."""
+    The driver must hold no request: the steps write keys and values into rows nobody reads, and the rows
+    are idle again afterwards."""
     import torch
 
     runner = driver.runner
-    tokens, positions = [driver.loaded.pad_token_id] * width, [position] * width
-    with torch.inference_mode():
-        runner.graphs.run(tokens, positions)
-        if runner.device.type != "cuda":
-            started = time.perf_counter()
+    rows = list(range(width))
+    for row in rows:
+        runner.table.write(row, token=driver.loaded.pad_token_id, position=position)
+    try:
+        with torch.inference_mode():
+            runner.graphs.run(width, position + 1)
+            if runner.device.type != "cuda":
+                started = time.perf_counter()
+                for _ in range(repeats):
+                    runner.graphs.run(width, position + 1)
+                return (time.perf_counter() - started) / repeats * 1000
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
             for _ in range(repeats):
-                runner.graphs.run(tokens, positions)
-            return (time.perf_counter() - started) / repeats * 1000
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        for _ in range(repeats):
-            runner.graphs.run(tokens, positions)
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / repeats
+                runner.graphs.run(width, position + 1)
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / repeats
+    finally:
+        runner.table.release(rows)
 
 
 # Served --------------------------------------------------------------------------------------------
 def served(plan: Plan, photos: str, budget: Budget, logs: Path, result: dict[str, Any],
            save: Callable[[], object]) -> None:
-    """Our server: the served levels, then the mixed-length workload, on one server process; into
-    `result` as they end (`save` writes what there is so far)."""
+    """Our server: the served levels, the mixed-length workload, then the sampled ones, on one server
+    process; into `result` as they end (`save` writes what there is so far)."""
     port = procs.free_port()
     command, env = SYSTEMS["ours"].command(port, Config(model=plan.preset, rows=plan.rows))
     env["PALIGEMMA_DEVICE"] = plan.device
     mix = build_mix(plan.variants, tokens=dict.fromkeys(TASKS, NEW_TOKENS), photos=photos)
     mixed = spread_new_tokens(build_mix(plan.variants, photos=photos), MIXED_LENGTHS)
     log = logs / "gpu-server.log"
-    result.update({"levels": [], "mixed": None, "log": str(log)})
+    result.update({"levels": [], "mixed": None, "sampled": {}, "log": str(log)})
     started = time.perf_counter()
     with procs.running("ours", command, env, "/readyz", log, port, timeout_s=budget.left) as server:
         result["startup_s"] = time.perf_counter() - started
         result["pid"] = server.pid
         result.update(server_log_timings(log))
+        result["graphs"] = models_card(server.base_url)
         print(f"[served] ready in {result['startup_s']:.0f} s (decode graphs: {result['capture_log']})",
               flush=True)
         index = 0
@@ -243,6 +269,28 @@ def served(plan: Plan, photos: str, budget: Budget, logs: Path, result: dict[str
             print(f"[mixed] {plan.mixed} in flight, max_new_tokens {MIXED_LENGTHS[0]}..{MIXED_LENGTHS[-1]}: "
                   f"{level['requests_per_s']:.2f} req/s; p50 by length: "
                   + ", ".join(f"{k}: {v['p50_ms']:.0f} ms" for k, v in lengths.items()), flush=True)
+            save()
+        for mode, fields in SAMPLED.items():
+            if not budget.allows(f"sampled {mode}", plan.warmup_s + plan.window_s + 20):
+                break
+            level = asyncio.run(measure_level(server, True, with_sampling(mix, fields), plan.sampled,
+                                              plan.warmup_s, plan.window_s, 0))
+            level.pop("sent")
+            level.pop("samples")
+            result["sampled"][mode] = level
+            m = level.get("server_metrics", {})
+            print(f"[sampled] {mode}, {plan.sampled} in flight: {level['requests_per_s']:.2f} req/s, p50 "
+                  f"{level['latency_ms']['p50']:.0f} ms, decode step {_ms(m.get('mean_decode_step_ms'))} ms, "
+                  f"errors {level['errors'] or 0}", flush=True)
+            save()
+
+
+def models_card(base_url: str) -> dict[str, Any]:
+    """What the server's /v1/models says of its decode graphs (captured buckets, or why discarded)."""
+    import httpx
+
+    card = httpx.get(f"{base_url}/v1/models", timeout=10).json()["data"][0]
+    return {key: card.get(key) for key in ("decode_graphs", "decode_graphs_failure")}
 
 
 def server_log_timings(log: Path) -> dict[str, Any]:
@@ -328,7 +376,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="start no stage that would end after this many seconds (default 480)")
     parser.add_argument("--results", type=Path, help="Markdown file whose `gpu` section to rewrite "
                         "(default benchmarks/RESULTS.md; dry run: benchmarks/out/RESULTS-gpu-dry-run.md)")
+    parser.add_argument("--quantized", action="store_true",
+                        help="PaliGemma 2 10B at 448 px in nf4 and int8 (benchmarks/gpu_quantized.py)")
     args = parser.parse_args(argv)
+    if args.quantized:
+        from benchmarks import gpu_quantized
+
+        return gpu_quantized.main([*(["--dry-run"] if args.dry_run else []), "--budget-s", str(args.budget_s),
+                                   *(["--results", str(args.results)] if args.results else [])])
     plan = DRY if args.dry_run else FULL
     if not args.dry_run:
         import torch

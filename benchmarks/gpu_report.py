@@ -19,6 +19,7 @@ TARGET_STEP_1_ROW_MS = 4.5  # decode step at 1 row, at most
 TARGET_H200_RPS = 150.0  # served req/s at 32 in flight, on an H200
 TARGET_P50_AT_1_MS = 180.0
 TARGET_SHORT_OVER_LONG = 0.3  # mixed lengths: p50 of the shortest / p50 of the longest, at most
+TARGET_SAMPLED_OVER_GREEDY = 0.6  # served req/s, sampled (temperature 1) / greedy, at the same N
 
 
 def bandwidth(gpu: str | None) -> tuple[float, str]:
@@ -134,6 +135,13 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         checks.append(_check(f"mixed lengths at {mixed['concurrency']} in flight: p50 of {lengths[0]}-token "
                              f"/ p50 of {lengths[-1]}-token requests",
                              short / long if short and long else None, TARGET_SHORT_OVER_LONG, True))
+    sampled = ((results.get("served") or {}).get("sampled") or {}).get("temperature 1")
+    if sampled:
+        greedy = _row(served, sampled["concurrency"])
+        ratio = sampled["requests_per_s"] / greedy["requests_per_s"] if greedy and greedy["requests_per_s"] \
+            else None
+        checks.append(_check(f"served req/s at {sampled['concurrency']} in flight, temperature 1 / greedy",
+                             ratio, TARGET_SAMPLED_OVER_GREEDY, False))
     return checks
 
 
@@ -167,8 +175,9 @@ def render(results: dict[str, Any]) -> str:
         f"{limits.get('min_prefill_ms', 0):.2f} ms at 989 dense bf16 TFLOP/s).",
         "",
     ]
-    lines += _ceiling_lines(inproc) + _step_lines(inproc) + _served_lines(results) + _tutorial_lines(results)
-    lines += ["### Targets (issue 8)" + (" (dry run: no meaning)" if dry else ""), "",
+    lines += _ceiling_lines(inproc) + _step_lines(inproc) + _served_lines(results) + _sampled_lines(results)
+    lines += _tutorial_lines(results)
+    lines += ["### Targets (issues 8 and 18)" + (" (dry run: no meaning)" if dry else ""), "",
               "| target | value | limit | verdict |", "|---|---|---|---|"]
     for target in results.get("targets") or []:
         verdict = {True: "**met**", False: "**not met**", None: "not measured"}[target["met"]]
@@ -254,6 +263,39 @@ def _served_lines(results: dict[str, Any]) -> list[str]:
                          f"{fmt(row['p90_ms'], 0)} |")
         lines.append("")
     return lines
+
+
+def _sampled_lines(results: dict[str, Any]) -> list[str]:
+    inproc, served = results.get("in_process") or {}, results.get("served") or {}
+    lines = ["### Sampling and the decode graphs' check", ""]
+    graphs = served.get("graphs") or {}
+    lines.append(f"- Decode graphs at warm-up: in-process {inproc.get('graphs') or 'none'}"
+                 + (f", DISCARDED: {inproc['graphs_failure']}" if inproc.get("graphs_failure") else
+                    " (they agreed with the eager step)" if inproc.get("graphs") else "")
+                 + f"; the server's /v1/models: {graphs.get('decode_graphs')}"
+                 + (f", DISCARDED: {graphs['decode_graphs_failure']}" if graphs.get("decode_graphs_failure")
+                    else "") + ".")
+    sampler = inproc.get("sampler_ms") or {}
+    if sampler:
+        greedy = sampler.get("greedy")
+        timings = ", ".join(f"{mode} {ms:.2f} ({fmt(ms / greedy if greedy else None)})"
+                            for mode, ms in sampler.items())
+        lines.append(f"- The sampler alone, {inproc.get('rows')} rows x 257,216 {inproc.get('dtype')} logits "
+                     f"(peaked), ms (x greedy): {timings}.")
+    sampled = served.get("sampled") or {}
+    if sampled:
+        levels = {level["concurrency"]: level for level in served.get("levels") or []}
+        lines += ["", "| workload | in flight | req/s | x greedy | p50 ms | decode step ms (mean) | errors |",
+                  "|---|---|---|---|---|---|---|"]
+        for mode, level in sampled.items():
+            greedy_level = levels.get(level["concurrency"])
+            ratio = level["requests_per_s"] / greedy_level["requests_per_s"] if greedy_level and \
+                greedy_level["requests_per_s"] else None
+            m = level.get("server_metrics") or {}
+            lines.append(f"| {mode} | {level['concurrency']} | {level['requests_per_s']:.2f} | "
+                         f"{fmt(ratio)} | {fmt(level['latency_ms']['p50'], 0)} | "
+                         f"{fmt(m.get('mean_decode_step_ms'))} | {level['errors'] or 0} |")
+    return [*lines, ""]
 
 
 def _tutorial_lines(results: dict[str, Any]) -> list[str]:

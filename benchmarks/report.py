@@ -36,7 +36,9 @@ MIN_GAIN = 1.05  # a batching gain below this makes "the share of the gain reali
 # Other processes' CPU (cores) up to which a measurement counts as undisturbed (run.py's --retry-above).
 QUIET_CORES = 0.25
 
-SECTION_ORDER = ("run", "image_prep", "placement", "exif", "soak", "adapters", "gpu", "gpu_adapters")
+SECTION_ORDER = ("run", "sampling", "served_sampling", "step_overhead", "image_prep", "placement", "exif",
+                 "soak", "adapters", "quantization-weights", "quantization-layers", "quantization-speed",
+                 "quantization-accuracy", "gpu", "gpu_adapters", "gpu-quantized")
 
 
 def _level(results: dict[str, Any], system: str, concurrency: int) -> dict[str, Any] | None:
@@ -219,7 +221,7 @@ def render_run(results: dict[str, Any]) -> str:
 
 def _ceiling_table(results: dict[str, Any]) -> list[str]:
     lines = ["### Ceiling: the server's engine in-process, N in flight, prepared tensors, no HTTP", "",
-             "`benchmarks/ceiling.py`: the server's `EngineLoop` + `ModelStepRunner` + `Scheduler`, built "
+             "`benchmarks/ceiling.py`: the server's `EngineCore` + `ModelStepRunner` + `Scheduler`, built "
              "from the same settings, stepped in one thread; N requests always in flight (a finished one is "
              "replaced by the next of the workload at once, joining at the next step); images and prompts "
              f"prepared beforehand by the server's own functions. Window {_ceiling_window(results)}. "
@@ -404,6 +406,16 @@ def wait_if_asked(args: argparse.Namespace) -> None:
         from benchmarks.procs import wait_until_quiet
 
         wait_until_quiet(args.quiet_wait)
+
+
+def save_raw(name: str, data: object) -> Path:
+    """Write a benchmark's raw results as benchmarks/out/<name>.json (gitignored); the path."""
+    import json
+
+    path = Path(__file__).resolve().parent / "out" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str))
+    return path
 
 
 def publish(args: argparse.Namespace, section: str, markdown: str) -> None:

@@ -12,6 +12,7 @@ what it needs and each image layer changes only with its own file:
     torch-cu130.lock    PyPI's build of the same torch release (CUDA 13.0) and the CUDA libraries
     base.lock           everything else the server imports (the image's second layer)
     render.lock         the `render` extra (annotated PNGs) over base.lock: the image's EXTRAS=render layer
+    quantization.lock   the `quantization` extra (bitsandbytes, torchao) over base.lock: EXTRAS=quantization
     dev.lock            the optional extras (tests, linters, deployment checkers) and the build backend
 
 Every file lists, in its header, the requirements it was made from; `check` compares that list with
@@ -47,7 +48,10 @@ PYTORCH_CPU_WHEELS = "https://download.pytorch.org/whl/cpu/torch/"
 UV_VERSION = "0.13.8"
 PYTHON_VERSION = "3.11"
 PLATFORM = "x86_64-manylinux_2_28"
-FILES = ("torch-cpu.lock", f"torch-{CUDA_LINE}.lock", "base.lock", "render.lock", "dev.lock")
+FILES = ("torch-cpu.lock", f"torch-{CUDA_LINE}.lock", "base.lock", "render.lock", "quantization.lock",
+         "dev.lock")
+# Extras that serving installs (and the image can take, EXTRAS=...), each locked over base.lock alone.
+SERVING_EXTRAS = ("render", "quantization")
 HINT = "Run `make lock` and commit requirements/ (it needs PyPI; it takes seconds)."
 
 
@@ -188,7 +192,6 @@ def lock() -> None:
     data = tomllib.loads(PYPROJECT.read_text())
     project = data["project"].get("dependencies", [])
     extras = [r for reqs in data["project"].get("optional-dependencies", {}).values() for r in reqs]
-    render_extra = data["project"].get("optional-dependencies", {}).get("render", [])
     build = data.get("build-system", {}).get("requires", [])
     version = torch_version()
     source_inputs = inputs()
@@ -200,9 +203,11 @@ def lock() -> None:
         gpu = compile_requirements(uv, [*project, f"torch=={version}"], shared, [], work, "runtime-gpu")
         dev = compile_requirements(uv, [*project, *extras, *build, f"torch=={version}+cpu"], pins(cpu),
                                    cpu_torch_source(version), work, "dev")
-        # The same versions as dev.lock, so `make install` and an image with EXTRAS=render agree.
-        render = compile_requirements(uv, [*project, *render_extra, f"torch=={version}+cpu"],
-                                      constraints(dev), cpu_torch_source(version), work, "render")
+        # The same versions as dev.lock, so `make install` and an image with EXTRAS=... agree.
+        serving = {extra: compile_requirements(
+            uv, [*project, *data["project"].get("optional-dependencies", {}).get(extra, []),
+                 f"torch=={version}+cpu"], constraints(dev), cpu_torch_source(version), work, extra)
+            for extra in SERVING_EXTRAS}
     base = {k: v for k, v in cpu.items() if k in gpu and v.split(" ", 1)[0] == gpu[k].split(" ", 1)[0]
             and k != "torch"}
     runtime = [k for k in gpu if k.startswith("nvidia-cuda-runtime")]
@@ -215,10 +220,12 @@ def lock() -> None:
         raise SystemExit(f"PyPI's torch=={version} is built for {line}, not {CUDA_LINE}: update CUDA_LINE in "
                          "scripts/lock.py, the Dockerfile's TORCH_CUDA default and the driver notes")
     driver = DRIVER_FOR_CUDA.get(cuda.group(1), "see NVIDIA's CUDA compatibility table")
-    render_only = {k: v for k, v in render.items() if k not in cpu}
-    if set(render_only) & set(gpu):
-        raise SystemExit(f"the render extra needs {sorted(set(render_only) & set(gpu))}, which the CUDA "
-                         "torch pins too: render.lock could not go over both torch builds")
+    extra_only = {extra: {k: v for k, v in locked.items() if k not in cpu}
+                  for extra, locked in serving.items()}
+    for extra, only in extra_only.items():
+        if set(only) & set(gpu):
+            raise SystemExit(f"the {extra} extra needs {sorted(set(only) & set(gpu))}, which the CUDA torch "
+                             f"pins too: {extra}.lock could not go over both torch builds")
     write("torch-cpu.lock", f"torch {version}, CPU build. Installed with base.lock.", source_inputs,
           {k: v for k, v in cpu.items() if k not in base})
     write(f"torch-{CUDA_LINE}.lock",
@@ -227,7 +234,9 @@ def lock() -> None:
           {k: v for k, v in gpu.items() if k not in base})
     write("base.lock", "Everything the server needs except torch (torch-*.lock).", source_inputs, base)
     write("render.lock", "The `render` extra (annotated PNGs), over base.lock: the image's EXTRAS=render.",
-          source_inputs, render_only)
+          source_inputs, extra_only["render"])
+    write("quantization.lock", "The `quantization` extra (bitsandbytes, torchao), over base.lock: the "
+          "image's EXTRAS=quantization.", source_inputs, extra_only["quantization"])
     write("dev.lock", "The optional extras and the build backend, for `make install` (over base.lock).",
           source_inputs, {k: v for k, v in dev.items() if k not in cpu})
 
@@ -254,15 +263,17 @@ def install(torch: str, dev: bool) -> None:
               f"{platform.machine()}: installing unlocked from pyproject.toml", file=sys.stderr)
         version = torch_version()
         pip("install", "-q", f"torch=={version}")
-        pip("install", "-q", "-e", ".[dev]" if dev else ".[render]")
+        pip("install", "-q", "-e", ".[dev]" if dev else f".[{','.join(SERVING_EXTRAS)}]")
         return
     problems = stale_report()
     if problems:
         print("\n".join(["lock.py: pyproject.toml and requirements/*.lock disagree:", *problems, HINT]),
               file=sys.stderr)
         raise SystemExit(1)
-    # Serving: torch, the server and its annotated PNGs; the dev set holds the test and lint tools too.
-    files = [f"torch-{torch}.lock", "base.lock", "dev.lock" if dev else "render.lock"]
+    # Serving: torch, the server, annotated PNGs and quantized weights; the dev set holds the test and lint
+    # tools too.
+    files = [f"torch-{torch}.lock", "base.lock",
+             *(["dev.lock"] if dev else [f"{extra}.lock" for extra in SERVING_EXTRAS])]
     pip("install", "-q", "--no-deps", "--require-hashes",
         *(arg for name in files for arg in ("-r", str(REQUIREMENTS / name))))
     pip("check")
@@ -284,7 +295,8 @@ def main(argv: list[str]) -> int:
     inst.add_argument("--torch", choices=["auto", "cpu", CUDA_LINE], default="auto",
                       help="which torch build (auto: the CUDA one when nvidia-smi exists)")
     inst.add_argument("--no-dev", dest="dev", action="store_false",
-                      help="what serving needs only: torch, base.lock and render.lock (no dev.lock)")
+                      help="what serving needs only: torch, base.lock and the serving extras' locks (no "
+                           "dev.lock)")
     args = parser.parse_args(argv)
     if args.command == "lock":
         lock()

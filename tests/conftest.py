@@ -6,12 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import random_mask_decoder
-from tests.served import served
-from tests.trained_model import train
-
 TESTS = Path(__file__).resolve().parent
-# The test layers, one folder each; every test gets its folder's marker (`pytest -m unit`: `make test-fast`).
+# The test layers, one folder each; every test gets its folder's marker (`make test-fast` runs tests/unit).
 LAYERS = {
     "unit": "pure units and fakes: no model weights, no served process",
     "model": "a real (tiny) PaliGemma in this process: the engine, the app through its ASGI client",
@@ -36,6 +32,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny PaliGemma trained to emit known detect/segment outputs, saved with save_pretrained."""
+    from tests.trained_model import train  # torch: imported by the layers that use it, not by every run
+
     return train(tmp_path_factory.mktemp("trained-paligemma"))
 
 
@@ -49,6 +47,9 @@ class TrainedServer:
 def trained_server(trained_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainedServer]:
     """One served process (`python -m app`) shared by the client, CLI, annotated-image and browser tests:
     the trained checkpoint, a mask decoder with seeded random weights, and an API key."""
+    from tests.helpers import random_mask_decoder
+    from tests.served import served
+
     directory = tmp_path_factory.mktemp("trained-server")
     key = "test-key-0123"
     env = {"PALIGEMMA_MODEL": str(trained_checkpoint), "PALIGEMMA_API_KEYS": key,

@@ -8,11 +8,17 @@ inputs, recognised by a uniform colour; a test picks the victim by the picture i
 - pure red: a prefill containing it raises a CUDA-style error that leaves the worker unusable (the
   process must exit);
 - pure yellow (255, 255, 0): the prefill that contains it hangs for FAULT_HANG_S seconds (a stuck worker).
+
+FAULT_GC_S (seconds, off by default) runs a full garbage collection that often, so that what a
+long-running server's collector finds eventually (a task left pending when its request ended, reported
+as "Task was destroyed but it is pending!") a short test finds at once.
 """
 
 from __future__ import annotations
 
+import gc
 import os
+import threading
 import time
 
 import torch
@@ -24,6 +30,7 @@ from app.model.loader import LoadedModel
 SLOW_S = float(os.environ.get("FAULT_SLOW_S", "2"))
 STEP_S = float(os.environ.get("FAULT_STEP_S", "0.02"))
 HANG_S = float(os.environ.get("FAULT_HANG_S", "6"))
+GC_S = float(os.environ.get("FAULT_GC_S", "0"))
 # What each uniform colour becomes after the checkpoint's normalisation ((v / 255 - 0.5) / 0.5).
 _COLOURS = {"slow": (-1.0, -1.0, 1.0), "slow_steps": (-1.0, 1.0, -1.0), "fail": (-1.0, -1.0, -1.0),
             "fatal": (1.0, -1.0, -1.0), "hang": (1.0, 1.0, -1.0)}
@@ -66,7 +73,15 @@ def faulty_runner(loaded: LoadedModel, config: RunnerConfig) -> FaultyRunner:
     return FaultyRunner(loaded, config)
 
 
+def _collect_garbage_every(seconds: float) -> None:
+    while True:
+        time.sleep(seconds)
+        gc.collect()
+
+
 if __name__ == "__main__":
     from app.__main__ import main
 
+    if GC_S > 0:
+        threading.Thread(target=_collect_garbage_every, args=(GC_S,), name="gc", daemon=True).start()
     main(runner_factory=faulty_runner)

@@ -1,10 +1,10 @@
-"""Shared test helpers: images made on the fly, an app under a real ASGI client, readiness waits."""
+"""Shared test helpers: an app under a real ASGI client, readiness waits, metrics, a mask decoder file.
+Images made on the fly are in tests/images.py."""
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
-import io
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,30 +12,9 @@ from pathlib import Path
 import numpy as np
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from app.main import create_app
 from app.settings import Settings
-
-
-def photo(width: int, height: int, seed: int = 0) -> Image.Image:
-    """A smooth random picture: gradients plus noise, different for each seed."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([(x * rng.uniform(0.1, 1)) % 256, (y * rng.uniform(0.1, 1)) % 256,
-                     ((x + y) * rng.uniform(0.1, 1)) % 256], axis=-1)
-    noise = rng.integers(0, 40, (height, width, 3))
-    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
-
-
-def encode(image: Image.Image, fmt: str = "JPEG", **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
-
-
-def jpeg(width: int = 320, height: int = 240, seed: int = 0) -> bytes:
-    return encode(photo(width, height, seed), "JPEG", quality=90)
 
 
 def wait_ready(client: TestClient, timeout_s: float = 60) -> None:

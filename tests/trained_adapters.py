@@ -19,7 +19,7 @@ import torch
 from app.model.inputs import ImageTransform, PromptEncoder
 from app.model.loader import LoadedModel, load_model
 from app.settings import Settings
-from tests.helpers import photo
+from tests.images import photo
 from tests.trained_model import fit
 
 LANGUAGE_ATTENTION = r"model\.language_model\.layers\.\d+\.self_attn\.(q_proj|v_proj)"

@@ -16,9 +16,9 @@ from app.adapters.registry import RUNTIME_LOADING_OFF, AdapterRegistry
 from app.api.convert import adapter_card
 from app.api.deps import ServiceDep
 from app.api.errors import ERROR_RESPONSES
-from app.engine.service import InferenceService
 from app.errors import Forbidden
 from app.schemas import AdapterCard, AdapterDeleted
+from app.serving.service import InferenceService
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"], responses=ERROR_RESPONSES)
 

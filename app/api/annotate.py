@@ -2,7 +2,7 @@
 
 Two hooks for the task routes: `wants_image` (decides, and refuses before any model work when the
 drawing library is missing) and `annotated_png` (draws the finished result). The drawing
-itself is `app.render`.
+itself is `app.api.render`.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from fastapi import Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from app import render
-from app.engine.jobs import JobResult
-from app.engine.service import InferenceService
+from app.api import render
 from app.errors import RenderingUnavailable
+from app.serving.jobs import JobResult
+from app.serving.service import InferenceService
 
 PNG = "image/png"
 

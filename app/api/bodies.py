@@ -17,9 +17,9 @@ from starlette.datastructures import UploadFile
 
 from app.api.errors import validation_problem
 from app.api.protocol import TaskBody
-from app.engine.jobs import ImageInput
 from app.errors import InvalidImage, InvalidRequest, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
 from app.image_sources import ImageSources
+from app.serving.jobs import ImageInput
 
 Body = TypeVar("Body", bound=TaskBody)
 
@@ -27,6 +27,7 @@ MULTIPART = "multipart/form-data"
 URLENCODED = "application/x-www-form-urlencoded"  # a form without files: the image as base64 or a URL
 JSON = "application/json"
 _REPEATABLE = frozenset({"objects"})
+MAX_JSON_DEPTH = 32  # the deepest body of this API (a chat completion's image URL) is 6 levels deep
 
 
 def media_type(request: Request) -> str:
@@ -58,8 +59,13 @@ async def read_task_body(request: Request, model: type[Body], max_image_bytes: i
         raise ValidationFailed(message, param=param) from None
     if isinstance(image, bytes):
         return body, ImageInput(image)
-    text = image
-    return body, ImageInput(loader=lambda: sources.load(text))
+    return body, image_input(image, sources)
+
+
+def image_input(value: str, sources: ImageSources) -> ImageInput:
+    """What a client sent in place of an image file (base64, a data URL, an image URL), read through
+    `sources` when the service gets to it."""
+    return ImageInput(loader=lambda: sources.load(value), remote=sources.is_url(value))
 
 
 async def _from_multipart(request: Request, model: type[TaskBody],
@@ -93,13 +99,44 @@ async def _from_multipart(request: Request, model: type[TaskBody],
     return values, image
 
 
-async def _from_json(request: Request) -> tuple[dict[str, object], bytes | str | None]:
-    raw = await request.body()
+def parse_json(raw: bytes, example: str) -> object:
+    """The JSON value of a body, refused (400) when it is not JSON or nests deeper than MAX_JSON_DEPTH:
+    no field of this API needs more than a few levels, and a body nested a thousand deep (2 KB) would
+    otherwise exhaust the parser's recursion. `example` is a body to suggest in the message."""
     try:
         payload = json.loads(raw)
+    except RecursionError:
+        raise _too_deep() from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequest(f"the body is not valid JSON ({exc}); send a JSON object such as "
-                             "{\"image\": \"<base64>\", \"max_new_tokens\": 32}") from None
+        raise InvalidRequest(f"the body is not valid JSON ({exc}); send a JSON object such as {example}"
+                             ) from None
+    if _depth(payload) > MAX_JSON_DEPTH:
+        raise _too_deep()
+    return payload
+
+
+def _depth(value: object) -> int:
+    """How deeply arrays and objects nest in `value` (a scalar: 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        if level <= MAX_JSON_DEPTH:  # past the limit the answer is known: stop walking
+            stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def _too_deep() -> InvalidRequest:
+    return InvalidRequest(f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels of arrays and objects, "
+                          "the most this server reads; no field of this API needs more than a few: send the "
+                          "fields the endpoint documents")
+
+
+async def _from_json(request: Request) -> tuple[dict[str, object], bytes | str | None]:
+    payload = parse_json(await request.body(), "{\"image\": \"<base64>\", \"max_new_tokens\": 32}")
     if not isinstance(payload, dict):
         raise ValidationFailed("the JSON body must be an object of fields, e.g. {\"image\": \"<base64>\"}")
     image = payload.pop("image", None)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from app.engine.jobs import JobResult, ObjectResult
-from app.engine.service import InferenceService
 from app.model.loader import RANDOM_WEIGHTS_WARNING
 from app.schemas import RLE, AdapterCard, Box, Detection, ImageSize, Segment, Timings, Usage
+from app.serving.jobs import JobResult, ObjectResult
+from app.serving.service import InferenceService
 from app.tasks.parsing import Box as InternalBox
 
 if TYPE_CHECKING:

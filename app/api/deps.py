@@ -6,10 +6,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.engine.service import InferenceService
 from app.errors import NotReady, ShuttingDown
 from app.lifecycle import Lifecycle, Phase
 from app.metrics import Metrics
+from app.serving.service import InferenceService
 
 
 def get_metrics(request: Request) -> Metrics:

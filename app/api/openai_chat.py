@@ -17,14 +17,15 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from app.api.bodies import image_input, parse_json
 from app.api.deps import ServiceDep
 from app.api.errors import ERROR_RESPONSES, request_id_of, service_error_body, validation_problem
 from app.api.streaming import EVENT_STREAM, stream_job
 from app.api.tasks import count_prompt_tokens, generate_response, job_for, until_disconnect
-from app.engine.jobs import ImageInput, JobResult
-from app.engine.sampling import SamplingParams
-from app.engine.service import InferenceService
+from app.engine.sampling_params import SamplingParams
 from app.errors import InvalidRequest, NotFound, ServiceError, ValidationFailed
+from app.serving.jobs import JobResult
+from app.serving.service import InferenceService
 from app.tasks import prompts
 from app.tasks.prompts import PromptLimits, Task
 
@@ -60,15 +61,31 @@ class ChatRequest(_Open):
     model: str | None = Field(None, description="The base's id or a loaded LoRA adapter's name (GET "
                                                 "/v1/models). Without adapters, any name is the one model.")
     messages: list[Message] = Field(min_length=1)
+    # As in OpenAI's API, null is allowed wherever a field is optional, and means the default.
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 (the default here): greedy.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, le=1_000_000, description="An extension: sample from the k likeliest tokens.")
+    temperature: float | None = Field(None, ge=0.0, le=2.0,
+                                      description="0 or null (the default here): greedy.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="null: 1.")
+    top_k: int | None = Field(None, ge=0, le=1_000_000,
+                              description="An extension: sample from the k likeliest tokens (0 or null: "
+                                          "all).")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stream: bool = False
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int | None = None
+
+    def sampling(self) -> SamplingParams:
+        default = SamplingParams()
+        return SamplingParams(default.temperature if self.temperature is None else self.temperature,
+                              default.top_p if self.top_p is None else self.top_p,
+                              default.top_k if self.top_k is None else self.top_k, self.seed)
+
+    def token_limit(self) -> tuple[int | None, str]:
+        """The most tokens to generate, and the field the client gave it in (for messages)."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
 
 
 class ChatMessage(BaseModel):
@@ -111,19 +128,23 @@ _UNSUPPORTED = {
     "logit_bias": "logit_bias is not supported",
     "audio": "audio is not supported",
 }
-# Values of those fields (and of the penalties) that change nothing, so clients that send them pass.
-_NEUTRAL: dict[str, object] = {"logprobs": False, "presence_penalty": 0, "frequency_penalty": 0,
-                               "response_format": {"type": "text"}}
+# Values of those fields (and of the penalties) that change nothing, so clients that send them pass;
+# null always does. An empty list of stop strings (or of tools) asks for none.
+_NEUTRAL: dict[str, tuple[object, ...]] = {
+    "logprobs": (False,), "top_logprobs": (0,), "presence_penalty": (0,), "frequency_penalty": (0,),
+    "response_format": ({"type": "text"},), "stop": ([], ""), "tools": ([],), "functions": ([],),
+    "tool_choice": ("none",), "logit_bias": ({},),
+}
 
 
 def _refuse_unsupported(chat: ChatRequest) -> None:
     extra = chat.model_extra or {}
     for name in ("presence_penalty", "frequency_penalty", "response_format", *_UNSUPPORTED):
         value = extra.get(name)
-        if value is not None and value != _NEUTRAL.get(name, object()):
+        if value is not None and value not in _NEUTRAL.get(name, ()):
             why = _UNSUPPORTED.get(name, f"{name} is not supported (only its default is accepted)")
             raise InvalidRequest(why, param=name)
-    if chat.n != 1:
+    if chat.n not in (None, 1):
         raise InvalidRequest("n must be 1: one completion per request", param="n")
 
 
@@ -226,10 +247,7 @@ _STREAMED: dict[int | str, dict[str, Any]] = {200: {"content": {EVENT_STREAM: {}
 @router.post("/chat/completions", response_model=ChatCompletion, summary="OpenAI-compatible chat completions",
              responses=_STREAMED, response_model_exclude_none=True)
 async def chat_completions(request: Request, service: ServiceDep) -> Any:
-    try:
-        payload = await request.json()
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequest(f"the body is not valid JSON ({exc})") from None
+    payload = parse_json(await request.body(), "{\"model\": \"paligemma\", \"messages\": [...]}")
     try:
         chat = ChatRequest.model_validate(payload)
     except ValidationError as exc:
@@ -239,11 +257,10 @@ async def chat_completions(request: Request, service: ServiceDep) -> Any:
     url, text = _image_and_prefix(chat)
     settings = service.settings
     prefix = prompts.raw_prompt(text, PromptLimits(settings.max_objects, settings.max_text_chars))
-    sampling = SamplingParams(chat.temperature, chat.top_p, chat.top_k, chat.seed)
+    limit, field = chat.token_limit()
     adapter = adapter_for_model(service, chat.model)
-    job = job_for(request, service, Task.GENERATE, prefix, chat.max_completion_tokens or chat.max_tokens,
-                  sampling, adapter)
-    image = ImageInput(loader=lambda: service.image_sources.load(url))
+    job = job_for(request, service, Task.GENERATE, prefix, limit, chat.sampling(), adapter, field=field)
+    image = image_input(url, service.image_sources)
     if chat.stream:
         include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
         stream = stream_job(lambda on_tokens: service.run(job, image, on_tokens), service.encoder,

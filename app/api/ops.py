@@ -61,8 +61,14 @@ async def models(request: Request, service: ServiceDep) -> ModelList:
         max_batch_size=service.engine.scheduler.rows,
         max_prompt_tokens=service.settings.max_prompt_tokens,
         decode_graphs=service.decode_graphs,
+        decode_graphs_failure=service.decode_graphs_failure,
         max_new_tokens=service.settings.max_new_tokens,
         default_max_new_tokens=service.settings.default_max_new_tokens,
+        quantization=loaded.quantization.value,
+        vision_quantized=loaded.vision_quantized,
+        weight_bytes=loaded.weight_bytes,
+        kv_cache_bytes=getattr(service.runner, "cache_bytes", None),
+        memory_plan=plan.as_dict() if (plan := request.app.state.memory_plan) is not None else None,
         adapters=None,
     )
     registry = service.adapters

@@ -4,20 +4,24 @@ The engine hands over token ids, step by step; `IncrementalText` turns them into
 emitting half a character (a byte-level token can end inside a multi-byte UTF-8 sequence, which decodes
 to U+FFFD until the rest arrives). `stream_job` starts the request and waits for its first token before
 the response begins, so refusals (429, 400, 413...) still get their HTTP status; later failures become
-an `error` event carrying the usual envelope.
+an `error` event carrying the usual envelope. A client that leaves stops its request, and every task the
+stream started is cancelled and awaited.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fastapi.responses import StreamingResponse
 
 from app.errors import ServiceError
-from app.model.inputs import PromptEncoder
+
+if TYPE_CHECKING:  # the model layer (torch) is not needed to write events
+    from app.model.inputs import PromptEncoder
 
 _INCOMPLETE = "\ufffd"
 EVENT_STREAM = "text/event-stream"
@@ -61,26 +65,33 @@ class EventFormat(Protocol):
     def error(self, error: ServiceError) -> bytes: ...
 
 
-async def stream_job(run: Callable[[OnTokens], Awaitable[Any]], encoder: PromptEncoder,
-                     form: EventFormat) -> StreamingResponse:
-    """Start `run(on_tokens)`; once its first tokens (or its end) arrive, answer with an event stream
-    of text deltas and, at the end, `form.result` of what `run` returned (or `form.error`)."""
+def stream_job(run: Callable[[OnTokens], Awaitable[Any]], encoder: PromptEncoder,
+               form: EventFormat) -> Awaitable[StreamingResponse]:
+    """Start `run(on_tokens)` now; the awaitable answers, once its first tokens (or its end) arrive, with
+    an event stream of text deltas and, at the end, `form.result` of what `run` returned (or
+    `form.error`). Started here, in the handler's own step of the event loop as a plain request's run is
+    (`app.api.tasks.until_disconnect`), so that both forms reach the engine in the order they came."""
     queue: asyncio.Queue[list[int]] = asyncio.Queue()
     work = asyncio.ensure_future(run(queue.put_nowait))
+    return _respond(work, queue, encoder, form)
+
+
+async def _respond(work: asyncio.Future[Any], queue: asyncio.Queue[list[int]], encoder: PromptEncoder,
+                   form: EventFormat) -> StreamingResponse:
     first = asyncio.ensure_future(queue.get())
     try:
         await asyncio.wait({work, first}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
-        work.cancel()
-        first.cancel()
+        await _cancel(work, first)
         raise
     if work.done() and not first.done():
-        first.cancel()
+        await _cancel(first)
         work.result()  # a refusal or failure before any token: raised here, answered with its status
     pending = [first.result()] if first.done() else []
     text = IncrementalText(encoder)
 
     async def events() -> AsyncIterator[bytes]:
+        getter: asyncio.Future[list[int]] | None = None
         try:
             for tokens in pending:
                 if delta := text.push(tokens):
@@ -89,7 +100,6 @@ async def stream_job(run: Callable[[OnTokens], Awaitable[Any]], encoder: PromptE
                 getter = asyncio.ensure_future(queue.get())
                 await asyncio.wait({getter, work}, return_when=asyncio.FIRST_COMPLETED)
                 if not getter.done():
-                    getter.cancel()
                     break
                 if delta := text.push(getter.result()):
                     yield form.delta(delta)
@@ -104,9 +114,18 @@ async def stream_job(run: Callable[[OnTokens], Awaitable[Any]], encoder: PromptE
                 yield form.delta(delta)
             yield await form.result(result)
         finally:
-            # The client left mid-stream (or the stream ended): stop the request; its row is freed.
-            if not work.done():
-                work.cancel()
+            # The client left mid-stream (or the stream ended): stop the request, its row is freed at
+            # the next step, and leave no task pending.
+            await _cancel(work, *([getter] if getter is not None else []))
 
     return StreamingResponse(events(), media_type=EVENT_STREAM,
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _cancel(*tasks: asyncio.Future[Any]) -> None:
+    """Cancel `tasks` and wait until they have ended. Shielded, so that the caller's own cancellation
+    (the server cancelling a stream whose client left) cannot leave them pending."""
+    for task in tasks:
+        task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))

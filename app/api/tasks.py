@@ -30,11 +30,11 @@ from app.api.protocol import (
     request_body_doc,
 )
 from app.api.streaming import EVENT_STREAM, sse, stream_job
-from app.engine.jobs import ImageInput, Job, JobResult
-from app.engine.sampling import SamplingParams
-from app.engine.service import InferenceService
+from app.engine.sampling_params import SamplingParams
 from app.errors import InvalidRequest, ServiceError, ValidationFailed
 from app.schemas import AnswerResponse, DetectResponse, GenerateResponse, SegmentResponse, TextResponse
+from app.serving.jobs import ImageInput, Job, JobResult
+from app.serving.service import InferenceService
 from app.tasks import prompts
 from app.tasks.parsing import strip_location_tokens
 from app.tasks.prompts import PromptLimits, Task
@@ -65,25 +65,24 @@ def _limits(service: InferenceService) -> PromptLimits:
     return PromptLimits(service.settings.max_objects, service.settings.max_text_chars)
 
 
-def _max_new_tokens(value: int | None, service: InferenceService) -> int:
+def _max_new_tokens(value: int | None, service: InferenceService, field: str) -> int:
     cap = service.settings.max_new_tokens
     if value is None:
         return service.settings.default_max_new_tokens
     if value > cap:
-        raise ValidationFailed(
-            f"`max_new_tokens` must be <= {cap} (PALIGEMMA_MAX_NEW_TOKENS). Given: {value}.",
-            param="max_new_tokens",
-        )
+        raise ValidationFailed(f"`{field}` must be <= {cap} (PALIGEMMA_MAX_NEW_TOKENS). Given: {value}.",
+                               param=field)
     return value
 
 
 def job_for(request: Request, service: InferenceService, task: Task, prefix: str, max_new_tokens: int | None,
-            sampling: SamplingParams, adapter: str | None = None) -> Job:
+            sampling: SamplingParams, adapter: str | None = None, field: str = "max_new_tokens") -> Job:
+    """The job for a route; `field` is what the client called the token limit (for messages)."""
     if adapter is not None and service.adapters is not None and service.adapters.is_loaded(adapter):
         # The metrics' `adapter` label: only ever a loaded adapter's name (RequestContextMiddleware).
         request.scope.setdefault("state", {})["adapter"] = adapter
-    return Job(task, prefix, _max_new_tokens(max_new_tokens, service), sampling, label=request.url.path,
-               adapter=adapter)
+    limit = _max_new_tokens(max_new_tokens, service, field)
+    return Job(task, prefix, limit, sampling, label=request.url.path, adapter=adapter)
 
 
 def _job(request: Request, service: InferenceService, task: Task, prefix: str, body: TaskBody) -> Job:

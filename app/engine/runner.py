@@ -1,28 +1,28 @@
 """The model side of a step: prefill newcomers into their cache rows, decode one token for running rows.
 
-Runs only in the engine's worker thread. It owns the preallocated KV cache, the step model, the decode
-graphs, the image-feature cache and each sampled request's random generator. The scheduler decides;
-this computes.
+Runs only in the engine's worker thread. It owns the preallocated KV cache, the row table (what each row
+feeds the next decode step, with which LoRA adapter, and how its tokens are chosen), the step model, the
+decode graphs, the sampler and the image-feature cache. The scheduler decides; this computes.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from app.adapters.bank import AdapterBank, AdapterRef, DecodeForm
-from app.engine.graphs import DecodeGraphs, graph_buckets
-from app.engine.kv_cache import CacheShape, SlotKVCache
-from app.engine.sampling import GREEDY, SamplingParams, new_generator, select_tokens
+from app.engine.graphs import Capture, DecodeGraphs, graph_buckets
+from app.engine.kv_cache import DecodeRows, SlotKVCache, cache_shape, fit_to_memory
+from app.engine.rows import Column, RowTable
+from app.engine.sampler import SAMPLING_COLUMNS, Sampler
 from app.engine.scheduler import Sequence
 from app.engine.step_model import StepModel
 from app.model.features import FeatureCache
 from app.model.loader import LoadedModel
+from app.model.quantization import graphs_allowed
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +34,16 @@ class RowInput:
     input_ids: list[int]
     pixel_values: torch.Tensor  # (3, H, W) float32 on the CPU, already normalised
     image_key: str | None = None  # identifies the image's content, for the feature cache
-    sampling: SamplingParams = GREEDY
     adapter: AdapterRef | None = None  # the LoRA adapter it runs with; None: the base
 
     @property
     def slot(self) -> int:
         return self.adapter.slot if self.adapter is not None else 0
+
+    @property
+    def vision_slot(self) -> int:
+        """The adapter slot its image is encoded with: the base's unless its adapter changes vision."""
+        return self.slot if self.adapter is not None and self.adapter.vision else 0
 
     @property
     def feature_key(self) -> tuple[int | None, str] | None:
@@ -48,11 +52,6 @@ class RowInput:
             return None
         vision = self.adapter.uid if self.adapter is not None and self.adapter.vision else None
         return vision, self.image_key
-
-
-def _vision_slot(item: RowInput) -> int:
-    """The adapter slot an item's image is encoded with: the base's unless its adapter changes vision."""
-    return item.slot if item.adapter is not None and item.adapter.vision else 0
 
 
 @dataclass(frozen=True)
@@ -68,52 +67,42 @@ class RunnerConfig:
     adapter_decode: DecodeForm = "auto"
 
 
-def cache_shape(loaded: LoadedModel, config: RunnerConfig) -> CacheShape:
-    text: Any = loaded.model.config.text_config
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return CacheShape(
-        layers=text.num_hidden_layers,
-        rows=config.rows,
-        kv_heads=text.num_key_value_heads,
-        length=loaded.image_seq_length + config.max_prompt_tokens + config.max_new_tokens,
-        head_dim=head_dim,
-    )
+def decode_columns(pad_token_id: int, scratch: int) -> list[Column]:
+    """What each row feeds the next decode step. A row nobody runs feeds <pad> at the cache's scratch
+    index, where its write lands out of every real row's sight (app/engine/kv_cache.py), with adapter slot
+    0, the base's (zeros)."""
+    return [Column("token", torch.long, pad_token_id), Column("position", torch.long, scratch),
+            Column("adapter", torch.long, 0)]
 
 
-# Share of the GPU memory left after loading the model that the KV cache may take: the rest is for
-# activations (a prefill of PALIGEMMA_PREFILL_TOKENS), the decode graphs and the mask decoder.
-CACHE_MEMORY_SHARE = 0.5
-
-
-def rows_that_fit(shape: CacheShape, dtype: torch.dtype, free_bytes: int) -> int:
-    """The most cache rows (at most `shape.rows`) that fit in CACHE_MEMORY_SHARE of `free_bytes`."""
-    per_row = CacheShape(shape.layers, 1, shape.kv_heads, shape.length, shape.head_dim).bytes(dtype)
-    return max(1, min(shape.rows, int(free_bytes * CACHE_MEMORY_SHARE) // per_row))
+def row_length(image_tokens: int, config: RunnerConfig) -> int:
+    """Positions of one cache row: the image tokens, the longest prompt and the most new tokens."""
+    return image_tokens + config.max_prompt_tokens + config.max_new_tokens
 
 
 class ModelStepRunner:
-    def __init__(self, loaded: LoadedModel, config: RunnerConfig):
+    """`graph_capture` replaces the CUDA-graph capture of the decode step (see `app.engine.graphs`)."""
+
+    def __init__(self, loaded: LoadedModel, config: RunnerConfig, graph_capture: Capture | None = None):
         self.loaded = loaded
         self.config = config
         self.device = loaded.device
-        self.shape = cache_shape(loaded, config)
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            rows = rows_that_fit(self.shape, loaded.dtype, free)
-            if rows < self.shape.rows:
-                logger.warning("a KV cache of %d rows would take %.1f GiB of the %.1f GiB free: using %d "
-                               "rows (lower PALIGEMMA_MAX_NEW_TOKENS or PALIGEMMA_MAX_PROMPT_TOKENS for "
-                               "more)",
-                               self.shape.rows, self.shape.bytes(loaded.dtype) / 2**30, free / 2**30, rows)
-                self.shape = dataclasses.replace(self.shape, rows=rows)
+        length = row_length(loaded.image_seq_length, config)
+        self.shape = fit_to_memory(cache_shape(loaded.model.config.text_config, config.rows, length),
+                                   loaded.dtype, self.device)
         logger.info("KV cache: %d rows of %d positions, %.2f GiB", self.shape.rows, self.shape.length,
                     self.shape.bytes(loaded.dtype) / 2**30)
         self.cache = SlotKVCache(self.shape, loaded.dtype, loaded.device)
         self.step = StepModel(loaded.model, self.cache)
+        self.table = RowTable(self.shape.rows,
+                              [*decode_columns(loaded.pad_token_id, self.shape.scratch), *SAMPLING_COLUMNS],
+                              self.device)
+        self.sampler = Sampler(self.table)
+        self._row_of: dict[int, int] = {}  # request id -> its row, while its row holds its state
+        self._graph_capture = graph_capture
         self.adapters = config.adapters
-        self.graphs = DecodeGraphs(self.step, loaded.pad_token_id, self.adapters, config.adapter_decode)
+        self.graphs = DecodeGraphs(self.step, self.table, graph_capture, self.adapters, config.adapter_decode)
         self.features = FeatureCache(config.feature_cache_size)
-        self._generators: dict[int, torch.Generator | None] = {}
         self.feature_cache_hits = 0  # read by the engine for its metrics
 
     @property
@@ -126,8 +115,13 @@ class ModelStepRunner:
 
     # Warm-up ---------------------------------------------------------------------------------------
     def capture_graphs(self) -> None:
-        """On CUDA (unless turned off), capture the decode step for every bucket, logging progress."""
-        if self.device.type != "cuda" or not self.config.cuda_graphs:
+        """On CUDA (unless turned off), capture the decode step for every bucket, logging progress, then
+        check each graph against the eager step; on any disagreement, decode eagerly (app.engine.graphs)."""
+        if not self.config.cuda_graphs or (self.device.type != "cuda" and self._graph_capture is None):
+            return
+        unfit = graphs_allowed(self.loaded.model)
+        if unfit is not None:
+            logger.warning("CUDA graphs off: %s; decoding eagerly", unfit)
             return
         buckets = graph_buckets(self.rows)
 
@@ -137,10 +131,18 @@ class ModelStepRunner:
         try:
             with torch.inference_mode():
                 self.graphs.capture(buckets, progress)
-        except Exception:
+                problems = self.graphs.verify()
+        except Exception as exc:
             # Serving eagerly is slower but correct; the log says so loudly.
             logger.exception("capturing decode graphs failed; decoding eagerly instead")
-            self.graphs.discard()
+            self.graphs.discard(f"capturing them failed: {exc!r}")
+            return
+        if problems:
+            reason = "they disagree with the eager step: " + "; ".join(problems)
+            logger.error("decode graphs discarded, %s; decoding eagerly instead", reason)
+            self.graphs.discard(reason)
+        else:
+            logger.info("decode graphs agree with the eager step for all %d batch sizes", len(buckets))
 
     # Steps -----------------------------------------------------------------------------------------
     def _to_device(self, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -155,8 +157,8 @@ class ModelStepRunner:
             self.adapters.route(slots)
 
     def _image_features(self, inputs: list[RowInput]) -> torch.Tensor:
-        """(batch, image tokens, hidden); each distinct image (per vision adapter) not in the cache is
-        encoded once."""
+        """(batch, image tokens, hidden); each distinct image (under its vision adapter) not in the cache
+        is encoded once."""
         keys: list[Hashable] = [item.feature_key or index for index, item in enumerate(inputs)]
         found: dict[Hashable, torch.Tensor] = {}
         to_encode: dict[Hashable, RowInput] = {}
@@ -171,9 +173,9 @@ class ModelStepRunner:
                 to_encode[key] = item
         if to_encode:
             # Ordered by vision adapter: each adapter's images are one slice of the batch.
-            batch = sorted(to_encode.items(), key=lambda entry: _vision_slot(entry[1]))
+            batch = sorted(to_encode.items(), key=lambda entry: entry[1].vision_slot)
             pixels = self._to_device(torch.stack([item.pixel_values for _, item in batch]), self.loaded.dtype)
-            self._route([_vision_slot(item) for _, item in batch])
+            self._route([item.vision_slot for _, item in batch])
             encoded = self.loaded.model.get_image_features(pixels).pooler_output
             for (key, item), features in zip(batch, encoded, strict=True):
                 found[key] = features
@@ -201,41 +203,51 @@ class ModelStepRunner:
         for i, item in enumerate(inputs):
             input_ids[i, : len(item.input_ids)] = torch.tensor(item.input_ids, dtype=torch.long)
         lengths = torch.tensor([len(item.input_ids) for item in inputs], dtype=torch.long)
-        rows = torch.tensor([seq.row for seq in seqs], dtype=torch.long)
-        features = self._image_features(inputs)
-        self._route([item.slot for item in inputs])
-        logits = self.step.prefill(self._to_device(rows), self._to_device(input_ids),
-                                   self._to_device(lengths), features)
-        for seq, item in zip(seqs, inputs, strict=True):
-            self._generators[seq.request_id] = new_generator(item.sampling, self.device)
-        return self._select(seqs, logits)
+        rows = _rows(seqs)
+        for seq, row in zip(seqs, rows, strict=True):
+            self._row_of[seq.request_id] = row
+            self.sampler.admit(row, seq.sampling)
+            self.table.write(row, adapter=seq.payload.slot)  # its decode steps' adapter, until released
+        try:
+            features = self._image_features(inputs)
+            self._route([item.slot for item in inputs])
+            logits = self.step.prefill(self._to_device(torch.tensor(rows)), self._to_device(input_ids),
+                                       self._to_device(lengths), features)
+            tokens = self.sampler.select(logits, rows, range(len(seqs)))
+        except BaseException:
+            for seq in seqs:  # their rows are idle again, whatever happens to them next
+                self.release(seq)
+            raise
+        for seq, row, token in zip(seqs, rows, tokens, strict=True):
+            self.table.write(row, token=token, position=seq.prompt_length)
+        return tokens
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence], width: int) -> list[int]:
-        """One token for each running row; the step covers rows 0..width-1 (idle ones at scratch)."""
-        tokens = [self.loaded.pad_token_id] * width
-        positions = [self.shape.scratch] * width
-        slots = [0] * width
-        for seq in seqs:
-            assert seq.row is not None
-            tokens[seq.row] = seq.computed[-1]
-            positions[seq.row] = seq.next_position
-            slots[seq.row] = seq.payload.slot
-        logits = self.graphs.run(tokens, positions, slots)
-        return self._select(seqs, logits[[seq.row for seq in seqs]])
+        """One token for each running row; the step covers rows 0..width-1, as the row table holds them
+        (rows nobody runs are idle there)."""
+        logits = self.graphs.run(width, max(seq.next_position for seq in seqs) + 1)
+        rows = _rows(seqs)
+        tokens = self.sampler.select(logits, range(width), rows)
+        self._advance(rows, tokens)
+        return tokens
 
     @torch.inference_mode()
     def decode_alone(self, seq: Sequence) -> int:
         """The same step for one row by itself, eagerly: used to find which row makes a step fail."""
         assert seq.row is not None
-        self._route([seq.payload.slot])
-        logits = self.step.decode(
-            torch.tensor([seq.computed[-1]], device=self.device),
-            torch.tensor([seq.next_position], device=self.device),
-            rows=torch.tensor([seq.row], device=self.device),
-            length=seq.next_position + 1,
-        )
-        return self._select([seq], logits)[0]
+        self._route([int(self.table.host("adapter")[seq.row])])
+        target = DecodeRows(torch.tensor([seq.row], device=self.device),
+                            torch.tensor([seq.next_position], device=self.device), seq.next_position + 1)
+        logits = self.step.decode(torch.tensor([seq.computed[-1]], device=self.device), target)
+        token = self.sampler.select(logits, [seq.row], [0])[0]
+        self._advance([seq.row], [token])
+        return token
+
+    def _advance(self, rows: list[int], tokens: list[int]) -> None:
+        """Each row feeds its new token next, one position further."""
+        self.table.host("token")[rows] = tokens
+        self.table.host("position")[rows] += 1
 
     def recover_memory(self) -> None:
         """After an out-of-memory error: hand cached blocks back so a smaller step can fit."""
@@ -243,10 +255,15 @@ class ModelStepRunner:
             torch.cuda.empty_cache()
 
     def release(self, seq: Sequence) -> None:
-        """Forget a finished or dropped request's per-row state."""
-        self._generators.pop(seq.request_id, None)
+        """Forget a finished or dropped request's per-row state: its row is idle again."""
+        row = self._row_of.pop(seq.request_id, None)
+        if row is not None:
+            self.sampler.release(row)
+            self.table.release([row])
 
-    def _select(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        params = [seq.payload.sampling for seq in seqs]
-        generators = [self._generators.get(seq.request_id) for seq in seqs]
-        return select_tokens(logits, params, generators)
+
+def _rows(seqs: list[Sequence]) -> list[int]:
+    rows = [seq.row for seq in seqs if seq.row is not None]
+    if len(rows) != len(seqs):
+        raise RuntimeError("a request without a row in a decode step")
+    return rows

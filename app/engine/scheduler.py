@@ -2,9 +2,9 @@
 
 The engine's unit of work is one model step. Before each step the scheduler drops requests that were
 cancelled (client gone, deadline passed), admits waiting requests into free rows of the KV cache (their
-prefill runs this step), and lists the running rows that decode one token. After the step, `record`
-appends each row's token and retires the row the step its own output ends (a stop token, or its own
-`max_new_tokens`), freeing it for a waiting request at once.
+prefill runs this step), and lists the running rows that decode one token. After the step, `update`,
+the pair of `plan`, appends each row's token and retires the rows whose own output ended with it (a stop
+token, or their own `max_new_tokens`), freeing them for waiting requests at once.
 
 Rows are the KV cache's slots. A newcomer takes the lowest free row, so running rows stay packed at the
 bottom and a decode step covers rows `[0, decode_width)` with few holes.
@@ -19,6 +19,8 @@ import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+from app.engine.sampling_params import GREEDY, SamplingParams
 
 
 class State(str, enum.Enum):
@@ -39,12 +41,12 @@ class Sequence:
     max_new_tokens: int
     stop_tokens: frozenset[int]
     payload: Any = None  # the runner's input
-    context: Any = None  # what the caller needs to finish the output (the task, say)
     label: str = ""  # for metrics: the endpoint it came from
     submitted_at: float = 0.0  # time.monotonic() when it reached the engine
     # Whether someone reads its tokens as they come (streaming): only then does every step post them to
     # the event loop; others are woken once, when they finish.
     streams: bool = False
+    sampling: SamplingParams = GREEDY  # how its tokens are chosen
     adapter: str = ""  # for metrics: the LoRA adapter it runs with ("" for the base)
     # Set by the worker (time.monotonic()): when it got a row, when its prefill produced the first token,
     # and when its last token was computed. For traces and latency metrics.
@@ -143,20 +145,24 @@ class Scheduler:
         return admitted
 
     # After the step --------------------------------------------------------------------------------
-    def record(self, seq: Sequence, token: int) -> bool:
-        """Append the token this step computed for `seq`; True when `seq` finished with it."""
-        if seq.state is not State.RUNNING:
-            raise RuntimeError(f"request {seq.request_id} is {seq.state.value}, not running")
-        seq.computed.append(token)
-        if token in seq.stop_tokens:
-            seq.finish_reason = "stop"
-        elif len(seq.computed) >= seq.max_new_tokens:
-            seq.finish_reason = "length"
-        else:
-            return False
-        seq.state = State.FINISHED
-        self._free_row(seq)
-        return True
+    def update(self, seqs: list[Sequence], tokens: list[int]) -> list[Sequence]:
+        """Append the token this step computed for each of `seqs`; the ones that finished with it (their
+        rows are free now)."""
+        finished = []
+        for seq, token in zip(seqs, tokens, strict=True):
+            if seq.state is not State.RUNNING:
+                raise RuntimeError(f"request {seq.request_id} is {seq.state.value}, not running")
+            seq.computed.append(token)
+            if token in seq.stop_tokens:
+                seq.finish_reason = "stop"
+            elif len(seq.computed) >= seq.max_new_tokens:
+                seq.finish_reason = "length"
+            else:
+                continue
+            seq.state = State.FINISHED
+            self._free_row(seq)
+            finished.append(seq)
+        return finished
 
     def fail(self, seq: Sequence) -> None:
         """The runner could not compute `seq` (its own fault): free its row; the caller answers it."""

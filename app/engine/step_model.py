@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from transformers import PaliGemmaForConditionalGeneration
 
-from app.engine.kv_cache import SlotKVCache
+from app.engine.kv_cache import DecodeRows, DecodeStep, Prefill, SlotKVCache
 
 
 class StepModel:
@@ -29,6 +29,7 @@ class StepModel:
         self.layer_types = set(layer_types) if layer_types else None
         self.sliding_window = getattr(text, "sliding_window", None) if layer_types else None
         self.logit_softcap = getattr(text, "final_logit_softcapping", None)
+        self.vocab_size = int(model.lm_head.out_features)
         self.image_token_id = int(model.config.image_token_id)
         self.dtype = model.dtype
         self.device = cache.keys[0].device
@@ -78,7 +79,7 @@ class StepModel:
         real = positions < lengths[:, None]
         index = torch.where(real, positions, self.scratch)
         # Every key a prompt token sees lies below the longest prompt: attention reads only those.
-        self.cache.target(rows, index, length=tokens)
+        self.cache.target = Prefill(rows, index, length=tokens)
         is_image = input_ids == self.image_token_id
         embeds = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0))
         embeds = embeds.masked_scatter(is_image[..., None], image_features.to(embeds.dtype))
@@ -90,21 +91,12 @@ class StepModel:
         last = hidden[torch.arange(batch, device=self.device), lengths - 1]
         return self._logits(last)
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor | None = None,
-               length: int | None = None) -> torch.Tensor:
-        """Feed one token per row at its own position; the next-token logits, (n, vocab).
-
-        Without `rows`, the batch is rows 0..n-1 (idle ones at the scratch position): a fixed-shape step
-        that `DecodeGraphs` can capture. With `rows`, any rows, gathered (used to isolate a fault).
-        `length` > every real row's position limits attention to the keys below it (eager steps only: a
-        captured graph keeps the whole row).
-        """
-        count = tokens.shape[0]
-        if rows is None:
-            self.cache.target(torch.arange(count, device=self.device), positions[:, None], leading_rows=count,
-                              length=length)
-        else:
-            self.cache.target(rows, positions[:, None], length=length)
+    def decode(self, tokens: torch.Tensor, target: DecodeStep | DecodeRows) -> torch.Tensor:
+        """Feed one token per row at its own position (`target` says which rows); the next-token
+        logits, (n, vocab). A `DecodeStep` has a fixed shape per row count, which `DecodeGraphs` can
+        capture; a `length` above every real row's position limits attention to the keys below it."""
+        self.cache.target = target
+        positions, length = target.positions, target.length
         embeds = self.language_model.embed_tokens(tokens[:, None])
         keys = self._key_index[None, :length]
         full = keys <= positions[:, None]

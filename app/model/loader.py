@@ -9,15 +9,25 @@ from __future__ import annotations
 
 import glob
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
 from app.lifecycle import StartupError
 from app.model import presets
+from app.model.quantization import (
+    Quantization,
+    detect,
+    fit_cpu_kernels,
+    loading_config,
+    quantize_in_place,
+    vision_quantized,
+    weight_bytes,
+)
 from app.model.sources import ModelUnavailable, explain
 from app.settings import Settings
 
@@ -43,6 +53,9 @@ class LoadedModel:
     pad_token_id: int
     parameters: int
     load_seconds: float
+    quantization: Quantization = Quantization.NONE
+    vision_quantized: bool = False
+    weight_bytes: int = 0  # measured where the weights lie, quantization state included
 
 
 class DeviceUnavailable(StartupError):
@@ -118,28 +131,48 @@ def _eos_ids(model: PaliGemmaForConditionalGeneration, processor: PaliGemmaProce
     return tuple(int(i) for i in ids)
 
 
-def _from_preset(preset: presets.Preset, device: torch.device, dtype: torch.dtype, seed: int):
+# A preset's weights come from torch's global random generator and default dtype, both process-wide: two
+# builds at once (a second app loading while an abandoned start-up still builds, as tests do) would draw
+# from one stream and give the same seed different weights. One build at a time.
+_PRESET_BUILD = threading.Lock()
+
+
+def _from_preset(preset: presets.Preset, device: torch.device, dtype: torch.dtype, seed: int,
+                 quantization: Quantization, quantize_vision: bool):
     processor = presets.build_processor(preset)
-    torch.manual_seed(seed)
-    # Build directly on the target device and dtype: the 3B preset would not fit twice in host memory.
-    previous = torch.get_default_dtype()
-    try:
-        torch.set_default_dtype(dtype)
-        with device:
-            model = presets.build_model(preset, processor)
-    finally:
-        torch.set_default_dtype(previous)
+    with _PRESET_BUILD:
+        torch.manual_seed(seed)
+        # Build directly on the target device and dtype: the 3B preset would not fit twice in host memory.
+        previous = torch.get_default_dtype()
+        try:
+            torch.set_default_dtype(dtype)
+            with device:
+                model = presets.build_model(preset, processor)
+        finally:
+            torch.set_default_dtype(previous)
+    # Layer by layer where the model lies: at most one layer's unquantized copy more.
+    quantize_in_place(model, quantization, quantize_vision)
     return model, processor
 
 
-def _from_pretrained(source: str, revision: str | None, device: torch.device, dtype: torch.dtype):
+def _from_pretrained(source: str, revision: str | None, device: torch.device, dtype: torch.dtype,
+                     quantization: Quantization, quantize_vision: bool):
     try:
         processor = PaliGemmaProcessor.from_pretrained(source, revision=revision or "main")
+        # A checkpoint saved quantized carries its quantization_config and loads as saved.
+        config = PaliGemmaConfig.from_pretrained(source, revision=revision or "main")
+        saved = getattr(config, "quantization_config", None)
+        if saved is not None and quantization is not Quantization.NONE:
+            logger.warning("%s was saved quantized (%s): it loads as saved, PALIGEMMA_QUANTIZATION=%s does "
+                           "not apply", source, _method_name(saved), quantization.value)
+        extra = {} if saved is not None else {
+            "quantization_config": loading_config(quantization, quantize_vision)}
         # No attn_implementation: transformers then takes sdpa wherever the architecture supports it and
         # eager for PaliGemma 2's Gemma 2 layers, whose soft-capped attention sdpa cannot compute (asking
         # for sdpa there is an error at load time).
         model = PaliGemmaForConditionalGeneration.from_pretrained(
-            source, revision=revision or "main", dtype=dtype, device_map=str(device)
+            source, revision=revision or "main", dtype=dtype, device_map=str(device),
+            **{k: v for k, v in extra.items() if v is not None},
         )
     # Missing files, unknown repositories, gated ones, no network: OSError; a malformed id or config:
     # ValueError. Anything else (out of memory, say) keeps its traceback.
@@ -148,16 +181,35 @@ def _from_pretrained(source: str, revision: str | None, device: torch.device, dt
     return model, processor
 
 
-def load_model(settings: Settings) -> LoadedModel:
+def _method_name(config: object) -> str:
+    method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
+    return str(getattr(method, "value", method))
+
+
+def _parameters(model: PaliGemmaForConditionalGeneration) -> int:
+    """Weights counted as the architecture has them: bitsandbytes' 4-bit layers store two a byte."""
+    total = 0
+    for param in model.parameters():
+        state = getattr(param, "quant_state", None)
+        total += int(torch.Size(state.shape).numel()) if state is not None else param.numel()
+    return total
+
+
+def load_model(settings: Settings, device: torch.device | None = None) -> LoadedModel:
+    """Load what the settings name on `device` (default: PALIGEMMA_DEVICE resolved)."""
     started = time.perf_counter()
-    device = resolve_device(settings.device)
+    device = device or resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     preset = presets.PRESETS.get(settings.model)
+    quantization = Quantization(settings.quantization)
     if preset is not None:
-        model, processor = _from_preset(preset, device, dtype, settings.seed)
+        model, processor = _from_preset(preset, device, dtype, settings.seed, quantization,
+                                        settings.quantize_vision)
     else:
-        model, processor = _from_pretrained(settings.model, settings.revision, device, dtype)
+        model, processor = _from_pretrained(settings.model, settings.revision, device, dtype, quantization,
+                                            settings.quantize_vision)
     model.eval()
+    fit_cpu_kernels(model)
     # Batched generation is only exact with left padding (right padding changes greedy outputs).
     processor.tokenizer.padding_side = "left"
 
@@ -173,13 +225,17 @@ def load_model(settings: Settings) -> LoadedModel:
         image_seq_length=int(processor.image_seq_length),
         eos_token_ids=_eos_ids(model, processor),
         pad_token_id=int(processor.tokenizer.pad_token_id),
-        parameters=sum(p.numel() for p in model.parameters()),
+        parameters=_parameters(model),
         load_seconds=time.perf_counter() - started,
+        quantization=detect(model),
+        vision_quantized=vision_quantized(model),
+        weight_bytes=weight_bytes(model),
     )
     logger.info(
-        "loaded %s: %.1f M parameters, %s on %s, %d px, %d image tokens, in %.1f s",
-        loaded.name, loaded.parameters / 1e6, str(dtype).removeprefix("torch."), device, loaded.image_size,
-        loaded.image_seq_length, loaded.load_seconds,
+        "loaded %s: %.1f M parameters, %s on %s, weights %s (%.1f MiB), %d px, %d image tokens, in %.1f s",
+        loaded.name, loaded.parameters / 1e6, str(dtype).removeprefix("torch."), device,
+        loaded.quantization.value + (" vision too" if loaded.vision_quantized else ""),
+        loaded.weight_bytes / 2**20, loaded.image_size, loaded.image_seq_length, loaded.load_seconds,
     )
     if loaded.random_weights:
         logger.warning(RANDOM_WEIGHTS_WARNING.format(name=loaded.name))

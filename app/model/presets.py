@@ -7,9 +7,13 @@ They exist so a fresh checkout serves at once and every code path runs on a real
 - `tiny-448`: `tiny` at PaliGemma's 448 px layout (1024 image tokens), so longer cache rows get exercised.
 - `tiny-gemma2`: `tiny` with PaliGemma 2's language model (Gemma 2: sliding-window and full layers,
   soft-capping, eager attention); its window is short (32) so decoding crosses it.
+- `tiny-vocab`: `tiny` with PaliGemma's real 257,216-token vocabulary, so that choosing tokens costs what it
+  costs with a real checkpoint (sampling at batch scale; its logits are flat, as random weights make them).
 - `bench`: about 36 M parameters, large enough that its forward pass dominates a request's cost on a CPU.
 - `paligemma-3b-224`: the exact PaliGemma-3B 224 px architecture (SigLIP So400m + Gemma 2B), for GPU
   measurements; 2.9 B parameters, so build it in bfloat16 on a GPU.
+- `paligemma2-10b-448`: the exact PaliGemma 2 10B 448 px architecture (Gemma 2 9B), for quantized GPU
+  measurements; 9.7 B parameters (19 GB in bfloat16, built on the GPU, then quantized in place).
 
 The tokenizer is byte-level (every string round-trips) and holds the same special, `<locNNNN>`, `<segNNN>`
 and `<image>` tokens as Gemma's; the image processor squashes to size x size, bicubic, mean = std = 0.5,
@@ -80,11 +84,16 @@ PRESETS: dict[str, Preset] = {
                14, 64, 2, 4, 128, 64, 2, 4, 1, 16, 128),
         Preset("tiny-gemma2", "2-layer 64-wide PaliGemma 2 (Gemma 2 language model), random weights", 224,
                14, 64, 2, 4, 128, 64, 2, 4, 1, 16, 128, text_model="gemma2", sliding_window=32),
+        Preset("tiny-vocab", "tiny with PaliGemma's real 257,216-token vocabulary, random weights", 224, 14,
+               64, 2, 4, 128, 64, 2, 4, 1, 16, 128, loc_offset=256_000, model_vocab_size=257_216),
         Preset("bench", "6-layer PaliGemma of about 36 M parameters, random weights", 224, 14, 384, 6, 6,
                1536, 512, 6, 8, 1, 64, 2048),
         Preset("paligemma-3b-224", "PaliGemma-3B 224 px architecture (SigLIP So400m + Gemma 2B), random "
                "weights", 224, 14, 1152, 27, 16, 4304, 2048, 18, 8, 1, 256, 16384, loc_offset=256_000,
                model_vocab_size=257_216, varied_outputs=False),
+        Preset("paligemma2-10b-448", "PaliGemma 2 10B 448 px architecture (SigLIP So400m + Gemma 2 9B), "
+               "random weights", 448, 14, 1152, 27, 16, 4304, 3584, 42, 16, 8, 256, 14336, loc_offset=256_000,
+               model_vocab_size=257_216, varied_outputs=False, text_model="gemma2", sliding_window=4096),
     )
 }
 

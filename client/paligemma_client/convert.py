@@ -1,27 +1,63 @@
-"""Results -> `supervision` (the `supervision` extra): `sv.Detections`, masks, and annotated images."""
+"""Results -> `supervision` (the `supervision` extra): `sv.Detections`, masks, and annotated images.
+
+It reads results through the small protocols below rather than importing `models`, whose
+`to_supervision()` methods call into here: so neither module needs the other to load.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-from paligemma_client.models import (
-    RLE,
-    Detection,
-    DetectResponse,
-    GenerateResponse,
-    ImageSize,
-    Segment,
-    SegmentResponse,
-)
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import numpy as np
     import supervision as sv
     from PIL import Image
 
-Located = DetectResponse | SegmentResponse | GenerateResponse  # results that can hold boxes
+
+# Read-only members (properties), so the pydantic models match them whatever their fields' exact types.
+class _Box(Protocol):
+    @property
+    def x_min(self) -> float: ...
+    @property
+    def y_min(self) -> float: ...
+    @property
+    def x_max(self) -> float: ...
+    @property
+    def y_max(self) -> float: ...
+
+
+class _Located(Protocol):
+    """A detection or a segment (`models.Detection`, `models.Segment`: a segment also has `mask`)."""
+
+    @property
+    def label(self) -> str: ...
+    @property
+    def box(self) -> _Box: ...
+
+
+class _RLE(Protocol):
+    @property
+    def size(self) -> list[int]: ...
+    @property
+    def counts(self) -> str: ...
+
+
+class _ImageSize(Protocol):
+    @property
+    def width(self) -> int: ...
+    @property
+    def height(self) -> int: ...
+
+
+class _Drawable(Protocol):
+    """A result that can hold boxes (`models.DetectResponse`, `SegmentResponse`, `GenerateResponse`)."""
+
+    @property
+    def image(self) -> _ImageSize: ...
+    def to_supervision(self) -> sv.Detections: ...
+
 
 INSTALL_HINT = "pip install 'paligemma-client[supervision]'"
 MASK_OPACITY = 0.45  # as the server's annotated PNGs and the playground
@@ -40,7 +76,7 @@ def _supervision() -> Any:
     return supervision
 
 
-def decode_rle(rle: RLE) -> np.ndarray:
+def decode_rle(rle: _RLE) -> np.ndarray:
     """A COCO compressed RLE (as pycocotools writes it) -> a boolean (height, width) array."""
     import numpy as np
 
@@ -81,21 +117,22 @@ def _runs(counts: str) -> list[int]:
     return runs
 
 
-def to_detections(objects: Sequence[Detection], image: ImageSize) -> sv.Detections:
+def to_detections(objects: Sequence[_Located], image: _ImageSize) -> sv.Detections:
     """`sv.Detections` with xyxy in pixels, `class_id` one per distinct label (in order of appearance),
-    labels in `data["class_name"]`, and masks when any object is a segment."""
+    labels in `data["class_name"]`, and masks when any object is a segment with a mask."""
     import numpy as np
 
     sv = _supervision()
     labels = [obj.label for obj in objects]
     names = list(dict.fromkeys(labels))
     xyxy = np.array([[o.box.x_min, o.box.y_min, o.box.x_max, o.box.y_max] for o in objects], dtype=float)
+    masks: list[_RLE | None] = [getattr(obj, "mask", None) for obj in objects]  # detections have none
     mask = None
-    if any(isinstance(obj, Segment) and obj.mask is not None for obj in objects):
+    if any(rle is not None for rle in masks):
         mask = np.zeros((len(objects), image.height, image.width), dtype=bool)
-        for i, obj in enumerate(objects):
-            if isinstance(obj, Segment) and obj.mask is not None:
-                mask[i] = decode_rle(obj.mask)
+        for i, rle in enumerate(masks):
+            if rle is not None:
+                mask[i] = decode_rle(rle)
     return sv.Detections(
         xyxy=xyxy.reshape(len(objects), 4),
         mask=mask,
@@ -120,7 +157,7 @@ def annotate(image: Image.Image, detections: sv.Detections) -> Image.Image:
     return label_annotator.annotate(scene, detections, labels=labels)
 
 
-def draw_file(image_path: str | Path, result: Located, out_path: str | Path) -> None:
+def draw_file(image_path: str | Path, result: _Drawable, out_path: str | Path) -> None:
     """Draw `result` over the image it was computed on and save a PNG. The image is turned upright by its
     EXIF orientation first, as the server did before measuring boxes."""
     from PIL import Image, ImageOps

@@ -6,7 +6,7 @@ newer server adds are kept (`extra="allow"`), so an older client still reads its
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -144,8 +144,15 @@ class ModelCard(_Model):
     max_batch_size: int
     max_prompt_tokens: int
     decode_graphs: list[int]
+    decode_graphs_failure: str | None = None
     max_new_tokens: int
     default_max_new_tokens: int
+    # Servers before the memory plan and quantized weights did not send these.
+    quantization: str = "none"
+    vision_quantized: bool = False
+    weight_bytes: int | None = None
+    kv_cache_bytes: int | None = None
+    memory_plan: dict[str, Any] | None = None
     adapters: AdapterSlots | None = None
 
 
@@ -169,6 +176,14 @@ class AdapterDeleted(_Model):
 class ModelList(_Model):
     object: Literal["list"] = "list"
     data: list[ModelCard | AdapterCard]
+
+    @property
+    def base(self) -> ModelCard:
+        """The served base model: the first entry (each loaded adapter follows it)."""
+        card = self.data[0]
+        if not isinstance(card, ModelCard):
+            raise TypeError(f"the first entry of /v1/models is the adapter {card.id!r}, not the base model")
+        return card
 
 
 class ErrorBody(_Model):

@@ -1,7 +1,7 @@
 """Draws with the server's own renderer where it runs: deploy/check.sh --build pipes this file to
 `python -` inside the image, so it imports only the server (app/) and its dependencies.
 
-app/render.py (supervision's annotators, the `render` extra) draws a box, its label and a mask on a
+app/api/render.py (supervision's annotators, the `render` extra) draws a box, its label and a mask on a
 plain image, as /v1/detect and /v1/segment do for `Accept: image/png`. Prints the share of pixels that
 changed; exits 1 when the extra is missing or nothing was drawn.
 """
@@ -14,9 +14,9 @@ import sys
 import numpy as np
 from PIL import Image
 
-from app import render
-from app.engine.jobs import MaskResult, ObjectResult
+from app.api import render
 from app.masks.placement import encode_rle
+from app.serving.jobs import MaskResult, ObjectResult
 from app.tasks.parsing import Box
 
 WIDTH, HEIGHT = 320, 240

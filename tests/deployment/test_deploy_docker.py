@@ -27,11 +27,12 @@ def test_healthcheck_timings_are_read_and_held_to_the_liveness_rule(tmp_path):
     assert any("HEALTHCHECK timeout (60 s) is longer than the period (30 s)" in p for p in problems), problems
 
 
-def test_the_image_includes_the_render_extra_by_default_from_its_lock(tmp_path):
-    assert dockerfile.dockerfile_args()["EXTRAS"] == "render"
-    assert (REQUIREMENTS / "render.lock").is_file()
+def test_the_image_includes_the_render_and_quantization_extras_by_default_from_their_locks(tmp_path):
+    assert dockerfile.dockerfile_args()["EXTRAS"] == "render,quantization"
+    assert (REQUIREMENTS / "render.lock").is_file() and (REQUIREMENTS / "quantization.lock").is_file()
     broken = tmp_path / "Dockerfile"
-    broken.write_text(DOCKERFILE.read_text().replace("ARG EXTRAS=render", "ARG EXTRAS=render,otel"))
+    broken.write_text(DOCKERFILE.read_text().replace("ARG EXTRAS=render,quantization",
+                                                     "ARG EXTRAS=render,quantization,otel"))
     assert dockerfile.check_dockerfile(broken) == [
         "docker/Dockerfile: EXTRAS defaults to otel, which has no requirements/otel.lock (scripts/lock.py)"]
 

@@ -59,3 +59,11 @@ def test_render_lock_goes_over_base_and_either_torch_build_with_the_dev_versions
     assert {name: dev[name] for name in render} == render
     # supervision draws with NumPy: no OpenCV, so nothing in the slim image needs libGL.
     assert not any(name.startswith("opencv") for name in render)
+
+
+def test_quantization_lock_goes_over_base_and_either_torch_build_with_the_dev_versions():
+    quantization, dev = _pins("quantization.lock"), _pins("dev.lock")
+    assert {"bitsandbytes", "torchao"} <= set(quantization)
+    for other in ("base.lock", "torch-cpu.lock", f"torch-{dockerfile_args()['TORCH_CUDA']}.lock", "render.lock"):
+        assert not set(quantization) & set(_pins(other)), other
+    assert {name: dev[name] for name in quantization} == quantization

@@ -4,11 +4,10 @@ alerts, promtool, and the alerts firing under every scrape set-up's labels."""
 from __future__ import annotations
 
 import json
-import subprocess
+import sys
 import time
 from pathlib import Path
 
-import httpx
 import yaml
 
 from deploy.checks import dashboard, live, promql
@@ -17,7 +16,7 @@ from deploy.checks.kubernetes_extras import servicemonitor_job
 from deploy.checks.prometheus import check_prometheus_config, k8s_scrape_config_for_promtool
 from deploy.checks.tools import run as run_tool
 from tests.deployment.tooling import require_tool, run
-from tests.served import free_port
+from tests.prometheus import query, running_prometheus
 
 
 def test_prometheus_scrapes_the_compose_service_as_the_alerts_job(compose):
@@ -78,27 +77,24 @@ def _prometheus_up_labels(tmp_path: Path, config_text: str) -> dict[str, str]:
     """Run a real Prometheus on `config_text` and return the labels of the `up` series it makes."""
     config = tmp_path / "prometheus.yml"
     config.write_text(config_text)
-    port = free_port()
-    log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115 - closed in finally
-    process = subprocess.Popen([require_tool("prometheus"), f"--config.file={config}",
-                                f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
-                               stdout=log, stderr=subprocess.STDOUT)
-    try:
+    with running_prometheus(require_tool("prometheus"), config, tmp_path) as url:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                result = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": "up"}, timeout=5)
-                series = result.json()["data"]["result"]
-                if series:
-                    return series[0]["metric"]
-            except httpx.HTTPError:
-                pass
+        while time.monotonic() < deadline:  # the first scrape comes a scrape interval after the start
+            series = query(url, "up")
+            if series:
+                return series[0]["metric"]
             time.sleep(0.5)
         raise AssertionError((tmp_path / "prometheus.log").read_text())
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
+
+
+def test_a_prometheus_that_is_still_starting_is_waited_for(tmp_path, monkeypatch):
+    # Prometheus answers 503 in plain text until its storage is open; the helper must wait, not fail.
+    launcher = tmp_path / "prometheus"
+    launcher.write_text(f"#!/bin/sh\nexec {sys.executable} {Path(__file__).with_name('starting_prometheus.py')} \"$@\"\n")
+    launcher.chmod(0o755)
+    monkeypatch.setattr(sys.modules[__name__], "require_tool", lambda name: str(launcher))
+    labels = _prometheus_up_labels(tmp_path, "scrape_configs: []\n")
+    assert labels["job"] == "paligemma-server"
 
 
 def _alert_fires_for(promtool: str, tmp_path: Path, labels: dict[str, str]) -> tuple[int, str]:

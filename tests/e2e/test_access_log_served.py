@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-from tests.helpers import jpeg
+from tests.images import jpeg
 from tests.served import served
 
 

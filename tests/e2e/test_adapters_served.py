@@ -33,7 +33,7 @@ from tests.e2e.test_playground_browser import (  # the browser and its helpers (
     text,
     wait_for,
 )
-from tests.helpers import jpeg
+from tests.images import jpeg
 from tests.model.test_engine_exactness import generate_alone
 from tests.served import served
 from tests.trained_adapters import KINDS, merged_model, train_adapter

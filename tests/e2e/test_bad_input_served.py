@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.badinputs import bad_inputs
-from tests.helpers import jpeg
+from tests.images import jpeg
 from tests.served import served
 
 GOOD = jpeg(64, 48)
@@ -105,6 +105,17 @@ FIELD_CASES = [
     ("stream with render", "/v1/detect", {"files": {"image": ("a.jpg", GOOD)},
                                           "data": {"objects": "a", "stream": "true", "render": "true"}}, 400),
 ]
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/caption", "/v1/detect", "/v1/chat/completions"])
+@pytest.mark.parametrize("depth", [1000, 40])
+def test_json_nested_past_the_limit_is_a_400_naming_it(server, endpoint, depth):
+    body = '{"image": "x", "a": ' + "[" * depth + "]" * depth + "}"
+    response = httpx.post(f"{server.url}{endpoint}", content=body, headers={"Content-Type": "application/json"},
+                          timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert "nests deeper than 32 levels" in error["message"], error
 
 
 @pytest.mark.parametrize("case", bad_inputs(), ids=lambda c: c.name)

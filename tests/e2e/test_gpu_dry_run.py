@@ -72,3 +72,28 @@ def test_the_adapter_dry_run_times_the_steps_serves_both_and_writes_its_report(t
         assert [level["errors"] for level in levels[name][str(gpu.DRY.adapter_served[0])]] == [{}]
     assert "<!-- BEGIN gpu_adapters -->" in results_md.read_text()
     assert "### Served throughput" in (tmp_path / "gpu-dry-run-adapters.md").read_text()
+
+
+@pytest.mark.timeout(400)
+def test_the_quantized_dry_run_measures_each_quantization(tmp_path, monkeypatch):
+    """`python -m benchmarks.gpu --quantized --dry-run`: the 10B nf4/int8 stages on `tiny` on the CPU."""
+    from benchmarks import gpu_quantized
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    results_md = tmp_path / "RESULTS.md"
+    gpu.main(["--quantized", "--dry-run", "--results", str(results_md)])
+    results = json.loads((tmp_path / "gpu-quantized-dry-run.json").read_text())
+    plan = gpu_quantized.DRY
+    assert list(results["methods"]) == list(plan.methods)
+    for method, entry in results["methods"].items():
+        local = entry["in_process"]
+        assert "error" not in local, local
+        assert local["quantization"] == method
+        assert [row["concurrency"] for row in local["levels"]] == list(plan.in_flight)
+        assert all(row["decode"]["steps"] > 0 for row in local["levels"])
+        assert set(local["decode"]) == {"1", str(plan.rows)}
+        assert local["decode"]["1"]["floor_bytes"]["weights"] > 0
+        served = entry["served"]
+        assert "error" not in served, served
+        assert served["errors"] == {} and served["completed"] > 0
+    assert "<!-- BEGIN gpu-quantized -->" in results_md.read_text()

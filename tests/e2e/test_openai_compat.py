@@ -90,6 +90,33 @@ def test_what_cannot_be_honoured_is_a_400_that_says_so(client, extra, messages, 
     assert phrase in refused.value.body["message"], refused.value.body
 
 
+def _post(server, **fields) -> httpx.Response:
+    """The body as JSON, exactly as given (the openai package drops or reshapes some values)."""
+    return httpx.post(f"{server.url}/v1/chat/completions", json={"model": "paligemma", **fields},
+                      headers={"Authorization": f"Bearer {server.key}"}, timeout=60)
+
+
+def test_null_means_unset_and_empty_stop_means_none(trained_server):
+    # The API's types allow null for these (the default applies), and an empty list of stop strings.
+    response = _post(trained_server, messages=_message("caption en"), temperature=None, top_p=None, n=None,
+                     stream=None, stream_options=None, max_tokens=None, max_completion_tokens=None, seed=None,
+                     stop=[], logprobs=None, presence_penalty=None, frequency_penalty=None, user=None)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == "a red box on white"
+    for stop in (None, "", []):
+        assert _post(trained_server, messages=_message("caption en"), stop=stop).status_code == 200, stop
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_a_token_limit_over_the_cap_is_refused_naming_the_field_that_was_sent(trained_server, field):
+    response = _post(trained_server, messages=_message("caption en"), **{field: 100_000})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["param"] == field
+    assert error["message"].startswith(f"`{field}` must be <= 256 (PALIGEMMA_MAX_NEW_TOKENS). Given: 100000")
+    assert "max_new_tokens" not in error["message"]  # a field this API does not have
+
+
 def test_curl_streams_the_chunks_then_done(trained_server, tmp_path):
     curl = shutil.which("curl")
     if curl is None:

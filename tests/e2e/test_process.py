@@ -9,9 +9,10 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
-from tests.helpers import encode, jpeg
-from tests.served import served
+from tests.images import encode, jpeg
+from tests.served import free_port, served
 
 
 def _caption(url: str) -> httpx.Response:
@@ -40,6 +41,22 @@ def test_a_bad_setting_stops_start_up_naming_the_variable():
                                  "PALIGEMMA_PORT": "70000"})
     assert result.returncode == 2
     assert "PALIGEMMA_MAX_BATCH_SIZE" in result.stderr and "PALIGEMMA_PORT" in result.stderr
+
+
+def test_api_keys_that_hold_no_key_stop_start_up_naming_the_variable():
+    # Set, but to separators only: read as no keys, it would quietly turn authentication off.
+    result = subprocess.run([sys.executable, "-m", "app"], capture_output=True, text=True, timeout=60,
+                            env={"PATH": "/usr/bin:/bin", "PALIGEMMA_API_KEYS": " , ",
+                                 "PALIGEMMA_HOST": "127.0.0.1", "PALIGEMMA_PORT": str(free_port())})
+    assert result.returncode == 2
+    assert "PALIGEMMA_API_KEYS" in result.stderr and "holds no key" in result.stderr
+
+
+@pytest.mark.parametrize("queue", [1, 5])  # fewer places than there are task paths to warm up
+def test_a_small_queue_still_starts_and_serves(tmp_path, queue):
+    with served(tmp_path, env={"PALIGEMMA_MAX_QUEUE": str(queue)}) as server:
+        assert _caption(server.url).status_code == 200
+        assert "warm-up: every task path ran" in server.log()
 
 
 def test_a_model_that_cannot_be_loaded_exits_one(tmp_path):

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 import time
 
 import httpx
 import pytest
 
-from tests.helpers import jpeg
-from tests.served import free_port, served
+from tests.images import jpeg
+from tests.prometheus import query, running_prometheus
+from tests.served import served
 
 
 @pytest.fixture
@@ -20,12 +20,6 @@ def prometheus_binary() -> str:
         pytest.fail("prometheus is not installed: run `sudo scripts/install-system-deps.sh` (Debian package "
                     "`prometheus`)")
     return path
-
-
-def _query(url: str, expression: str) -> list[dict]:
-    response = httpx.get(f"{url}/api/v1/query", params={"query": expression}, timeout=10)
-    response.raise_for_status()
-    return response.json()["data"]["result"]
 
 
 def test_prometheus_scrapes_the_server(tmp_path, prometheus_binary):
@@ -41,36 +35,23 @@ def test_prometheus_scrapes_the_server(tmp_path, prometheus_binary):
         config = tmp_path / "prometheus.yml"
         config.write_text("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: paligemma\n"
                           f"    static_configs:\n      - targets: ['{target}']\n")
-        port = free_port()
-        log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115 - closed in finally
-        process = subprocess.Popen(
-            [prometheus_binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        try:
+        with running_prometheus(prometheus_binary, config, tmp_path) as url:
             deadline = time.monotonic() + 60
             results: list[dict] = []
-            while time.monotonic() < deadline:
-                try:
-                    results = _query(url, 'paligemma_requests_total{endpoint="/v1/caption",status="200"}')
-                except httpx.HTTPError:
-                    results = []
+            while time.monotonic() < deadline:  # the first scrape comes a scrape interval after the start
+                results = query(url, 'paligemma_requests_total{endpoint="/v1/caption",status="200"}')
                 if results:
                     break
                 time.sleep(0.5)
             assert results, (tmp_path / "prometheus.log").read_text()
             assert float(results[0]["value"][1]) == 3
-            [up] = _query(url, 'up{job="paligemma"}')
+            [up] = query(url, 'up{job="paligemma"}')
             assert up["value"][1] == "1"
-            [rejected] = _query(url, 'paligemma_requests_total{endpoint="/v1/vqa",status="422"}')
+            [rejected] = query(url, 'paligemma_requests_total{endpoint="/v1/vqa",status="422"}')
             assert float(rejected["value"][1]) == 1
-            [info] = _query(url, "paligemma_model_info")
+            [info] = query(url, "paligemma_model_info")
             assert info["metric"]["model"] == "tiny" and info["metric"]["random_weights"] == "true"
-            [prefilled] = _query(url, 'paligemma_step_rows_sum{phase="prefill"}')
+            [prefilled] = query(url, 'paligemma_step_rows_sum{phase="prefill"}')
             assert float(prefilled["value"][1]) == 6 + 3  # the warm-up's task paths and three captions
-            [memory] = _query(url, 'process_resident_memory_bytes{job="paligemma"}')
+            [memory] = query(url, 'process_resident_memory_bytes{job="paligemma"}')
             assert float(memory["value"][1]) > 10 * 1024 * 1024
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
-            log.close()

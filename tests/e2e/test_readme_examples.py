@@ -21,8 +21,9 @@ README = ROOT / "README.md"
 DOCUMENTED = (README, ROOT / "docs" / "api.md")
 DOCUMENTED_URL = "http://localhost:8000"
 
-# Values that differ from run to run, or that a model with random weights makes up.
-VARYING = {"timings", "request_id", "id", "created"}
+# Values that differ from run to run (memory_bytes: what the machine has free at start-up), or that a
+# model with random weights makes up.
+VARYING = {"timings", "request_id", "id", "created", "memory_bytes"}
 GENERATED = {"raw_text", "text", "answer", "content", "detections", "segments", "dropped", "completion_tokens",
              "total_tokens", "finish_reason"}
 

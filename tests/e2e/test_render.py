@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app import render
 from app.api.annotate import prefers_png
 from app.masks.placement import decode_rle
-from tests.helpers import files, serve
+from tests.helpers import files
 from tests.trained_model import image_bytes, training_image
 
 WIDTH, HEIGHT = 640, 400
@@ -88,22 +87,6 @@ def test_json_stays_the_default(trained_server):
     for accept in (None, "*/*", "application/json", "image/png, application/json"):
         response = _post(trained_server, "/v1/detect", accept=accept)
         assert response.headers["content-type"] == "application/json"
-
-
-def test_without_supervision_an_image_is_refused_before_any_model_work(monkeypatch):
-    monkeypatch.setattr(render, "available", lambda: False)
-    with serve() as client:
-        response = client.post("/v1/detect", files=files(IMAGE, "box.png", "image/png"),
-                               data={"objects": "red box"}, headers={"Accept": "image/png"})
-        assert response.status_code == 501
-        error = response.json()["error"]
-        assert error["type"] == "not_implemented" and "paligemma-server[render]" in error["message"]
-        assert error["param"] == "render"
-        generated = [line for line in client.get("/metrics").text.splitlines()
-                     if line.startswith("paligemma_generated_tokens_total{")]
-        assert generated == []
-        assert client.post("/v1/detect", files=files(IMAGE, "box.png", "image/png"),
-                           data={"objects": "red box"}).status_code == 200
 
 
 def test_the_openapi_document_declares_the_png(trained_server):

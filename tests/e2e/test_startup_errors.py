@@ -1,10 +1,13 @@
-"""A served process given a model it cannot load exits 1 with one message and no traceback.
+"""A served process given a model (or a device) it cannot load exits 1 with one message and no traceback.
 
 No network: a local directory that does not exist, and a made-up hub id under HF_HUB_OFFLINE=1 with an
 empty hub cache.
 """
 
 from __future__ import annotations
+
+import pytest
+import torch
 
 from tests.served import served
 
@@ -37,3 +40,12 @@ def test_a_hub_id_that_is_not_in_the_cache_in_offline_mode(tmp_path):
                 "made-up-org/no-such-paligemma is not in the hub cache (HF_HOME): download it once with "
                 "network access (e.g. `hf download made-up-org/no-such-paligemma`), or set PALIGEMMA_MODEL "
                 "to a local directory.")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine whose CUDA is unusable")
+def test_served_process_with_cuda_asked_exits_1_with_the_reason(tmp_path):
+    with served(tmp_path, env={"PALIGEMMA_DEVICE": "cuda"}, ready=False) as server:
+        assert server.process.wait(timeout=120) == 1
+        log = server.log()
+    assert "PALIGEMMA_DEVICE=cuda but no GPU can be used" in log
+    assert "exiting: start-up failed: PALIGEMMA_DEVICE=cuda" in log

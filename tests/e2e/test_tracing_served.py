@@ -11,7 +11,7 @@ import httpx
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from tests.helpers import jpeg
+from tests.images import jpeg
 from tests.served import served
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"

@@ -8,7 +8,9 @@ repeat images (so the feature cache sees one image under several adapters), and 
 every request that finishes must have exactly the greedy tokens of PEFT's `merge_and_unload` model for
 its adapter running `generate` on it alone. Run on PaliGemma's (`tiny`) and PaliGemma 2's
 (`tiny-gemma2`) layouts, adding the deltas both ways the engine does: per adapter present (eager steps)
-and in the fixed-shape form a captured CUDA graph replays.
+and in the fixed-shape form a captured CUDA graph replays; and through the runner's graph-capture seam,
+with "graphs" that run that fixed-shape step over whole buckets, idle rows included, reading each row's
+adapter slot from the row table as a captured graph does (a CUDA graph cannot be captured on a CPU).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import pytest
 
 from app.adapters.bank import AdapterBank, AdapterRef
 from app.adapters.folder import read_adapter
-from app.engine.runner import RowInput
+from app.engine.graphs import Replay
+from app.engine.runner import ModelStepRunner, RowInput
 from app.engine.scheduler import Sequence, State
 from app.model.loader import LoadedModel, load_model
 from app.settings import Settings
@@ -90,10 +93,39 @@ def _schedule(setup: Setup, seed: int, count: int = 12):
     return plans
 
 
+class FixedShapeStandIn:
+    """Captures "graphs" that replay the decode step in the form a CUDA graph captures
+    (DecodeGraphs.fixed_step): the dense form over all slots, every row of the bucket read from the row
+    table."""
+
+    def __init__(self) -> None:
+        self.runner: ModelStepRunner | None = None
+        self.replayed = 0
+
+    def __call__(self, size: int) -> Replay:
+        assert self.runner is not None
+        graphs = self.runner.graphs
+
+        def replay():
+            self.replayed += 1
+            return graphs.fixed_step(size)
+
+        return replay
+
+
 def _run(setup: Setup, plans, form: str) -> tuple[list[Sequence | None], Driver]:
+    stand_in = FixedShapeStandIn() if form == "graphs" else None
     driver = Driver(setup.served, rows=4, prefill_token_budget=3 * (setup.served.image_seq_length + 20),
-                    adapters=setup.bank, adapter_decode=form, feature_cache_size=8)
+                    graph_capture=stand_in, adapters=setup.bank,
+                    adapter_decode="grouped" if form == "graphs" else form, feature_cache_size=8)
+    if stand_in is not None:
+        stand_in.runner = driver.runner
+        driver.runner.capture_graphs()
+        # The warm-up check replayed each bucket with rows spread over every slot, against the eager step.
+        assert driver.runner.graphs.captured == [1, 2, 4] and driver.runner.graphs.failure is None
+        assert stand_in.replayed == 3
     seqs: list[Sequence | None] = [None] * len(plans)
+    rows = driver.runner.table.host("adapter")
     for step in range(1000):
         for i, (arrive, cancel, *_, item, max_new) in enumerate(plans):
             if arrive == step:
@@ -101,13 +133,16 @@ def _run(setup: Setup, plans, form: str) -> tuple[list[Sequence | None], Driver]
             if cancel == step and seqs[i] is not None:
                 seqs[i].cancel_reason = "disconnected"
         assert driver.loop.step_once()
+        # Each running row's decode steps read its adapter's slot; every other row reads the base's.
+        assert {row: int(rows[row]) for row in range(driver.runner.rows) if rows[row]} == {
+            row: seq.payload.slot for row, seq in driver.scheduler.running.items() if seq.payload.slot}
         if step > 20 and driver.scheduler.idle:
             break
     return seqs, driver
 
 
 # The same arrivals both ways, so PEFT's reference outputs are computed once.
-@pytest.mark.parametrize("form", ["grouped", "dense"])
+@pytest.mark.parametrize("form", ["grouped", "dense", "graphs"])
 def test_mixed_adapters_equal_peft_merged_generate_alone(setup, form):
     plans = _schedule(setup, seed=1)
     seqs, driver = _run(setup, plans, form)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import base64
 
 from app.settings import Settings
-from tests.helpers import jpeg, serve
+from tests.helpers import serve
+from tests.images import jpeg
 
 IMAGE = jpeg(64, 48)
 

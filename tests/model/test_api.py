@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+import app
+from app.api import render
 from app.schemas import ErrorResponse
 from app.settings import Settings
-from tests.helpers import encode, files, jpeg, metric_value, photo, serve
+from tests.helpers import files, metric_value, serve
+from tests.images import encode, jpeg, photo
 
 TASKS = {
     "/v1/caption": {"language": "en"},
@@ -59,6 +62,7 @@ def test_health_ready_docs_and_openapi(client):
     assert client.get("/readyz").json() == {"status": "ready"}
     assert client.get("/docs").status_code == 200
     schema = client.get("/openapi.json").json()
+    assert schema["info"]["version"] == app.__version__  # written once, in app/__init__.py
     for path in TASKS:
         operation = schema["paths"][path]["post"]
         for status in ("200", "400", "413", "415", "422", "429", "503", "504"):
@@ -181,7 +185,7 @@ def test_metrics_count_what_was_sent():
 def test_readyz_is_503_until_the_model_is_warmed_up(monkeypatch):
     import threading
 
-    from app.engine import service as service_module
+    from app.serving import service as service_module
 
     gate = threading.Event()
     original = service_module.InferenceService.warm_up
@@ -240,3 +244,19 @@ def test_every_refusal_has_the_one_envelope_and_the_request_id():
         assert responses[name].json()["error"]["param"] == "image"
         assert responses[name].headers["connection"] == "close"
     assert responses["400 bytes"].json()["error"]["param"] == "question"
+
+
+def test_without_supervision_an_image_is_refused_before_any_model_work(monkeypatch):
+    monkeypatch.setattr(render, "available", lambda: False)
+    with serve() as client:
+        response = client.post("/v1/detect", files=files(jpeg(64, 48)),
+                               data={"objects": "red box"}, headers={"Accept": "image/png"})
+        assert response.status_code == 501
+        error = response.json()["error"]
+        assert error["type"] == "not_implemented" and "paligemma-server[render]" in error["message"]
+        assert error["param"] == "render"
+        generated = [line for line in client.get("/metrics").text.splitlines()
+                     if line.startswith("paligemma_generated_tokens_total{")]
+        assert generated == []
+        assert client.post("/v1/detect", files=files(jpeg(64, 48)),
+                           data={"objects": "red box"}).status_code == 200

@@ -11,7 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from app.settings import Settings
-from tests.helpers import files, jpeg, serve
+from tests.helpers import files, serve
+from tests.images import jpeg
 
 IMAGE = jpeg(300, 200, seed=4)
 B64 = base64.b64encode(IMAGE).decode()

@@ -6,7 +6,8 @@ import pytest
 
 from app.api.auth import key_is_valid, presented_credentials, refusal_message
 from app.settings import Settings
-from tests.helpers import files, jpeg, serve
+from tests.helpers import files, serve
+from tests.images import jpeg
 
 
 @pytest.fixture(scope="module")

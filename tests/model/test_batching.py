@@ -5,7 +5,8 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 from app.settings import Settings
-from tests.helpers import files, jpeg, metric_value, serve
+from tests.helpers import files, metric_value, serve
+from tests.images import jpeg
 
 REQUESTS = [
     ("/v1/caption", {"language": "en", "max_new_tokens": "12"}, (320, 240, 1)),

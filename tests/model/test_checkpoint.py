@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import pytest
 
+from app.model.loader import load_model
+from app.model.presets import PRESETS
+from app.model.sources import ModelUnavailable
 from app.settings import Settings
 from app.tasks.parsing import SEG_TOKENS_PER_MASK
-from tests.helpers import encode, files, serve
+from tests.helpers import files, serve
+from tests.images import encode
 from tests.trained_model import DETECT_BINS, SEGMENT_BINS, SEGMENT_CODES, image_bytes, training_image
 
 
@@ -92,3 +96,19 @@ def test_a_paligemma_2_checkpoint_loads_through_from_pretrained_and_serves(tmp_p
         response = c.post("/v1/caption", files=files(encode(training_image())))
         assert response.status_code == 200, response.text
         assert response.json()["usage"]["completion_tokens"] == 40  # past the sliding window of 32
+
+
+def test_load_model_raises_one_startup_error_for_a_missing_directory(tmp_path):
+    with pytest.raises(ModelUnavailable) as raised:
+        load_model(Settings(model=str(tmp_path / "missing"), device="cpu"))
+    assert f"there is no directory at {tmp_path / 'missing'}" in str(raised.value)
+    assert ", ".join(PRESETS) in str(raised.value)  # what PALIGEMMA_MODEL takes instead
+
+
+def test_load_model_on_a_directory_without_a_checkpoint_says_what_it_must_hold(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(ModelUnavailable) as raised:
+        load_model(Settings(model=str(tmp_path), device="cpu"))
+    message = str(raised.value)
+    assert f"the directory {tmp_path} could not be loaded as a PaliGemma checkpoint" in message
+    assert "config.json" in message and "(the loader said: " in message

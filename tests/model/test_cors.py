@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from app.settings import Settings, SettingsError, load_settings
-from tests.helpers import files, jpeg, metric_value, serve
+from tests.helpers import files, metric_value, serve
+from tests.images import jpeg
 
 ORIGIN = "https://app.example.com"
 

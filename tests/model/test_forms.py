@@ -14,7 +14,8 @@ from fastapi.testclient import TestClient
 from app.api.errors import install_error_handlers
 from app.api.forms import StrictFormRoute
 from app.settings import Settings
-from tests.helpers import jpeg, metric_value, serve
+from tests.helpers import metric_value, serve
+from tests.images import jpeg
 
 BOUNDARY = "b0undary"
 

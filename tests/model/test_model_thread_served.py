@@ -8,7 +8,8 @@ import threading
 from app.engine.runner import ModelStepRunner
 from app.main import create_app
 from app.settings import Settings
-from tests.helpers import files, jpeg, serve
+from tests.helpers import files, serve
+from tests.images import jpeg
 
 
 def test_loading_warm_up_and_every_step_run_on_the_model_thread(monkeypatch):
@@ -17,9 +18,9 @@ def test_loading_warm_up_and_every_step_run_on_the_model_thread(monkeypatch):
     threads: dict[str, set[int]] = {"load": set(), "runner": set(), "prefill": set(), "decode": set()}
     load_model = main_module.load_model
 
-    def recording_load(settings):
+    def recording_load(*args):
         threads["load"].add(threading.get_ident())
-        return load_model(settings)
+        return load_model(*args)
 
     class RecordingRunner(ModelStepRunner):
         def __init__(self, *args, **kwargs):

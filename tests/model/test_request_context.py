@@ -8,7 +8,8 @@ import re
 import pytest
 
 from app.settings import Settings
-from tests.helpers import files, jpeg, metric_value, serve
+from tests.helpers import files, metric_value, serve
+from tests.images import jpeg
 
 KEY = {"Authorization": "Bearer k1"}
 MULTIPART = {"content-type": "multipart/form-data; boundary=zz", **KEY}

@@ -16,7 +16,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from app.main import create_app
 from app.settings import Settings
 from app.tracing import Phase, Tracing, phases, record_request_spans
-from tests.helpers import files, jpeg, serve
+from tests.helpers import files, serve
+from tests.images import jpeg
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 

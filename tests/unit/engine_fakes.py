@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 from app.engine.scheduler import Sequence
 
@@ -27,11 +30,12 @@ class Script:
     fatal_at: int | None = None  # raises DeviceBroken on the decode that would emit tokens[i]
     oom_prefill_with_more_than: int | None = None  # a prefill of more rows than this runs out of memory
     step_seconds: float = 0.0  # each step containing this request takes this long
+    gate: threading.Event | None = None  # each step containing this request waits until this is set
 
 
 @dataclass
 class FakeRunner:
-    """Implements `app.engine.loop.StepRunner`."""
+    """Implements `app.engine.core.StepRunner`."""
 
     feature_cache_hits: int = 0
     rows: int = 64  # the tests size the engine themselves
@@ -41,11 +45,16 @@ class FakeRunner:
     released: list[int] = field(default_factory=list)
     recovered: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    stepping: threading.Event = field(default_factory=threading.Event)  # set when a step begins
 
     def _sleep(self, seqs: list[Sequence]) -> None:
+        self.stepping.set()
         longest = max((seq.payload.step_seconds for seq in seqs), default=0.0)
         if longest:
             time.sleep(longest)
+        for seq in seqs:
+            if seq.payload.gate is not None:
+                seq.payload.gate.wait()
 
     def prefill(self, seqs: list[Sequence]) -> list[int]:
         with self.lock:
@@ -86,3 +95,14 @@ class FakeRunner:
 
     def recover_memory(self) -> None:
         self.recovered += 1
+
+
+class StepByHand:
+    """Stands in for the model thread (`EngineFront.start(StepByHand())`): the engine's loop never runs by
+    itself; the test steps it with `engine.core.step_once()` from the event loop's own thread, so what
+    each step does is exact, whatever the machine's speed."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[None]:
+        nothing: Future[None] = Future()
+        nothing.set_result(None)
+        return nothing

@@ -2,20 +2,20 @@
 
 Everything here is about the engine's promises, not the model: every request gets exactly one answer,
 rows are shared step by step, cancellation and deadlines free rows at once, faults stay with the request
-that caused them, and shutdown answers everyone.
+that caused them, and shutdown answers everyone. Promises about when (at which step) are checked by
+stepping the engine by hand (`StepByHand`, `step`), never by the clock.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
+import threading
 
 import pytest
 
-from app.engine.engine import Engine, EngineConfig, EngineRequest
-from app.engine.scheduler import Sequence
+from app.engine.front import EngineConfig, EngineFront, EngineRequest
 from app.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull, ShuttingDown
-from tests.unit.engine_fakes import DeviceBroken, FakeOOM, FakeRunner, Script
+from tests.unit.engine_fakes import DeviceBroken, FakeOOM, FakeRunner, Script, StepByHand
 
 STOP = 1
 
@@ -33,17 +33,13 @@ class Recorder:
         return [event[1:] for event in self.events if event[0] == name]
 
 
-def finish(seqs: list[Sequence]) -> list[list[int]]:
-    return [list(seq.output_tokens) for seq in seqs]
-
-
 def make(rows=4, queue=100, budget=10_000, runner=None, fatal=None):
     runner = runner or FakeRunner()
     recorder = Recorder()
-    engine = Engine(runner, finish, rows, frozenset({STOP}), EngineConfig(queue, budget), recorder,
-                    is_oom=lambda exc: isinstance(exc, FakeOOM),
-                    is_fatal=lambda exc: isinstance(exc, DeviceBroken),
-                    on_fatal=fatal or (lambda exc: None))
+    engine = EngineFront(runner, rows, frozenset({STOP}), EngineConfig(queue, budget), recorder,
+                         is_oom=lambda exc: isinstance(exc, FakeOOM),
+                         is_fatal=lambda exc: isinstance(exc, DeviceBroken),
+                         on_fatal=fatal or (lambda exc: None))
     return engine, runner, recorder
 
 
@@ -52,25 +48,47 @@ def request(*tokens: int, max_new: int | None = None, **script) -> EngineRequest
                          label="/v1/test")
 
 
-async def run(engine: Engine, req: EngineRequest, timeout_s: float = 5.0, on_tokens=None):
+async def run(engine: EngineFront, req: EngineRequest, timeout_s: float = 5.0, on_tokens=None):
     return await engine.submit(engine.reserve(), req, timeout_s, on_tokens)
+
+
+async def settle() -> None:
+    """Let the event loop run what a step posted, and the requests it woke (or that were just made)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def step(engine: EngineFront, times: int = 1) -> None:
+    """Run `times` model steps by hand (the engine was started on `StepByHand`), settling after each."""
+    for _ in range(times):
+        engine.core.step_once()
+        await settle()
+
+
+async def run_together(engine: EngineFront, *requests: EngineRequest) -> list:
+    """Submit `requests` at once, then step by hand until each has its answer: a result or an error."""
+    tasks = [asyncio.create_task(run(engine, req)) for req in requests]
+    await settle()  # all of them wait for the first step
+    while not all(task.done() for task in tasks):
+        await step(engine)
+    return [task.exception() or task.result() for task in tasks]
 
 
 def test_each_request_gets_its_own_tokens_and_stops_at_its_own_end():
     async def main():
         engine, runner, recorder = make(rows=2)
-        engine.start()
-        results = await asyncio.gather(
-            run(engine, request(5, 6, 7)),                 # ends at its max_new_tokens
-            run(engine, request(8, STOP, 9)),              # ends at a stop token
-            run(engine, request(3, 3, 3, 3, 3, 3)),        # waits for a row, then runs
+        engine.start(StepByHand())
+        results = await run_together(
+            engine,
+            request(5, 6, 7),                 # ends at its max_new_tokens
+            request(8, STOP, 9),              # ends at a stop token
+            request(3, 3, 3, 3, 3, 3),        # waits for a row, then runs
         )
         await engine.stop(1)
         return results, runner, recorder
 
     results, runner, recorder = asyncio.run(main())
     assert [r.tokens for r in results] == [[5, 6, 7], [8], [3] * 6]
-    assert [r.output for r in results] == [[5, 6, 7], [8], [3] * 6]
     assert [(r.finish_reason, r.computed) for r in results] == [("length", 3), ("stop", 2), ("length", 6)]
     assert sum(count for _, _, count in recorder.called("tokens")) == 3 + 2 + 6
     # The third request started once a row was free, without waiting for both to end.
@@ -82,48 +100,50 @@ def test_each_request_gets_its_own_tokens_and_stops_at_its_own_end():
 def test_a_short_request_joins_a_long_one_and_finishes_long_before_it():
     async def main():
         engine, runner, _ = make(rows=4)
-        engine.start()
-        finished = {}
-
-        async def timed(name, req):
-            await run(engine, req)
-            finished[name] = time.monotonic()
-
-        long = asyncio.create_task(timed("long", request(*([4] * 60), step_seconds=0.01)))
-        await asyncio.sleep(0.1)  # the long one is generating by now
-        await timed("short", request(2, 2, 2))
-        short_done = time.monotonic()
-        await long
+        engine.start(StepByHand())
+        long = asyncio.create_task(run(engine, request(*([4] * 60))))
+        await settle()
+        await step(engine, 5)  # the long one is generating: its prefill, then 4 decodes
+        short = asyncio.create_task(run(engine, request(2, 2, 2)))
+        await settle()
+        await step(engine, 3)  # the short one's prefill at the next step, then 2 decodes beside the long one
+        short_done_at_8, long_done_at_8 = short.done(), long.done()
+        steps = 8
+        while not long.done():
+            await step(engine)
+            steps += 1
         await engine.stop(1)
-        return finished, short_done, runner
+        return short_done_at_8, long_done_at_8, steps, short.result(), long.result(), runner
 
-    finished, _, runner = asyncio.run(main())
-    assert finished["short"] < finished["long"] - 0.2
-    # They shared decode steps: some step decoded both rows.
-    assert any(len(ids) == 2 for ids, _ in runner.decodes)
+    short_done, long_done, steps, short, long, runner = asyncio.run(main())
+    assert short_done and not long_done
+    assert (short.tokens, long.tokens) == ([2, 2, 2], [4] * 60)
+    assert steps == 60  # one token per step for the long one: the short one cost it no step
+    assert [len(ids) for ids, _ in runner.decodes].count(2) == 2  # the two decode steps they shared
 
 
 def test_a_client_that_leaves_mid_generation_frees_its_row_within_a_step():
     async def main():
         engine, runner, recorder = make(rows=1)
-        engine.start()
-        leaver = asyncio.create_task(run(engine, request(*([4] * 500), step_seconds=0.005)))
-        await asyncio.sleep(0.15)
+        engine.start(StepByHand())
+        leaver = asyncio.create_task(run(engine, request(*([4] * 500))))
+        await settle()
+        await step(engine, 10)
         leaver.cancel()
         with pytest.raises(asyncio.CancelledError):
             await leaver
-        # The only row is free again: the next request runs at once rather than after 500 steps.
-        started = time.monotonic()
-        result = await run(engine, request(7, 7))
-        elapsed = time.monotonic() - started
+        # The only row is free at the next step: the next request runs at once, not after 490 more steps.
+        following = asyncio.create_task(run(engine, request(7, 7)))
+        await settle()
+        await step(engine, 2)
+        done = following.done()
         await engine.stop(1)
-        return result, elapsed, runner, recorder
+        return done, following.result(), runner, recorder
 
-    result, elapsed, runner, recorder = asyncio.run(main())
-    assert result.tokens == [7, 7]
-    assert elapsed < 1.0
+    done, result, runner, recorder = asyncio.run(main())
+    assert done and result.tokens == [7, 7]
     leaver_tokens = sum(count for _, _, count in recorder.called("tokens")) - 2
-    assert 5 < leaver_tokens < 200, leaver_tokens  # it generated for a while, then stopped
+    assert leaver_tokens == 10  # one per step while it held the row, none after it left
     assert ("disconnected",) in recorder.called("dropped")
     assert runner.prefills[0][0] in runner.released  # its per-row state was released
 
@@ -131,24 +151,28 @@ def test_a_client_that_leaves_mid_generation_frees_its_row_within_a_step():
 def test_a_deadline_that_passes_mid_generation_answers_504_and_frees_the_row():
     async def main():
         engine, runner, recorder = make(rows=1)
-        engine.start()
-        with pytest.raises(DeadlineExceeded, match="did not finish within"):
-            await run(engine, request(*([4] * 500), step_seconds=0.005), timeout_s=0.2)
-        result = await run(engine, request(6))
-        # One still waiting for a row when its time is up never runs at all.
-        blocker = asyncio.create_task(run(engine, request(*([4] * 100), step_seconds=0.005)))
-        await asyncio.sleep(0.05)
-        with pytest.raises(DeadlineExceeded, match="waited more than"):
-            await run(engine, request(9, 9), timeout_s=0.1)
-        await blocker
+        engine.start(StepByHand())
+        running = asyncio.create_task(run(engine, request(*([4] * 500)), timeout_s=0.05))
+        await settle()
+        await step(engine, 3)  # it holds the only row
+        waiting = asyncio.create_task(run(engine, request(9, 9), timeout_s=0.05))  # no row for this one
+        await settle()
+        await asyncio.sleep(0.1)  # both deadlines pass; no step runs meanwhile
+        outcomes = await asyncio.gather(running, waiting, return_exceptions=True)
+        after = asyncio.create_task(run(engine, request(6)))
+        await settle()
+        await step(engine)  # drops both and runs the newcomer in the freed row
+        done = after.done()
         await engine.stop(1)
-        return result, runner, recorder
+        return outcomes, done, after.result(), runner, recorder
 
-    result, runner, recorder = asyncio.run(main())
-    assert result.tokens == [6]
+    (running, waiting), done, result, runner, recorder = asyncio.run(main())
+    assert isinstance(running, DeadlineExceeded) and "did not finish within" in running.message
+    assert isinstance(waiting, DeadlineExceeded) and "waited more than" in waiting.message
+    assert done and result.tokens == [6]
     assert recorder.called("dropped") == [("timeout",), ("timeout",)]
     prefilled = [rid for ids in runner.prefills for rid in ids]
-    assert len(prefilled) == 3  # the one that timed out while waiting was never prefilled
+    assert len(prefilled) == 2  # the one that timed out while waiting was never prefilled
 
 
 def test_admission_is_bounded_and_refusals_are_counted():
@@ -172,9 +196,8 @@ def test_admission_is_bounded_and_refusals_are_counted():
 def test_a_request_that_fails_its_prefill_fails_alone():
     async def main():
         engine, runner, _ = make(rows=4)
-        engine.start()
-        results = await asyncio.gather(run(engine, request(5, 5)), run(engine, request(6, 6, fail_prefill=True)),
-                                       run(engine, request(7, 7)), return_exceptions=True)
+        engine.start(StepByHand())
+        results = await run_together(engine, request(5, 5), request(6, 6, fail_prefill=True), request(7, 7))
         await engine.stop(1)
         return results, runner
 
@@ -188,10 +211,9 @@ def test_a_request_that_fails_its_prefill_fails_alone():
 def test_a_failing_decode_step_fails_only_the_row_that_fails_alone():
     async def main():
         engine, runner, _ = make(rows=4)
-        engine.start()
-        results = await asyncio.gather(run(engine, request(5, 5, 5, 5)),
-                                       run(engine, request(6, 6, 6, 6, fail_decode_at=2)),
-                                       run(engine, request(7, 7, 7, 7)), return_exceptions=True)
+        engine.start(StepByHand())
+        results = await run_together(engine, request(5, 5, 5, 5), request(6, 6, 6, 6, fail_decode_at=2),
+                                     request(7, 7, 7, 7))
         await engine.stop(1)
         return results, runner
 
@@ -206,17 +228,18 @@ def test_a_failing_decode_step_fails_only_the_row_that_fails_alone():
 def test_out_of_memory_on_a_prefill_requeues_and_prefills_fewer_at_a_time():
     async def main():
         engine, runner, _ = make(rows=8)
-        engine.start()
-        results = await asyncio.gather(*(run(engine, request(i, i, oom_prefill_with_more_than=2))
-                                         for i in range(2, 8)))
+        engine.start(StepByHand())
+        results = await run_together(engine, *(request(i, i, oom_prefill_with_more_than=2) for i in range(2, 8)))
         await engine.stop(1)
         return results, runner, engine
 
     results, runner, engine = asyncio.run(main())
     assert [r.tokens for r in results] == [[i, i] for i in range(2, 8)]  # nobody failed
-    assert runner.recovered >= 1
-    assert all(len(ids) <= 2 for ids in runner.prefills[-3:])
-    assert engine.scheduler.prefill_token_budget <= 20
+    # Six prompts of 10 tokens: out of memory, then half the tokens (30: three), out of memory again,
+    # then 15 (one at a time) from then on.
+    assert [len(ids) for ids in runner.prefills] == [6, 3, 1, 1, 1, 1, 1, 1]
+    assert runner.recovered == 2
+    assert engine.scheduler.prefill_token_budget == 15
 
 
 def test_an_unrecoverable_device_error_fails_everyone_and_reports_it():
@@ -224,9 +247,8 @@ def test_an_unrecoverable_device_error_fails_everyone_and_reports_it():
 
     async def main():
         engine, _, _ = make(rows=4, fatal=reported.append)
-        engine.start()
-        results = await asyncio.gather(run(engine, request(5, 5, 5, fatal_at=1)), run(engine, request(6, 6, 6)),
-                                       return_exceptions=True)
+        engine.start(StepByHand())
+        results = await run_together(engine, request(5, 5, 5, fatal_at=1), request(6, 6, 6))
         with pytest.raises(NotReady):
             engine.reserve()
         await engine.stop(1)
@@ -256,18 +278,18 @@ def test_stop_drains_admitted_requests_then_refuses_new_ones():
 def test_a_drain_that_runs_out_of_time_answers_the_rest_503_and_stops():
     async def main():
         engine, _, _ = make(rows=1)
-        engine.start()
-        pending = [asyncio.create_task(run(engine, request(*([i] * 200), step_seconds=0.01)))
-                   for i in range(2, 5)]
-        await asyncio.sleep(0.05)
-        started = time.monotonic()
-        await engine.stop(0.2)
-        elapsed = time.monotonic() - started
-        return await asyncio.gather(*pending, return_exceptions=True), elapsed
+        engine.start(StepByHand())
+        pending = [asyncio.create_task(run(engine, request(*([i] * 200)))) for i in range(2, 5)]
+        await settle()
+        await step(engine, 2)  # one generating, two waiting for the row
+        await engine.stop(0.05)  # no step runs: the drain's deadline passes with all three unfinished
+        results = await asyncio.gather(*pending, return_exceptions=True)
+        engine.core.step_once()  # the worker takes the abort, then the stop
+        return results, engine.scheduler.idle
 
-    results, elapsed = asyncio.run(main())
+    results, idle = asyncio.run(main())
     assert all(isinstance(r, ShuttingDown) for r in results)
-    assert elapsed < 1.5
+    assert idle
 
 
 def test_tokens_stream_to_the_callback_as_steps_compute_them():
@@ -303,8 +325,8 @@ def test_only_streamed_requests_wake_the_event_loop_every_step():
     async def main(stream: bool):
         engine, _, _ = make(rows=2)
         posted: list[object] = []
-        post = engine.worker.post
-        engine.worker.post = lambda events: (posted.append(events), post(events))
+        post = engine.core.post
+        engine.core.post = lambda events: (posted.append(events), post(events))
         engine.start()
         seen: list[int] = []
         result = await run(engine, request(*range(2, 10)), on_tokens=seen.extend if stream else None)
@@ -320,17 +342,26 @@ def test_only_streamed_requests_wake_the_event_loop_every_step():
 
 def test_the_worker_reports_how_long_it_has_been_inside_one_step():
     async def main():
-        engine, _, _ = make(rows=1)
-        engine.start()
-        assert engine.stalled_for() == 0.0
-        task = asyncio.create_task(run(engine, request(3, step_seconds=0.5)))
-        await asyncio.sleep(0.3)
+        engine, runner, _ = make(rows=1)
+        engine.start()  # the worker thread: the event loop watches a step while it runs
+        idle = engine.stalled_for()
+        gate = threading.Event()
+        task = asyncio.create_task(run(engine, request(3, gate=gate)))
+        assert await asyncio.to_thread(runner.stepping.wait, 10)
         inside = engine.stalled_for()
+        await asyncio.sleep(0.01)
+        later = engine.stalled_for()
+        gate.set()
         await task
+        for _ in range(1000):  # the step has ended; the worker marks it so just after posting its result
+            if engine.stalled_for() == 0.0:
+                break
+            await asyncio.sleep(0.01)
         after = engine.stalled_for()
         await engine.stop(1)
-        return inside, after
+        return idle, inside, later, after
 
-    inside, after = asyncio.run(main())
-    assert 0.15 < inside < 0.5
+    idle, inside, later, after = asyncio.run(main())
+    assert idle == 0.0
+    assert 0.0 < inside < later  # it grows while the step runs
     assert after == 0.0

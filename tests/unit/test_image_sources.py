@@ -13,19 +13,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app import image_sources
 from app.errors import InvalidImage, InvalidRequest, PayloadTooLarge, ServiceError
-from app.image_sources import (
-    ImageSources,
+from app.image_sources import ImageSources, inline
+from app.image_sources.hosts import (
     address_category,
     check_address,
-    decode_base64_image,
     match_host,
     normalise_host_entries,
     parse_host_entry,
 )
+from app.image_sources.inline import decode_base64_image
 from app.settings import SettingsError, load_settings
-from tests.helpers import jpeg
+from tests.images import jpeg
 
 IMAGE = jpeg(64, 48)
 ENCODED = base64.b64encode(IMAGE).decode()
@@ -108,7 +107,7 @@ def test_the_limit_is_checked_on_the_length_before_decoding(monkeypatch: pytest.
     def must_not_decode(*args: object, **kwargs: object) -> bytes:
         raise AssertionError("decoded a value over the limit")
 
-    monkeypatch.setattr(image_sources.base64, "b64decode", must_not_decode)
+    monkeypatch.setattr(inline.base64, "b64decode", must_not_decode)
     one_over = base64.b64encode(b"\0" * (LIMIT + 1)).decode()
     message = refusal(one_over, PayloadTooLarge)
     assert f"decodes to {LIMIT + 1} bytes" in message and f"limit of {LIMIT} bytes" in message
@@ -314,9 +313,8 @@ def test_settings_read_the_host_list_and_timeout_from_the_environment(monkeypatc
     settings = load_settings()
     assert settings.image_url_hosts == ("images.example.com", ".cdn.example.org:8443", "[::1]:9000")
     assert settings.image_url_timeout_s == 2.5
-    sources = ImageSources.from_settings(settings)
-    assert (sources.max_bytes, sources.url_timeout_s) == (settings.max_image_bytes, 2.5)
-    assert [str(entry) for entry in sources.url_hosts] == list(settings.image_url_hosts)
+    sources = ImageSources(max_bytes=settings.max_image_bytes, url_hosts=settings.image_url_hosts)
+    assert sources.url_hosts == settings.image_url_hosts
 
 
 @pytest.mark.parametrize(("variable", "value", "reason"), [

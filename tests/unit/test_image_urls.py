@@ -12,7 +12,6 @@ import ipaddress
 import shutil
 import ssl
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,9 +20,12 @@ from pathlib import Path
 import pytest
 
 from app.errors import InvalidImage, InvalidRequest, PayloadTooLarge, ServiceError, UpstreamTimeout
-from app.image_sources import MAX_REDIRECTS, ImageSources, IPAddress
+from app.image_sources import ImageSources
+from app.image_sources.fetch import MAX_REDIRECTS
+from app.image_sources.hosts import IPAddress
 from app.images import decode_image
-from tests.helpers import jpeg
+from tests.images import jpeg
+from tests.loopback import loopback_server
 
 LOOPBACK = ipaddress.ip_address("127.0.0.1")
 LIMIT = 64 * 1024
@@ -157,18 +159,9 @@ class Server:
 
 def _serve(tls: ssl.SSLContext | None = None) -> Iterator[Served]:
     handler = type("Handler", (_Handler,), {})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    if tls is not None:
-        server.socket = tls.wrap_socket(server.socket, server_side=True)
-    handler.served = Served(server.server_address[1])
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="image-url-server")
-    thread.start()
-    try:
+    with loopback_server(handler, tls) as server:
+        handler.served = Served(server.server_address[1])
         yield handler.served
-    finally:
-        server.shutdown()
-        server.server_close()  # joins the handler threads (block_on_close)
-        thread.join()
 
 
 @pytest.fixture

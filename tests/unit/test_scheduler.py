@@ -24,7 +24,7 @@ def test_newcomers_take_the_lowest_free_rows_and_wait_when_rows_are_full():
     assert [x.state for x in seqs] == [State.RUNNING] * 3 + [State.WAITING] * 2
     assert s.decode_width == 3
     # Row 1 finishes: the next waiting request gets row 1 at the next step, not a new row.
-    s.record(seqs[1], 1)
+    s.update([seqs[1]], [1])
     plan = s.plan()
     assert plan.admitted == [seqs[3]] and seqs[3].row == 1
     assert plan.decode == [seqs[0], seqs[2]]  # the newcomer is prefilled, not decoded, this step
@@ -36,12 +36,12 @@ def test_a_row_retires_the_step_its_own_output_ends():
     s.add(short)
     s.add(long)
     s.plan()
-    assert not s.record(short, 7) and not s.record(long, 7)
-    assert s.record(short, 8)  # its own max_new_tokens
+    assert s.update([short, long], [7, 7]) == []
+    assert s.update([short, long], [8, 9]) == [short]  # its own max_new_tokens
     assert short.finish_reason == "length" and short.output_tokens == [7, 8] and short.row is None
     assert s.plan().decode == [long]
-    assert s.record(long, 1)  # a stop token: computed, but not part of the output
-    assert long.finish_reason == "stop" and long.output_tokens == [7] and long.computed == [7, 1]
+    assert s.update([long], [1]) == [long]  # a stop token: computed, but not part of the output
+    assert long.finish_reason == "stop" and long.output_tokens == [7, 9] and long.computed == [7, 9, 1]
     assert s.idle
 
 
@@ -51,10 +51,10 @@ def test_positions_follow_each_rows_own_length():
     s.add(a)
     s.add(b)
     s.plan()
-    s.record(a, 3)
-    s.record(b, 3)
+    s.update([a], [3])
+    s.update([b], [3])
     assert (a.next_position, b.next_position) == (5, 8)  # the first generated token goes right after
-    s.record(a, 4)
+    s.update([a], [4])
     assert (a.next_position, b.next_position) == (6, 8)
 
 
@@ -102,30 +102,16 @@ def test_shrink_caps_running_rows_without_touching_those_running():
         s.add(x)
     s.plan()
     s.shrink(2)
-    s.record(seqs[0], 1)
+    s.update([seqs[0]], [1])
     assert s.plan().admitted == []  # 3 still running > 2
-    s.record(seqs[1], 1)
-    s.record(seqs[2], 1)
+    s.update([seqs[1]], [1])
+    s.update([seqs[2]], [1])
     assert len(s.plan().admitted) == 1  # back to 2 running
 
 
-def test_recording_for_a_request_that_is_not_running_is_a_bug():
+def test_updating_a_request_that_is_not_running_is_a_bug():
     s = Scheduler(rows=1, prefill_token_budget=10_000)
     x = seq()
     s.add(x)
     with pytest.raises(RuntimeError):
-        s.record(x, 3)
-
-
-def test_the_cache_takes_as_many_rows_as_fit_in_its_share_of_free_memory():
-    import torch
-
-    from app.engine.kv_cache import CacheShape
-    from app.engine.runner import CACHE_MEMORY_SHARE, rows_that_fit
-
-    shape = CacheShape(layers=18, rows=32, kv_heads=1, length=768, head_dim=256)
-    per_row = 2 * 18 * 769 * 256 * 2  # keys and values, bfloat16, the scratch index included
-    assert shape.bytes(torch.bfloat16) == 32 * per_row
-    assert rows_that_fit(shape, torch.bfloat16, 10 * 2**30) == 32  # plenty: all rows
-    assert rows_that_fit(shape, torch.bfloat16, int(10 * per_row / CACHE_MEMORY_SHARE)) == 10
-    assert rows_that_fit(shape, torch.bfloat16, 0) == 1  # never none
+        s.update([x], [3])

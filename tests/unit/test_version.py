@@ -1,14 +1,11 @@
-"""The version is written once, in app/__init__.py; the package metadata and the API read it there."""
+"""The version is written once, in app/__init__.py; the package metadata reads it there (and the OpenAPI
+document, tests/model/test_api.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-
-import app
-from app.main import create_app
-from app.settings import Settings
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
@@ -20,6 +17,3 @@ def test_pyproject_takes_the_version_from_the_package() -> None:
     assert "version" in config["project"]["dynamic"]
     assert config["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "app.__version__"}
 
-
-def test_the_openapi_document_reports_it() -> None:
-    assert create_app(Settings()).openapi()["info"]["version"] == app.__version__

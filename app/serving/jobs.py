@@ -8,21 +8,25 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from app.engine.sampling import GREEDY, SamplingParams
+from app.engine.sampling_params import GREEDY, SamplingParams
 from app.tasks.parsing import Box
 from app.tasks.prompts import Task
 
 
 class ImageInput:
     """The image a request carries: the upload's bytes, or a loader for what the client sent in their
-    place (base64, a data URL, an image URL), called once the request holds its queue slot, so a burst
-    over capacity fetches nothing. Read once; later reads give the same bytes."""
+    place (base64, a data URL, an image URL). A local loader (base64) is called once the request holds
+    its queue slot, so a burst over capacity decodes nothing; a `remote` one (an image URL) is called
+    before, under the fetches' own bound, so a slow host never holds a slot. Read once; later reads give
+    the same bytes."""
 
-    def __init__(self, data: bytes | None = None, loader: Callable[[], Awaitable[bytes]] | None = None):
+    def __init__(self, data: bytes | None = None, loader: Callable[[], Awaitable[bytes]] | None = None,
+                 remote: bool = False):
         if (data is None) == (loader is None):
             raise ValueError("give the bytes or a loader, not both")
         self._data = data
         self._loader = loader
+        self.remote = remote
 
     async def read(self) -> bytes:
         if self._data is None:

@@ -2,7 +2,8 @@
 the CPU loudly when the machine has NVIDIA devices that CUDA cannot use.
 
 The device nodes are looked up under a root directory, so a temporary folder stands in for a GPU host's
-/dev and /proc; what torch says about CUDA is the real answer of the torch installed here.
+/dev and /proc; what torch says about CUDA is the real answer of the torch installed here. A served
+process asked for CUDA: tests/e2e/test_startup_errors.py.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import pytest
 import torch
 
 from app.model.loader import DeviceUnavailable, nvidia_devices, resolve_device
-from tests.served import served
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="these cases need a machine whose CUDA "
                                 "is unusable; this one has a working GPU")
@@ -70,11 +70,3 @@ def test_cuda_error_names_the_devices_it_found(gpu_host):
 
 def test_cpu_is_taken_as_asked(gpu_host):
     assert resolve_device("cpu", root=gpu_host) == torch.device("cpu")
-
-
-def test_served_process_with_cuda_asked_exits_1_with_the_reason(tmp_path):
-    with served(tmp_path, env={"PALIGEMMA_DEVICE": "cuda"}, ready=False) as server:
-        assert server.process.wait(timeout=120) == 1
-        log = server.log()
-    assert "PALIGEMMA_DEVICE=cuda but no GPU can be used" in log
-    assert "exiting: start-up failed: PALIGEMMA_DEVICE=cuda" in log

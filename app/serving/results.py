@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from app.engine.finishing import FinishedOutput
-from app.engine.jobs import MaskResult, ObjectResult
 from app.masks.placement import encode_rle, mask_area, mask_bbox, place_mask
+from app.serving.finishing import FinishedOutput
+from app.serving.jobs import MaskResult, ObjectResult
 from app.tasks.parsing import Box, ParsedObject
 
 NO_DECODER = "no mask decoder is loaded (set PALIGEMMA_MASK_DECODER)"

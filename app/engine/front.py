@@ -1,8 +1,8 @@
-"""The engine as the event loop sees it: admission, one future per request, deadlines, drain.
+"""The engine's asyncio front, as the event loop sees it: admission, one future per request, deadlines, drain.
 
 A request takes a slot at admission (before its image is decoded, so a burst over capacity costs
 nothing: 429 at once); the slot is held while the request is prepared and while it waits for a KV-cache
-row, and given back once the request starts running. The worker thread (`EngineLoop`) does the model
+row, and given back once the request starts running. The worker thread (`EngineCore`) does the model
 work; what it reports comes back here through `call_soon_threadsafe` and settles the futures.
 
 Deadlines and disconnects are watched here, on the event loop, so a client gets its 504 on time even
@@ -14,13 +14,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from app.engine.loop import EngineLoop, Finisher, StepEvents, StepRunner
+from app.engine.core import EngineCore, StepEvents, StepRunner
 from app.engine.observer import EngineObserver, NullObserver
+from app.engine.sampling_params import GREEDY, SamplingParams
 from app.engine.scheduler import Scheduler, Sequence
+from app.engine.step_work import StepWork
 from app.errors import DeadlineExceeded, NotReady, QueueFull, ShuttingDown
 
 if TYPE_CHECKING:
@@ -41,14 +43,13 @@ class EngineRequest:
     prompt_length: int
     max_new_tokens: int
     payload: Any  # the runner's input
-    context: Any = None  # handed back with the output to whoever finishes it
     label: str = ""  # metrics label (the endpoint)
     adapter: str = ""  # metrics label (the LoRA adapter; "" for the base)
+    sampling: SamplingParams = GREEDY
 
 
 @dataclass(frozen=True)
 class Completion:
-    output: Any  # what the finisher made of it
     tokens: list[int]  # generated tokens, without a final stop token
     computed: int  # tokens computed, the stop token included
     finish_reason: str  # "stop" or "length"
@@ -66,7 +67,7 @@ TokenCallback = Callable[[list[int]], None]
 class Slot:
     """A place among the admitted requests, held until the request runs or is abandoned."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: EngineFront):
         self._engine = engine
         self.released = False
 
@@ -84,17 +85,19 @@ class _Handle:
     on_tokens: TokenCallback | None
 
 
-class Engine:
-    def __init__(self, runner: StepRunner, finish: Finisher, rows: int, stop_tokens: frozenset[int],
+class EngineFront:
+    def __init__(self, runner: StepRunner, rows: int, stop_tokens: frozenset[int],
                  config: EngineConfig, observer: EngineObserver | None = None,
                  is_oom: Callable[[BaseException], bool] = lambda exc: False,
                  is_fatal: Callable[[BaseException], bool] = lambda exc: False,
-                 on_fatal: Callable[[BaseException], None] = lambda exc: None):
+                 on_fatal: Callable[[BaseException], None] = lambda exc: None,
+                 work: Iterable[StepWork[Any, Any]] = ()):
+        """`work`: device work other threads hand the model thread, run once per step (see StepWork)."""
         self.config = config
         self.stop_tokens = stop_tokens
         self.observer: EngineObserver = observer or NullObserver()
         self.scheduler = Scheduler(rows, config.prefill_token_budget)
-        self.worker = EngineLoop(self.scheduler, runner, finish, self._post, self.observer, is_oom, is_fatal)
+        self.core = EngineCore(self.scheduler, runner, self._post, self.observer, is_oom, is_fatal, work)
         self._on_fatal = on_fatal
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handles: dict[int, _Handle] = {}
@@ -104,15 +107,12 @@ class Engine:
         self.fatal_error: BaseException | None = None
 
     # Admission -------------------------------------------------------------------------------------
-    def reserve(self) -> Slot:
-        if self.fatal_error is not None:
-            raise NotReady("the model worker has failed and the process is restarting; retry shortly",
-                           headers={"Retry-After": "5"})
-        if not self._accepting:
-            self.observer.rejected("shutting_down")
-            raise ShuttingDown("the server is shutting down; retry on another replica",
-                               headers={"Retry-After": "1"})
-        if self._slots_taken >= self.config.max_queue:
+    def reserve(self, *, bounded: bool = True) -> Slot:
+        """A place among the admitted requests, or the refusal (503 failed or draining, 429 full).
+        `bounded=False` takes one beyond PALIGEMMA_MAX_QUEUE: the warm-up's, which no client waits on and
+        which must run whatever the queue's size."""
+        self.check_open()
+        if bounded and self._slots_taken >= self.config.max_queue:
             self.observer.rejected("queue_full")
             raise QueueFull(
                 f"the queue is full ({self.config.max_queue} requests waiting, PALIGEMMA_MAX_QUEUE); retry "
@@ -122,6 +122,16 @@ class Engine:
         self._slots_taken += 1
         self.observer.queue_depth(self._slots_taken)
         return Slot(self)
+
+    def check_open(self) -> None:
+        """Refuse (503) while the worker is failed or the server drains; for work done before a slot."""
+        if self.fatal_error is not None:
+            raise NotReady("the model worker has failed and the process is restarting; retry shortly",
+                           headers={"Retry-After": "5"})
+        if not self._accepting:
+            self.observer.rejected("shutting_down")
+            raise ShuttingDown("the server is shutting down; retry on another replica",
+                               headers={"Retry-After": "1"})
 
     def _slot_released(self) -> None:
         self._slots_taken -= 1
@@ -147,11 +157,11 @@ class Engine:
             slot.release()
             raise ShuttingDown("the server shut down before this request could run; retry on another replica")
         seq = Sequence(request.prompt_length, request.max_new_tokens, self.stop_tokens, request.payload,
-                       request.context, request.label, submitted, streams=on_tokens is not None,
-                       adapter=request.adapter)
+                       request.label, submitted, streams=on_tokens is not None,
+                       sampling=request.sampling, adapter=request.adapter)
         handle = _Handle(seq, asyncio.get_running_loop().create_future(), slot, on_tokens)
         self._handles[seq.request_id] = handle
-        self.worker.submit(seq)
+        self.core.submit(seq)
         try:
             done, _ = await asyncio.wait({handle.future}, timeout=max(deadline - time.monotonic(), 0))
             if done:
@@ -177,7 +187,7 @@ class Engine:
             return
         handle.future.cancel()
         handle.seq.cancel_reason = reason
-        self.worker.wake()
+        self.core.wake()
         self.observer.dropped(reason)
 
     # Events from the worker ------------------------------------------------------------------------
@@ -197,11 +207,11 @@ class Engine:
             handle = self._handles.get(seq.request_id)
             if handle is not None and handle.on_tokens is not None and not handle.future.done():
                 handle.on_tokens(tokens)
-        for seq, output in events.finished:
+        for seq in events.finished:
             handle = self._handles.get(seq.request_id)
             if handle is not None and not handle.future.done():
                 handle.future.set_result(Completion(
-                    output, seq.output_tokens, len(seq.computed), seq.finish_reason or "length",
+                    seq.output_tokens, len(seq.computed), seq.finish_reason or "length",
                     seq.prompt_length, seq.submitted_at, seq.admitted_at, seq.first_token_at,
                     seq.finished_at))
         for seq, error in events.failed:
@@ -225,9 +235,9 @@ class Engine:
 
     # Life ------------------------------------------------------------------------------------------
     def start(self, on: ModelThread | None = None) -> None:
-        """Start taking requests; the worker loop runs on `on` if given (see EngineLoop.start)."""
+        """Start taking requests; the worker loop runs on `on` if given (see EngineCore.start)."""
         self._loop = asyncio.get_running_loop()
-        self.worker.start(on)
+        self.core.start(on)
 
     def stop_intake(self) -> None:
         self._accepting = False
@@ -237,7 +247,7 @@ class Engine:
         self._accepting = False
         self._aborted = True
         self._fail_all(error)
-        self.worker.abort()
+        self.core.abort()
 
     async def stop(self, drain_timeout_s: float) -> None:
         """Stop intake, let admitted requests finish (up to the timeout), answer the rest 503, stop."""
@@ -250,11 +260,11 @@ class Engine:
             self.abort(ShuttingDown("the server shut down before this request finished; retry on another "
                                     "replica", headers={"Retry-After": "1"}))
         # A step in progress cannot be interrupted; do not wait long for it.
-        await asyncio.to_thread(self.worker.stop, 2.0)
+        await asyncio.to_thread(self.core.stop, 2.0)
 
     def stalled_for(self) -> float:
-        return self.worker.stalled_for()
+        return self.core.stalled_for()
 
     async def between_steps(self, fn: Callable[[], None]) -> None:
-        """Run `fn` on the model's thread between two steps (EngineLoop.call_between_steps)."""
-        await asyncio.wrap_future(self.worker.call_between_steps(fn))
+        """Run `fn` on the model's thread between two steps (EngineCore.call_between_steps)."""
+        await asyncio.wrap_future(self.core.call_between_steps(fn))

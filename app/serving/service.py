@@ -20,23 +20,24 @@ import torch
 from PIL import Image
 
 from app.adapters.bank import AdapterBank
-from app.engine.engine import Completion, Engine, EngineConfig, EngineRequest, TokenCallback
+from app.engine.core import StepRunner
 from app.engine.faults import is_out_of_memory, is_unrecoverable
-from app.engine.finishing import FinishedOutput, OutputFinisher
-from app.engine.jobs import ImageInput, Job, JobResult, ObjectResult
-from app.engine.loop import StepRunner
+from app.engine.front import Completion, EngineConfig, EngineFront, EngineRequest, TokenCallback
 from app.engine.model_thread import ModelThread
 from app.engine.observer import EngineObserver
-from app.engine.results import object_results
 from app.engine.runner import ModelStepRunner, RowInput, RunnerConfig
-from app.errors import InvalidRequest, NotFound, ServiceError, ShuttingDown
+from app.engine.step_work import StepWork
+from app.errors import InferenceFailed, InvalidRequest, NotFound, ServiceError, ShuttingDown, UrlFetchesFull
 from app.image_sources import ImageSources
 from app.images import decode_image, upload_key
-from app.lifecycle import StartupError
+from app.lifecycle import StartupError, unless_draining
 from app.masks.decoder import LoadedMaskDecoder
 from app.masks.placement import encode_rle, place_mask
 from app.model.inputs import ImageTransform, PromptEncoder
 from app.model.loader import LoadedModel
+from app.serving.finishing import FinishedOutput, MaskDecoding, masks_wanted, read_output
+from app.serving.jobs import ImageInput, Job, JobResult, ObjectResult
+from app.serving.results import object_results
 from app.settings import Settings
 from app.tasks.prompts import Task
 from app.tracing import record_request_spans
@@ -98,11 +99,17 @@ class InferenceService:
         bank = self.adapters.bank if self.adapters is not None else None
         self.runner = runner_factory(loaded, runner_config(settings, bank))
         # What clients send in place of an image file (base64, data URLs, allowed image URLs).
-        self.image_sources = ImageSources.from_settings(settings)
+        self.image_sources = ImageSources(max_bytes=settings.max_image_bytes,
+                                          url_hosts=settings.image_url_hosts,
+                                          url_timeout_s=settings.image_url_timeout_s,
+                                          max_url_fetches=settings.max_url_fetches)
+        self._draining = asyncio.Event()  # set by begin_drain: fetches not admitted yet are refused
         self._prep = ThreadPoolExecutor(settings.prepare_workers, thread_name_prefix="prepare")
-        self.engine = Engine(
+        # The mask decoder's device work, on the model thread once per step for every request that asks.
+        self.mask_work = (StepWork("mask decoding", MaskDecoding(mask_decoder.decoder))
+                          if mask_decoder else None)
+        self.engine = EngineFront(
             self.runner,
-            OutputFinisher(self.encoder, mask_decoder.decoder if mask_decoder else None),
             rows=self.runner.rows,  # what fits: the runner sizes its cache to the memory it finds
             stop_tokens=frozenset(loaded.eos_token_ids),
             config=EngineConfig(settings.max_queue, settings.prefill_tokens),
@@ -110,6 +117,7 @@ class InferenceService:
             is_oom=is_out_of_memory,
             is_fatal=is_unrecoverable,
             on_fatal=on_fatal,
+            work=[self.mask_work] if self.mask_work else [],
         )
 
     @property
@@ -125,6 +133,13 @@ class InferenceService:
     def decode_graphs(self) -> list[int]:
         graphs = getattr(self.runner, "graphs", None)
         return graphs.captured if graphs is not None else []
+
+    @property
+    def decode_graphs_failure(self) -> str | None:
+        """Why the decode graphs were discarded at warm-up, if they were (app.engine.graphs)."""
+        graphs = getattr(self.runner, "graphs", None)
+        failure: str | None = getattr(graphs, "failure", None)
+        return failure
 
     def stalled_for(self) -> float:
         """Seconds the model worker has been inside its current step (0 between steps)."""
@@ -143,12 +158,13 @@ class InferenceService:
 
     async def warm_up(self) -> None:
         """Run every task path once through the engine, so the first clients pay no lazy set-up.
-        Client-facing limits (pixels, bytes) are not applied here: they must not stop start-up."""
+        Client-facing limits (pixels, bytes, the queue's size) are not applied here: they must not stop
+        start-up."""
         started = time.perf_counter()
         image = io.BytesIO()
         Image.new("RGB", (48, 32), (127, 127, 127)).save(image, format="PNG")
-        await asyncio.gather(*(self._run(job, ImageInput(image.getvalue()), None, max_pixels=48 * 32)
-                               for job in _WARM_UP_JOBS))
+        await asyncio.gather(*(self._run(job, ImageInput(image.getvalue()), None, max_pixels=48 * 32,
+                                         bounded=False) for job in _WARM_UP_JOBS))
         logger.info("warm-up: every task path ran in %.2f s", time.perf_counter() - started)
 
     def _warm_masks(self) -> None:
@@ -157,7 +173,9 @@ class InferenceService:
         encode_rle(place_mask(logits[0], (0.25, 0.25, 0.75, 0.75), 48, 32))
 
     def begin_drain(self) -> None:
+        """Stop admitting; on the event loop (a signal handler hands it over: app.__main__)."""
         self.engine.stop_intake()
+        self._draining.set()
 
     def abort_unfinished(self) -> None:
         """The drain deadline passed: answer every admitted request 503 now."""
@@ -178,33 +196,66 @@ class InferenceService:
 
     async def run(self, job: Job, image: ImageInput, on_tokens: TokenCallback | None = None) -> JobResult:
         """Run `job` on `image`; `on_tokens` gets each step's new tokens (for streaming)."""
+        started = time.monotonic()
+        # Held from before its image is fetched: an unknown adapter is a 404 before any work is spent.
         lease = self.lease_adapter(job.adapter) if job.adapter is not None else None
         self._active += 1
         try:
-            return await self._run(job, image, on_tokens, self.settings.max_image_pixels, lease)
+            if image.remote:
+                await self._fetch(job, image)
+            return await self._run(job, image, on_tokens, self.settings.max_image_pixels, started=started,
+                                   lease=lease)
         finally:
             if lease is not None:
                 lease.release()
             self._active -= 1
 
+    async def _fetch(self, job: Job, image: ImageInput) -> None:
+        """An image URL is fetched before its request takes a place in the queue, under the fetches' own
+        bound (PALIGEMMA_MAX_URL_FETCHES): a slow host then holds a fetch, never a place that clients
+        who send their image need. Not admitted yet, it is refused (503) once the drain begins."""
+        self.engine.check_open()
+        try:
+            await unless_draining(image.read(), self._draining)
+        except UrlFetchesFull:
+            self.engine.observer.rejected("url_fetches_full")
+            raise
+        except ShuttingDown:
+            self.engine.observer.rejected("shutting_down")
+            raise
+        except asyncio.CancelledError:
+            self._client_left(job)  # while its image was fetched
+            raise
+
+    def _client_left(self, job: Job) -> None:
+        if job.label:  # a client's request (the warm-up's have no endpoint)
+            self.engine.observer.dropped("disconnected")
+
     async def _run(self, job: Job, image: ImageInput, on_tokens: TokenCallback | None,
-                   max_pixels: int, lease: AdapterLease | None = None) -> JobResult:
-        started = time.monotonic()
+                   max_pixels: int, bounded: bool = True, started: float | None = None,
+                   lease: AdapterLease | None = None) -> JobResult:
+        """`started`: when the request began (before its image URL was fetched), for its timings; `lease`:
+        the adapter it runs with, held by the caller."""
+        started = time.monotonic() if started is None else started
         loop = asyncio.get_running_loop()
-        slot = self.engine.reserve()  # 429 / 503 before any work is spent on the image
+        slot = self.engine.reserve(bounded=bounded)  # 429 / 503 before any work is spent on the image
         try:
             input_ids = self._encode(job.prefix)
             image_bytes = await image.read()
             width, height, pixels, image_key = await loop.run_in_executor(
                 self._prep, self._prepare_image, image_bytes, max_pixels)
+        except asyncio.CancelledError:
+            slot.release()
+            self._client_left(job)  # while its image was prepared
+            raise
         except BaseException:
             slot.release()
             raise
         prepared = time.monotonic()
         adapter = lease.ref if lease is not None else None
-        row = RowInput(input_ids, pixels, image_key, job.sampling, adapter)
-        request = EngineRequest(len(input_ids), job.max_new_tokens, row, job.task, job.label,
-                                adapter.name if adapter is not None else "")
+        request = EngineRequest(len(input_ids), job.max_new_tokens,
+                                RowInput(input_ids, pixels, image_key, adapter), job.label,
+                                adapter=adapter.name if adapter is not None else "", sampling=job.sampling)
         try:
             completion = await self.engine.submit(slot, request, self.settings.request_timeout_s, on_tokens)
         except ServiceError as exc:
@@ -212,7 +263,7 @@ class InferenceService:
             raise
         generated = time.monotonic()
         objects = None
-        output: FinishedOutput = completion.output
+        output = await self._finish(job, completion)
         if output.parsed is not None:
             objects = await loop.run_in_executor(self._prep, object_results, output, width, height,
                                                  self.masks_enabled)
@@ -224,6 +275,26 @@ class InferenceService:
             "postprocess_ms": round((finished - generated) * 1000, 2),
             "total_ms": round((finished - started) * 1000, 2),
         })
+
+    async def _finish(self, job: Job, completion: Completion) -> FinishedOutput:
+        """Text and parse in the thread pool; mask logits from the model thread (its next step)."""
+        loop = asyncio.get_running_loop()
+        text, parsed = await loop.run_in_executor(self._prep, read_output, self.encoder, job.task,
+                                                  completion.tokens)
+        masks: list[np.ndarray | None] = [None] * len(parsed.objects) if parsed else []
+        wanted = masks_wanted(job.task, parsed) if self.mask_work is not None else []
+        if wanted:
+            assert self.mask_work is not None
+            tokens = np.array([mask_tokens for _, mask_tokens in wanted], dtype=np.int64)
+            try:
+                logits = await asyncio.wrap_future(self.mask_work.submit(tokens))
+            except ServiceError:
+                raise
+            except Exception as exc:  # logged where it happened
+                raise InferenceFailed("the server failed finishing this output") from exc
+            for (index, _), mask in zip(wanted, logits, strict=True):
+                masks[index] = mask
+        return FinishedOutput(text, parsed, masks)
 
     def _trace(self, job: Job, completion: Completion | None, started: float, prepared: float,
                generated: float | None, finished: float | None, error: str | None = None) -> None:

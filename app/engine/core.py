@@ -1,8 +1,10 @@
-"""The model worker thread: one model step at a time, forever.
+"""The model worker core: one model step at a time, forever, in the model thread.
 
 Each step: take new and cancelled requests from a thread-safe inbox, let the scheduler plan, prefill the
-newcomers, decode one token for every running row, retire rows whose output ended and finish their
-results (text, parse, mask logits), then post everything that happened to the event loop in one call.
+newcomers, decode one token for every running row, retire rows whose output ended, run the device work
+other threads handed in (`StepWork`: the mask decoder's, for outputs parsed off this thread), then post
+everything that happened to the event loop in one call. Turning tokens into text and parsing it happen
+elsewhere (app.serving), so a step's time does not grow with them.
 
 Faults stay with their request: a step that raises is retried one request at a time, so only the
 request that fails alone is failed; out of memory on a prefill puts the newcomers back in line and
@@ -15,7 +17,7 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -24,7 +26,8 @@ from typing import Any, Protocol, TypeVar
 from app.engine.model_thread import ModelThread
 from app.engine.observer import EngineObserver
 from app.engine.scheduler import Scheduler, Sequence
-from app.errors import InferenceFailed
+from app.engine.step_work import StepWork
+from app.errors import InferenceFailed, ShuttingDown
 
 logger = logging.getLogger(__name__)
 
@@ -46,17 +49,13 @@ class StepRunner(Protocol):
 
 T = TypeVar("T")
 
-# Finishes the requests that ended this step, in the worker thread: one output per request.
-Finisher = Callable[[list[Sequence]], list[Any]]
-
-
 @dataclass
 class StepEvents:
     """What one step did, posted to the event loop in one call."""
 
     started: list[Sequence] = field(default_factory=list)
     tokens: list[tuple[Sequence, list[int]]] = field(default_factory=list)
-    finished: list[tuple[Sequence, Any]] = field(default_factory=list)
+    finished: list[Sequence] = field(default_factory=list)
     failed: list[tuple[Sequence, BaseException]] = field(default_factory=list)
     fatal: BaseException | None = None
 
@@ -86,13 +85,15 @@ class _Call:
     future: Future[Any]
 
 
-class EngineLoop:
-    def __init__(self, scheduler: Scheduler, runner: StepRunner, finish: Finisher,
-                 post: Callable[[StepEvents], None], observer: EngineObserver,
-                 is_oom: Callable[[BaseException], bool], is_fatal: Callable[[BaseException], bool]):
+class EngineCore:
+    def __init__(self, scheduler: Scheduler, runner: StepRunner, post: Callable[[StepEvents], None],
+                 observer: EngineObserver, is_oom: Callable[[BaseException], bool],
+                 is_fatal: Callable[[BaseException], bool], work: Iterable[StepWork[Any, Any]] = ()):
         self.scheduler = scheduler
         self.runner = runner
-        self.finish = finish
+        self.work = list(work)
+        for item in self.work:
+            item.attach(self.wake)
         self.post = post
         self.observer = observer
         self.is_oom = is_oom
@@ -124,7 +125,8 @@ class EngineLoop:
         return future
 
     def wake(self) -> None:
-        """Look at cancellations now (they are flags on the requests, read when a step is planned)."""
+        """Look at cancellations now (they are flags on the requests, read when a step is planned), and
+        at device work handed in."""
         self._inbox.put(_WAKE)
 
     def abort(self) -> None:
@@ -142,7 +144,7 @@ class EngineLoop:
         steps = 0
         while steps < max_steps:
             self._drain_inbox()
-            if self.scheduler.idle or not self._guarded_step():
+            if self.idle or not self._guarded_step():
                 break
             steps += 1
         return steps
@@ -150,7 +152,12 @@ class EngineLoop:
     def step_once(self) -> bool:
         """One step in the calling thread (see `run_until_idle`); False once the device failed."""
         self._drain_inbox()
-        return self.scheduler.idle or self._guarded_step()
+        return self.idle or self._guarded_step()
+
+    @property
+    def idle(self) -> bool:
+        """No request waiting or running, and no device work handed in."""
+        return self.scheduler.idle and not any(work.pending for work in self.work)
 
     def stalled_for(self) -> float:
         """Seconds the worker has spent in its current step (0 when idle or between steps)."""
@@ -173,11 +180,15 @@ class EngineLoop:
                 return True
 
     def _run(self) -> None:
-        while True:
-            if not self._drain_inbox(block=self.scheduler.idle):
-                return
-            if not self.scheduler.idle and not self._guarded_step():
-                return
+        try:
+            while True:
+                if not self._drain_inbox(block=self.idle):
+                    return
+                if not self.idle and not self._guarded_step():
+                    return
+        finally:
+            for work in self.work:
+                work.fail_pending(ShuttingDown("the server shut down before this output was finished"))
 
     def _guarded_step(self) -> bool:
         self.working = True
@@ -220,8 +231,12 @@ class EngineLoop:
             self._prefill(plan.admitted, finished)
         if plan.decode:
             self._decode(plan.decode, finished)
-        if finished:
-            self._finish(finished)
+        self._events.finished.extend(finished)
+        for work in self.work:
+            try:
+                work.run(self.is_fatal)
+            except Exception as exc:  # only what leaves the device unusable comes out
+                raise _Fatal from exc
         self.observer.running(len(self.scheduler.running))
         events, self._events = self._events, StepEvents()
         if events:
@@ -232,13 +247,13 @@ class EngineLoop:
             raise _Fatal from exc
 
     def _record(self, seqs: list[Sequence], tokens: list[int], finished: list[Sequence]) -> None:
-        by_label: dict[tuple[str, str], int] = {}
         now = time.monotonic()
+        for seq in self.scheduler.update(seqs, tokens):
+            seq.finished_at = now
+            finished.append(seq)
+            self.runner.release(seq)
+        by_label: dict[tuple[str, str], int] = {}
         for seq, token in zip(seqs, tokens, strict=True):
-            if self.scheduler.record(seq, token):
-                seq.finished_at = now
-                finished.append(seq)
-                self.runner.release(seq)
             if seq.streams and seq.finish_reason != "stop" and seq.cancel_reason is None:
                 self._events.tokens.append((seq, [token]))  # a stop token is not part of the output
             labels = (seq.label, seq.adapter)
@@ -310,20 +325,6 @@ class EngineLoop:
                 self._fail(seq, alone, "the model failed on this request")
                 continue
             self._record([seq], [token], finished)
-
-    def _finish(self, seqs: list[Sequence]) -> None:
-        try:
-            outputs = _one_each(seqs, self.finish(seqs))
-        except Exception as exc:
-            self._guard(exc)
-            if len(seqs) > 1:
-                for seq in seqs:
-                    self._finish([seq])
-                return
-            logger.error("finishing the output failed for one request", exc_info=exc)
-            self._events.failed.append((seqs[0], InferenceFailed("the server failed finishing this output")))
-            return
-        self._events.finished.extend(zip(seqs, outputs, strict=True))
 
     def _fail(self, seq: Sequence, exc: BaseException, message: str) -> None:
         logger.error("%s (request %d)", message, seq.request_id, exc_info=exc)

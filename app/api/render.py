@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from app.engine.jobs import ObjectResult
 from app.images import decode_image
 from app.masks.placement import decode_rle
+from app.serving.jobs import ObjectResult
 
 MASK_OPACITY = 0.45
 
