@@ -131,12 +131,18 @@ def measure_steps(model: str, folders: list[Path], rounds: int, repeats: int, de
                 seq.computed.append(token)
         return runner, seqs
 
+    def decode_in_place(runner: ModelStepRunner, seqs: list[Sequence]) -> None:
+        """One decode step, then the rows put back at the position it wrote (the row table advances them),
+        so every timed step is the same step however many run. It returns the sampled tokens as ints: each
+        timed call waits for the device."""
+        runner.decode(seqs, len(seqs))
+        runner.table.host("position")[:len(seqs)] -= 1
+
     def alternated(states: dict[str, tuple[ModelStepRunner, list[Sequence]]]) -> dict[str, float]:
         times: dict[str, list[float]] = {mode: [] for mode in states}
         for _ in range(rounds):
             for mode, (runner, seqs) in states.items():
-                # decode() returns the sampled tokens as ints: every timed call waits for the device.
-                times[mode].append(report.median_ms(lambda r=runner, s=seqs: r.decode(s, len(s)), repeats,
+                times[mode].append(report.median_ms(lambda r=runner, s=seqs: decode_in_place(r, s), repeats,
                                                     clock))
         return {mode: statistics.median(values) for mode, values in times.items()}
 
@@ -161,11 +167,13 @@ def measure_steps(model: str, folders: list[Path], rounds: int, repeats: int, de
         results.update(bank_mib=bank.bytes / 2**20, layers=len(bank.layers))
         for rows in row_counts:
             if graphs:
-                runner = ModelStepRunner(loaded, config(rows, bank))
-                runner.capture_graphs()
+                # A runner each: its row table holds what its rows run (the adapter slot among it).
+                runners = [ModelStepRunner(loaded, config(rows, bank)) for _ in range(2)]
+                for runner in runners:
+                    runner.capture_graphs()
                 states = {"no adapters configured": plain[rows],
-                          "adapters configured, base rows": ready(runner, sequences(rows, False)),
-                          "mixed, CUDA graph (dense)": ready(runner, sequences(rows, True))}
+                          "adapters configured, base rows": ready(runners[0], sequences(rows, False)),
+                          "mixed, CUDA graph (dense)": ready(runners[1], sequences(rows, True))}
             else:
                 states = {mode: ready(ModelStepRunner(loaded, config(rows, bank, form)),
                                       sequences(rows, mode != "base"))

@@ -69,19 +69,28 @@ def target_loss(model: torch.nn.Module, prompt: list[int], target: list[int],
 def fit(model: torch.nn.Module, rows: list[tuple[list[int], list[int], torch.Tensor]], steps: int, lr: float,
         stop_below: float = 0.0) -> None:
     """Adam on the summed `target_loss` of (prompt, target, pixels) rows, over the trainable parameters,
-    for `steps` steps or until the loss falls below `stop_below`; the model is left in eval mode."""
+    for `steps` steps or until the loss falls below `stop_below`; the model is left in eval mode.
+
+    In one torch thread: a tiny model's ops are too small for a team of threads to gain anything, and on a
+    shared machine each op of a two-thread team waits for whichever thread is descheduled (measured with
+    another process busy: 0.09 s a step in one thread, 3.7 s in two)."""
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     model.train()
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss = torch.zeros(())
-        for prompt, target, pixels in rows:
-            loss = loss + target_loss(model, prompt, target, pixels)
-        loss.backward()
-        optimizer.step()
-        if loss.item() < stop_below:
-            break
-    model.eval()
+    try:
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss = torch.zeros(())
+            for prompt, target, pixels in rows:
+                loss = loss + target_loss(model, prompt, target, pixels)
+            loss.backward()
+            optimizer.step()
+            if loss.item() < stop_below:
+                break
+    finally:
+        torch.set_num_threads(threads)
+        model.eval()
 
 
 def train(directory: Path, steps: int = 300, seed: int = 0) -> Path:
