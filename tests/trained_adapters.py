@@ -43,6 +43,7 @@ KINDS = (
     AdapterKind("everything", {"r": 16, "lora_alpha": 8, "target_modules": "all-linear", "use_rslora": True},
                 "it sees differently", True),
 )
+KIND = {kind.name: kind for kind in KINDS}
 PROMPTS = ("caption en",)
 
 

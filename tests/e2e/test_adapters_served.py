@@ -36,12 +36,11 @@ from tests.e2e.test_playground_browser import (  # the browser and its helpers (
 from tests.images import jpeg
 from tests.model.test_engine_exactness import generate_alone
 from tests.served import served
-from tests.trained_adapters import KINDS, merged_model, train_adapter
+from tests.trained_adapters import KIND, merged_model, train_adapter
 
 KEY = "adapter-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 IMAGE = jpeg(96, 72, seed=5)
-KIND = {kind.name: kind for kind in KINDS}
 
 
 @pytest.fixture(scope="module")
