@@ -39,6 +39,27 @@ class Unauthorized(ServiceError):
     error_type = "unauthorized"
 
 
+class Forbidden(ServiceError):
+    """The server is configured not to do this (a feature turned off by its settings)."""
+
+    status_code = 403
+    error_type = "forbidden"
+
+
+class NotFound(ServiceError):
+    """A named resource (an adapter) does not exist; the message lists those that do."""
+
+    status_code = 404
+    error_type = "not_found"
+
+
+class Conflict(ServiceError):
+    """The request clashes with the server's state (a name in use, every slot taken)."""
+
+    status_code = 409
+    error_type = "conflict"
+
+
 class PayloadTooLarge(ServiceError):
     status_code = 413
     error_type = "payload_too_large"

@@ -14,7 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 
 from app import __version__
-from app.api import openai_chat, ops, pages, tasks
+from app.api import adapters, openai_chat, ops, pages, tasks
 from app.api.auth import ApiKeyMiddleware, api_key_scheme, bearer_scheme
 from app.api.draining import DrainingUploadsMiddleware
 from app.api.errors import install_error_handlers
@@ -69,6 +69,8 @@ async def _bring_up(app: FastAPI) -> None:
         service = await model_thread.run(lambda: InferenceService(
             settings, loaded, metrics, decoder, on_fatal=worker_died, tracer=app.state.tracer,
             **({"runner_factory": app.state.runner_factory} if app.state.runner_factory else {})))
+        if service.adapters is not None:
+            service.adapters.on_unloaded = metrics.forget_adapter
         await service.start(model_thread)
         metrics.decode_graphs_failed.set(1 if service.decode_graphs_failure else 0)
         app.state.service = service
@@ -163,6 +165,7 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] | 
     app.include_router(ops.models_router, dependencies=protected)
     app.include_router(tasks.router, dependencies=protected)
     app.include_router(openai_chat.router, dependencies=protected)
+    app.include_router(adapters.router, dependencies=protected)
     pages.install(app)
     # At run time, outermost first: the request context (id, access log, metrics) sees every answer;
     # CORS answers preflights before the key check (browsers send no key with them) and adds its headers

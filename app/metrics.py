@@ -52,8 +52,8 @@ class MetricSpec:
 
 
 CONTRACT: tuple[MetricSpec, ...] = (
-    MetricSpec("paligemma_requests", "counter", "HTTP requests to /v1/*, by endpoint and status code.",
-               ("endpoint", "status")),
+    MetricSpec("paligemma_requests", "counter", "HTTP requests to /v1/*, by endpoint, status code and LoRA "
+               "adapter (empty for the base).", ("endpoint", "status", "adapter")),
     MetricSpec("paligemma_request_duration_seconds", "histogram",
                "Time from a task request's arrival to its response (successful requests).", ("endpoint",),
                _LATENCY_BUCKETS),
@@ -72,9 +72,9 @@ CONTRACT: tuple[MetricSpec, ...] = (
     MetricSpec("paligemma_running_requests", "gauge", "Requests holding a KV-cache row (generating)."),
     MetricSpec("paligemma_generated_tokens", "counter",
                "Tokens generated, counted as each step computes them (cancelled requests' tokens too).",
-               ("endpoint",)),
+               ("endpoint", "adapter")),
     MetricSpec("paligemma_prompt_tokens", "counter", "Prompt tokens of answered requests (image tokens "
-               "included).", ("endpoint",)),
+               "included).", ("endpoint", "adapter")),
     MetricSpec("paligemma_rejections", "counter",
                "Requests refused, dropped or cancelled before their answer, by reason: queue_full, "
                "url_fetches_full, shutting_down, timeout, disconnected.", ("reason",)),
@@ -146,9 +146,9 @@ class Metrics:
     def first_token(self, seconds: float) -> None:
         self.time_to_first_token.observe(seconds)
 
-    def tokens(self, label: str, count: int) -> None:
+    def tokens(self, label: str, adapter: str, count: int) -> None:
         if label:  # requests that came from no endpoint (the warm-up) are not traffic
-            self.generated_tokens.labels(label).inc(count)
+            self.generated_tokens.labels(label, adapter).inc(count)
 
     def feature_cache_hits(self, count: int) -> None:
         if count:
@@ -159,6 +159,20 @@ class Metrics:
 
     def rejected(self, reason: str) -> None:
         self.rejections.labels(reason).inc()
+
+    # Adapters ---------------------------------------------------------------------------------------
+    def forget_adapter(self, name: str) -> None:
+        """Drop the series of an unloaded adapter, so the `adapter` label only ever holds loaded names
+        (plus "" for the base) and its cardinality stays bounded by PALIGEMMA_MAX_ADAPTERS."""
+        for spec in CONTRACT:
+            if "adapter" not in spec.labels:
+                continue
+            collector = self.collectors[spec.name]
+            children = {tuple(sample.labels.get(label, "") for label in spec.labels)
+                        for family in collector.collect() for sample in family.samples
+                        if sample.labels.get("adapter") == name}
+            for values in children:
+                collector.remove(*values)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

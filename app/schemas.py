@@ -41,6 +41,7 @@ class TaskResponse(BaseModel):
     raw_text: str = Field(description="The model's output as generated, <loc>/<seg> tokens included.")
     timings: Timings
     warning: str | None = Field(None, description="Set when the weights are random (outputs meaningless).")
+    adapter: str | None = Field(None, description="The LoRA adapter the answer came from; null: the base.")
 
 
 class TextResponse(TaskResponse):
@@ -96,6 +97,15 @@ class MaskDecoderInfo(BaseModel):
     matches_published: bool
 
 
+class AdapterSlots(BaseModel):
+    max_adapters: int = Field(description="Adapter slots (PALIGEMMA_MAX_ADAPTERS).")
+    max_lora_rank: int = Field(description="Highest rank a slot holds (PALIGEMMA_MAX_LORA_RANK).")
+    memory_bytes: int = Field(description="Device memory of the stacked adapter weights, every slot.")
+    loaded: int = Field(description="Adapters loaded now.")
+    runtime_loading: bool = Field(description="Whether POST /v1/adapters loads folders "
+                                              "(PALIGEMMA_ADAPTER_ROOT).")
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -132,11 +142,32 @@ class ModelCard(BaseModel):
     memory_plan: dict[str, Any] | None = Field(
         None, description="The start-up memory plan (`paligemma-server plan --json` for these settings), or "
                           "null when the model's config could not be read before loading.")
+    adapters: AdapterSlots | None = Field(None, description="LoRA adapter slots; null when adapters are off.")
+
+
+class AdapterCard(BaseModel):
+    """A LoRA adapter served beside the base: select it with `adapter` (or the OpenAI `model` field)."""
+
+    id: str = Field(description="The adapter's name.")
+    object: Literal["model"] = "model"
+    parent: str = Field(description="The base model it runs on (the id of the base's entry).")
+    created: int = Field(description="When it was loaded (Unix time).")
+    rank: int = Field(description="Its LoRA rank (the highest, when layers differ).")
+    layers: int = Field(description="Linear layers it adapts.")
+    vision: bool = Field(description="Whether it adapts the vision tower or the projector.")
+    base_model: str | None = Field(description="The base it says it was trained on "
+                                               "(base_model_name_or_path).")
+
+
+class AdapterDeleted(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool = True
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
-    data: list[ModelCard]
+    data: list[ModelCard | AdapterCard] = Field(description="The base first, then each adapter.")
 
 
 class Health(BaseModel):

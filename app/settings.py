@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.adapters.names import parse_adapter_list
 from app.image_sources.hosts import normalise_host_entries
 from app.sizes import parse_bytes
 
@@ -81,6 +82,16 @@ class Settings(BaseSettings):
         64, ge=0, le=100_000, description="Image features kept for repeated images (0 turns it off)."
     )
 
+    # LoRA adapters (docs/fine-tunes.md).
+    adapters: Annotated[tuple[tuple[str, Path], ...], NoDecode] = Field(
+        (), description="PEFT LoRA adapter folders loaded at start-up beside the base: name=path,name2=path2",
+    )
+    adapter_root: Path | None = Field(
+        None, description="Directory under which POST /v1/adapters may load folders at run time; unset: off.",
+    )
+    max_adapters: int = Field(8, ge=1, le=256, description="Adapter slots (loaded adapters at most).")
+    max_lora_rank: int = Field(16, ge=1, le=1024, description="Highest adapter rank the slots hold.")
+
     # Generation.
     max_new_tokens: int = Field(256, ge=1, le=8192, description="Cap on a request's max_new_tokens.")
     default_max_new_tokens: int = Field(64, ge=1, le=8192)
@@ -143,6 +154,21 @@ class Settings(BaseSettings):
                                  "comma-separated keys (key-one,key-two), or set it empty for no "
                                  "authentication")
             return keys
+        return value
+
+    @field_validator("adapters", mode="before")
+    @classmethod
+    def _parse_adapters(cls, value: object) -> object:
+        if isinstance(value, str):
+            return parse_adapter_list(value)
+        return value
+
+    @field_validator("adapter_root")
+    @classmethod
+    def _check_adapter_root(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError(f"no directory at {value}; set it to the directory that holds adapter folders, "
+                             "or unset it to turn run-time loading off")
         return value
 
     @field_validator("image_url_hosts", mode="before")
@@ -214,6 +240,15 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _check_adapter_count(self) -> Settings:
+        if len(self.adapters) > self.max_adapters:
+            raise ValueError(
+                f"{ENV_PREFIX}ADAPTERS lists {len(self.adapters)} adapters but {ENV_PREFIX}MAX_ADAPTERS is "
+                f"{self.max_adapters}; raise it"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_token_caps(self) -> Settings:
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ValueError(
@@ -221,6 +256,11 @@ class Settings(BaseSettings):
                 f"{ENV_PREFIX}MAX_NEW_TOKENS ({self.max_new_tokens})"
             )
         return self
+
+    @property
+    def adapters_enabled(self) -> bool:
+        """Whether adapter slots are set up: adapters at start-up, or run-time loading."""
+        return bool(self.adapters) or self.adapter_root is not None
 
     @property
     def request_body_limit(self) -> int:

@@ -91,7 +91,7 @@ class StepRecorder(NullObserver):
     def step(self, phase: str, rows: int, seconds: float) -> None:
         self.steps.append((time.perf_counter(), phase, rows, seconds))
 
-    def tokens(self, label: str, count: int) -> None:
+    def tokens(self, label: str, adapter: str, count: int) -> None:
         self.token_counts.append((time.perf_counter(), count))
 
 

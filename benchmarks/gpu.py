@@ -4,6 +4,7 @@ r"""PaliGemma-3B (224 px) on one GPU: the step engine's ceiling, the served serv
     python -m benchmarks.gpu --dry-run    # the same code on the CPU with the `tiny` preset, about 1 min
     python -m benchmarks.gpu --quantized  # PaliGemma 2 10B at 448 px in nf4 and int8 instead
                                           # (benchmarks/gpu_quantized.py; with --dry-run on the CPU)
+    python -m benchmarks.gpu --adapters   # LoRA adapters instead (below): about 6 min; --dry-run too
 
 On a lent GPU machine of this workplace (the device tool: Python 3.12, torch with CUDA, transformers
 5.17, no FastAPI stack, no network), first run `bash benchmarks/gpu_wheels.sh` (the server's
@@ -17,7 +18,8 @@ call of the device tool's `run`:
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; \
         PYTHONUNBUFFERED=1 python3 -m benchmarks.gpu
 
-With OUT set (the device tool sets it), gpu.json, gpu.md and the servers' logs are also written there.
+(`python3 -m benchmarks.gpu --adapters` in its place for the adapter run, below.) With OUT set (the
+device tool sets it), gpu.json, gpu.md and the servers' logs are also written there.
 
 For the `paligemma-3b-224` preset (the exact PaliGemma-3B architecture, random weights) in bfloat16;
 every request generates 32 tokens unless said otherwise (random weights never emit <eos>):
@@ -37,7 +39,15 @@ every request generates 32 tokens unless said otherwise (random weights never em
    257,216 bf16 logits per mode (`benchmarks.sampling`, peaked logits), and whether the decode graphs
    passed their warm-up check against the eager step (in-process and in the server's /v1/models).
 6. The tutorial server (`benchmarks/peers/tutorial.py`, one `generate` per request) on the same GPU.
-The issue's targets are checked at the end. Each stage's results are written as soon as it ends, and a
+The issue's targets are checked at the end.
+
+With --adapters, instead: 4 PEFT LoRA adapters of rank 16 made for the preset (benchmarks/adapters.py),
+then (a) the decode step over the server's rows as the captured CUDA graph replays it, on the model with
+no adapters configured, with adapters configured and every row on the base, and with the rows mixed over
+the 4 adapters, and a prefill of 8 base against 8 mixed; (b) the served throughput of the base alone
+against the same server with the 4 adapters loaded and every request naming one in turn, at 32 and 64
+in flight (target: >= 0.8 of the base's). Written to gpu-adapters.json/.md and the `gpu_adapters`
+section of RESULTS.md. Each stage's results are written as soon as it ends, and a
 stage is not started once the time budget (--budget-s) would be passed, so a run cut short keeps what
 it measured.
 """
@@ -89,12 +99,14 @@ class Plan:
     tutorial_warmup_s: float
     tutorial_s: float
     variants: int
+    adapter_served: tuple[int, ...] = (32, 64)  # requests in flight, base against 4 adapters
+    adapter_rounds: int = 3  # alternated rounds of the in-process step timing
 
 
 FULL = Plan("paligemma-3b-224", "cuda", SERVER_ROWS, (1, 8, 32), (1, 8, 32, 64), 64, 32, (1, 8),
             5.0, 15.0, 5.0, 15.0, 10.0, 30.0, 3.0, 10.0, 4)
 DRY = Plan("tiny", "cpu", SERVER_ROWS, (1, 2, 4), (1, 2, 4, 8), 8, 4, (1, 2),
-           1.0, 2.0, 1.0, 2.0, 1.0, 3.0, 1.0, 3.0, 1)
+           1.0, 2.0, 1.0, 2.0, 1.0, 3.0, 1.0, 3.0, 1, adapter_served=(4,), adapter_rounds=1)
 # The sampled workloads (form fields added to every request; a seed each).
 SAMPLED = {"temperature 1": {"temperature": "1.0"}, "top_k 50": {"temperature": "1.0", "top_k": "50"},
            "top_p 0.9": {"temperature": "1.0", "top_p": "0.9"}}
@@ -320,6 +332,36 @@ def tutorial(plan: Plan, photos: str, budget: Budget, logs: Path) -> dict[str, A
     return {"levels": levels, "pid": pid}
 
 
+# Adapters ------------------------------------------------------------------------------------------
+def adapter_run(plan: Plan, photos: str, budget: Budget, out_dir: Path, logs: Path, stamp: str,
+                dry_run: bool) -> dict[str, Any]:
+    """benchmarks/adapters.py's two measurements on this device: in-process steps, then served."""
+    import torch
+
+    from benchmarks import adapters
+    from benchmarks.run import machine_info
+
+    gpu = torch.cuda.get_device_name() if plan.device == "cuda" else "CPU (dry run)"
+    command = "python -m benchmarks.gpu --adapters" + (" --dry-run" if dry_run else "")
+    result: dict[str, Any] = {"meta": {
+        "date": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}", "command": command,
+        "commit": machine_info()["commit"], "cpu": gpu, "cores": os.cpu_count(), "model": plan.preset,
+        "concurrency": list(plan.adapter_served), "dry_run": dry_run}}
+    folders = adapters.make_adapters(plan.preset, out_dir / "adapters" / plan.preset, plan.device)
+    result["steps"] = adapters.measure_steps(plan.preset, folders, plan.adapter_rounds, 3 if dry_run else 20,
+                                             plan.device, (plan.rows,))
+    gc.collect()
+    if plan.device == "cuda":
+        torch.cuda.empty_cache()
+    windows = len(plan.adapter_served) * (plan.warmup_s + plan.window_s + 10)
+    if budget.allows("adapters served", 2 * (STARTUP_S + windows)):
+        args = argparse.Namespace(model=plan.preset, concurrency=list(plan.adapter_served), rounds=1,
+                                  warmup=plan.warmup_s, duration=plan.window_s, variants=plan.variants,
+                                  photos=photos, quiet_wait=0.0, tokens=dict.fromkeys(TASKS, NEW_TOKENS))
+        result["served"] = adapters.measure_served(args, folders, stamp, logs, plan.device)
+    return result
+
+
 def _ms(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
@@ -328,6 +370,8 @@ def _ms(value: float | None) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny preset, short windows")
+    parser.add_argument("--adapters", action="store_true",
+                        help="measure 4 LoRA adapters mixed against the base instead (see above)")
     parser.add_argument("--budget-s", type=float, default=480.0,
                         help="start no stage that would end after this many seconds (default 480)")
     parser.add_argument("--results", type=Path, help="Markdown file whose `gpu` section to rewrite "
@@ -356,6 +400,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logs = out_dir if os.environ.get("OUT") else out_dir / "logs" / f"gpu-{stamp}"
     out_dir.mkdir(parents=True, exist_ok=True)
     name = "gpu-dry-run" if args.dry_run else "gpu"
+    if args.adapters:
+        from benchmarks import adapters
+
+        result = adapter_run(plan, photos, budget, out_dir, logs, stamp, args.dry_run)
+        markdown = adapters.render(result)
+        (out_dir / f"{name}-adapters.json").write_text(json.dumps(result, indent=2, default=str))
+        (out_dir / f"{name}-adapters.md").write_text(markdown + "\n")
+        print("\n" + markdown + f"\n\n(total {budget.elapsed:.0f} s)")
+        default = ROOT / "out" / "RESULTS-gpu-dry-run.md" if args.dry_run else ROOT / "RESULTS.md"
+        gpu_report.update_section(args.results or default, "gpu_adapters", markdown)
+        return result
     results: dict[str, Any] = {
         "meta": {"date": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}", "dry_run": args.dry_run,
                  "plan": asdict(plan), "photos": photos, "new_tokens": NEW_TOKENS,

@@ -18,12 +18,14 @@ DEST=.whl
 # they need that the image lacks or may have too old (opentelemetry-api for FastAPI, typing-extensions
 # >= 4.16 for pydantic, regex for transformers). The image's huggingface-hub (1.33) and tokenizers
 # (0.23.2) no longer satisfy transformers: huggingface-hub 2.4 (with its httpx2, httpcore2, click,
-# a newer-than-1.6 hf-xet the image has) and tokenizers travel too. --no-deps below: every wheel is named here.
+# a newer-than-1.6 hf-xet the image has) and tokenizers travel too. peft reads LoRA adapters
+# (benchmarks.gpu --adapters), and imports accelerate. --no-deps below: every wheel is named here.
 PACKAGES=(
     fastapi starlette pydantic pydantic-core pydantic-settings typing-inspection annotated-types
     annotated-doc python-dotenv uvicorn python-multipart pycocotools swagger-ui-bundle-v2
     opentelemetry-api typing-extensions transformers regex
     huggingface-hub httpx2 httpcore2 click tokenizers truststore idna anyio h11
+    peft accelerate
 )
 QUANTIZATION_LOCK=requirements/quantization.lock
 QUANTIZATION_PACKAGES=(torchao bitsandbytes)

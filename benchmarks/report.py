@@ -37,8 +37,8 @@ MIN_GAIN = 1.05  # a batching gain below this makes "the share of the gain reali
 QUIET_CORES = 0.25
 
 SECTION_ORDER = ("run", "sampling", "served_sampling", "step_overhead", "image_prep", "placement", "exif",
-                 "soak", "quantization-weights", "quantization-layers", "quantization-speed",
-                 "quantization-accuracy", "gpu", "gpu-quantized")
+                 "soak", "adapters", "quantization-weights", "quantization-layers", "quantization-speed",
+                 "quantization-accuracy", "gpu", "gpu_adapters", "gpu-quantized")
 
 
 def _level(results: dict[str, Any], system: str, concurrency: int) -> dict[str, Any] | None:
@@ -380,15 +380,16 @@ def _summary_lines(summary: dict[str, Any], results: dict[str, Any]) -> list[str
     return lines
 
 
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of `repeats` calls, in ms, after one warm-up call (first-call costs such as
-    plugin imports and allocator growth are not per-request costs)."""
+def median_ms(fn: Callable[[], object], repeats: int,
+              clock: Callable[[], float] = time.perf_counter) -> float:
+    """Median time of `repeats` calls by `clock` (wall time unless told), in ms, after one warm-up call
+    (first-call costs such as plugin imports and allocator growth are not per-request costs)."""
     fn()
     times = []
     for _ in range(repeats):
-        started = time.perf_counter()
+        started = clock()
         fn()
-        times.append(time.perf_counter() - started)
+        times.append(clock() - started)
     return statistics.median(times) * 1000
 
 

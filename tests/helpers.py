@@ -43,8 +43,9 @@ def files(data: bytes, name: str = "image.jpg", content_type: str = "image/jpeg"
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in Prometheus text output (0 when absent)."""
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    """The value of one sample in Prometheus text output (0 when absent). A label with an empty value is
+    the same as no such label, as Prometheus has it (the base's `adapter=""`)."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()) if v)
     for line in text.splitlines():
         if line.startswith("#"):
             continue
@@ -52,7 +53,8 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         metric, _, label_part = sample.partition("{")
         if metric != name:
             continue
-        got = ",".join(sorted(part for part in label_part.rstrip("}").split(",") if part))
+        got = ",".join(sorted(part for part in label_part.rstrip("}").split(",")
+                              if part and not part.endswith('=""')))
         if got == want:
             return float(value)
     return 0.0

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.model.loader import RANDOM_WEIGHTS_WARNING
-from app.schemas import RLE, Box, Detection, ImageSize, Segment, Timings, Usage
+from app.schemas import RLE, AdapterCard, Box, Detection, ImageSize, Segment, Timings, Usage
 from app.serving.jobs import JobResult, ObjectResult
 from app.serving.service import InferenceService
 from app.tasks.parsing import Box as InternalBox
+
+if TYPE_CHECKING:
+    from app.adapters.registry import LoadedAdapter
 
 
 def box(b: InternalBox) -> Box:
@@ -25,7 +28,13 @@ def common_fields(result: JobResult, service: InferenceService) -> dict[str, Any
         "raw_text": result.text,
         "timings": Timings(**result.timings),
         "warning": RANDOM_WEIGHTS_WARNING.format(name=loaded.name) if loaded.random_weights else None,
+        "adapter": result.adapter,
     }
+
+
+def adapter_card(adapter: LoadedAdapter, parent: str) -> AdapterCard:
+    return AdapterCard(id=adapter.name, parent=parent, created=adapter.created, rank=adapter.rank,
+                       layers=adapter.layers, vision=adapter.ref.vision, base_model=adapter.base_model)
 
 
 def detection(obj: ObjectResult) -> Detection:

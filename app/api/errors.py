@@ -117,6 +117,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     for status, description in {
         400: "A field is wrong, or the image cannot be decoded.",
         401: "Missing or wrong API key (only when PALIGEMMA_API_KEYS is set).",
+        404: "A LoRA adapter (`adapter`, or the OpenAI `model`) that is not loaded; the message lists those "
+             "that are.",
         413: "The upload, or the image's pixel count, is over its limit.",
         415: "The image is not JPEG, PNG or WebP.",
         422: "The request does not match the schema, or max_new_tokens is over the cap.",

@@ -77,7 +77,9 @@ class RequestContextMiddleware:
         if not scope.get("path", "").startswith(_TASK_PREFIX) or _is_preflight(scope):
             return
         endpoint = route_template(scope) or "unmatched"
-        self.metrics.requests.labels(endpoint, str(status)).inc()
+        # The route puts the adapter there once it knows the name is loaded (never a name a client made up).
+        adapter = scope.get("state", {}).get("adapter", "")
+        self.metrics.requests.labels(endpoint, str(status), adapter).inc()
         if status < 400:
             self.metrics.request_duration.labels(endpoint).observe(elapsed)
 

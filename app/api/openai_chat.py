@@ -23,7 +23,7 @@ from app.api.errors import ERROR_RESPONSES, request_id_of, service_error_body, v
 from app.api.streaming import EVENT_STREAM, stream_job
 from app.api.tasks import count_prompt_tokens, generate_response, job_for, until_disconnect
 from app.engine.sampling_params import SamplingParams
-from app.errors import InvalidRequest, ServiceError, ValidationFailed
+from app.errors import InvalidRequest, NotFound, ServiceError, ValidationFailed
 from app.serving.jobs import JobResult
 from app.serving.service import InferenceService
 from app.tasks import prompts
@@ -58,8 +58,8 @@ class StreamOptions(_Open):
 
 
 class ChatRequest(_Open):
-    model: str | None = Field(None, description="Any name: the server runs one model and answers with its "
-                                                "id.")
+    model: str | None = Field(None, description="The base's id or a loaded LoRA adapter's name (GET "
+                                                "/v1/models). Without adapters, any name is the one model.")
     messages: list[Message] = Field(min_length=1)
     # As in OpenAI's API, null is allowed wherever a field is optional, and means the default.
     max_tokens: int | None = Field(None, ge=1)
@@ -170,10 +170,23 @@ def _image_and_prefix(chat: ChatRequest) -> tuple[str, str]:
     return images[0].url, texts[0]
 
 
+def adapter_for_model(service: InferenceService, model: str | None) -> str | None:
+    """The adapter the `model` field names; None for the base. Without adapters any name is the base, as
+    it always was (clients send names like "paligemma"); with them, a name that is neither the base's id
+    nor a loaded adapter's is a 404, so a typo never quietly gets the base's answer."""
+    if model is None or model == service.loaded.name or service.adapters is None:
+        return None
+    if not service.adapters.is_loaded(model):
+        loaded = ", ".join(service.adapters.names) or "none"
+        raise NotFound(f"model {model!r} is neither the base ({service.loaded.name!r}) nor a loaded adapter; "
+                       f"loaded adapters: {loaded} (GET /v1/models lists them)", param="model")
+    return model
+
+
 def _completion(request: Request, service: InferenceService, result: JobResult) -> ChatCompletion:
     typed = generate_response(result, service)
     return ChatCompletion(
-        id=_completion_id(request), created=int(time.time()), model=service.loaded.name,
+        id=_completion_id(request), created=int(time.time()), model=result.adapter or service.loaded.name,
         choices=[Choice(message=ChatMessage(content=result.text),
                         finish_reason="stop" if result.finished else "length")],
         usage=ChatUsage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
@@ -194,16 +207,17 @@ def _data(payload: Any) -> bytes:
 class ChunkEvents:
     """OpenAI's stream: `chat.completion.chunk` objects, a final one with finish_reason, `[DONE]`."""
 
-    def __init__(self, request: Request, service: InferenceService, include_usage: bool):
+    def __init__(self, request: Request, service: InferenceService, include_usage: bool, model: str):
         self.request = request
         self.service = service
         self.include_usage = include_usage
+        self.model = model
         self.created = int(time.time())
         self.started = False
 
     def _chunk(self, delta: dict[str, str], finish_reason: str | None = None, **extra: Any) -> dict[str, Any]:
         return {"id": _completion_id(self.request), "object": "chat.completion.chunk",
-                "created": self.created, "model": self.service.loaded.name,
+                "created": self.created, "model": self.model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
 
     def delta(self, text: str) -> bytes:
@@ -244,12 +258,13 @@ async def chat_completions(request: Request, service: ServiceDep) -> Any:
     settings = service.settings
     prefix = prompts.raw_prompt(text, PromptLimits(settings.max_objects, settings.max_text_chars))
     limit, field = chat.token_limit()
-    job = job_for(request, service, Task.GENERATE, prefix, limit, chat.sampling(), field=field)
+    adapter = adapter_for_model(service, chat.model)
+    job = job_for(request, service, Task.GENERATE, prefix, limit, chat.sampling(), adapter, field=field)
     image = image_input(url, service.image_sources)
     if chat.stream:
         include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
         stream = stream_job(lambda on_tokens: service.run(job, image, on_tokens), service.encoder,
-                            ChunkEvents(request, service, include_usage))
+                            ChunkEvents(request, service, include_usage, adapter or service.loaded.name))
         return await until_disconnect(request, stream)
     result: JobResult = await until_disconnect(request, service.run(job, image))
     count_prompt_tokens(request, result)

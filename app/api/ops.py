@@ -5,11 +5,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from app.api.convert import adapter_card
 from app.api.deps import LifecycleDep, MetricsDep, ServiceDep
 from app.api.errors import ERROR_RESPONSES
 from app.metrics import CONTENT_TYPE
 from app.model.loader import RANDOM_WEIGHTS_WARNING
-from app.schemas import Health, MaskDecoderInfo, ModelCard, ModelList
+from app.schemas import AdapterSlots, Health, MaskDecoderInfo, ModelCard, ModelList
 
 router = APIRouter(tags=["operations"])  # probes: never behind a key
 metrics_router = APIRouter(tags=["operations"])
@@ -40,7 +41,7 @@ async def metrics(metrics: MetricsDep) -> Response:
     return Response(metrics.render(), media_type=CONTENT_TYPE)
 
 
-@models_router.get("/v1/models", response_model=ModelList, summary="The loaded model",
+@models_router.get("/v1/models", response_model=ModelList, summary="The loaded model and its LoRA adapters",
                    responses=ERROR_RESPONSES)
 async def models(request: Request, service: ServiceDep) -> ModelList:
     loaded = service.loaded
@@ -69,5 +70,13 @@ async def models(request: Request, service: ServiceDep) -> ModelList:
         weight_bytes=loaded.weight_bytes,
         kv_cache_bytes=getattr(service.runner, "cache_bytes", None),
         memory_plan=plan.as_dict() if (plan := request.app.state.memory_plan) is not None else None,
+        adapters=None,
     )
-    return ModelList(data=[card])
+    registry = service.adapters
+    if registry is None:
+        return ModelList(data=[card])
+    bank = registry.bank
+    card.adapters = AdapterSlots(max_adapters=bank.max_adapters, max_lora_rank=bank.max_rank,
+                                 memory_bytes=bank.bytes, loaded=len(registry.names),
+                                 runtime_loading=registry.root is not None)
+    return ModelList(data=[card, *(adapter_card(adapter, loaded.name) for adapter in registry.adapters())])

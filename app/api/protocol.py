@@ -34,6 +34,8 @@ class TaskBody(BaseModel):
     top_k: int = Field(0, ge=0, le=1_000_000, description="Sample from the k likeliest tokens (0: no limit).")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Makes sampling repeatable: the same "
                                                                    "request and seed give the same output.")
+    adapter: str | None = Field(None, max_length=64, description="A loaded LoRA adapter's name (GET "
+                                                                 "/v1/models lists them); unset: the base.")
 
 
 class CaptionBody(TaskBody):

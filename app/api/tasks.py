@@ -76,15 +76,18 @@ def _max_new_tokens(value: int | None, service: InferenceService, field: str) ->
 
 
 def job_for(request: Request, service: InferenceService, task: Task, prefix: str, max_new_tokens: int | None,
-            sampling: SamplingParams, field: str = "max_new_tokens") -> Job:
+            sampling: SamplingParams, adapter: str | None = None, field: str = "max_new_tokens") -> Job:
     """The job for a route; `field` is what the client called the token limit (for messages)."""
+    if adapter is not None and service.adapters is not None and service.adapters.is_loaded(adapter):
+        # The metrics' `adapter` label: only ever a loaded adapter's name (RequestContextMiddleware).
+        request.scope.setdefault("state", {})["adapter"] = adapter
     limit = _max_new_tokens(max_new_tokens, service, field)
-    return Job(task, prefix, limit, sampling, label=request.url.path)
+    return Job(task, prefix, limit, sampling, label=request.url.path, adapter=adapter)
 
 
 def _job(request: Request, service: InferenceService, task: Task, prefix: str, body: TaskBody) -> Job:
     sampling = SamplingParams(body.temperature, body.top_p, body.top_k, body.seed)
-    return job_for(request, service, task, prefix, body.max_new_tokens, sampling)
+    return job_for(request, service, task, prefix, body.max_new_tokens, sampling, body.adapter)
 
 
 async def until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
@@ -108,7 +111,8 @@ async def until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
 
 
 def count_prompt_tokens(request: Request, result: JobResult) -> None:
-    request.app.state.metrics.prompt_tokens.labels(request.url.path).inc(result.prompt_tokens)
+    request.app.state.metrics.prompt_tokens.labels(request.url.path, result.adapter or "").inc(
+        result.prompt_tokens)
 
 
 class TaskEvents:

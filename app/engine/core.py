@@ -79,6 +79,12 @@ _STOP = object()
 _ABORT = object()
 
 
+@dataclass(frozen=True)
+class _Call:
+    fn: Callable[[], Any]
+    future: Future[Any]
+
+
 class EngineCore:
     def __init__(self, scheduler: Scheduler, runner: StepRunner, post: Callable[[StepEvents], None],
                  observer: EngineObserver, is_oom: Callable[[BaseException], bool],
@@ -110,6 +116,13 @@ class EngineCore:
 
     def submit(self, seq: Sequence) -> None:
         self._inbox.put(seq)
+
+    def call_between_steps(self, fn: Callable[[], T]) -> Future[T]:
+        """Run `fn` in the worker after the step in progress and before the next one (at once when idle):
+        for changes to the model's state that a step must never see half done (an adapter's slot)."""
+        future: Future[T] = Future()
+        self._inbox.put(_Call(fn, future))
+        return future
 
     def wake(self) -> None:
         """Look at cancellations now (they are flags on the requests, read when a step is planned), and
@@ -193,6 +206,12 @@ class EngineCore:
     def _take(self, item: object) -> None:
         if isinstance(item, Sequence):
             self.scheduler.add(item)
+        elif isinstance(item, _Call):
+            if item.future.set_running_or_notify_cancel():
+                try:
+                    item.future.set_result(item.fn())
+                except Exception as exc:  # handed to the caller
+                    item.future.set_exception(exc)
         elif item is _ABORT:
             for seq in self.scheduler.all_requests():
                 self.scheduler.fail(seq)
@@ -233,13 +252,14 @@ class EngineCore:
             seq.finished_at = now
             finished.append(seq)
             self.runner.release(seq)
-        by_label: dict[str, int] = {}
+        by_label: dict[tuple[str, str], int] = {}
         for seq, token in zip(seqs, tokens, strict=True):
             if seq.streams and seq.finish_reason != "stop" and seq.cancel_reason is None:
                 self._events.tokens.append((seq, [token]))  # a stop token is not part of the output
-            by_label[seq.label] = by_label.get(seq.label, 0) + 1
-        for label, count in by_label.items():
-            self.observer.tokens(label, count)
+            labels = (seq.label, seq.adapter)
+            by_label[labels] = by_label.get(labels, 0) + 1
+        for (label, adapter), count in by_label.items():
+            self.observer.tokens(label, adapter, count)
 
     def _prefill(self, seqs: list[Sequence], finished: list[Sequence]) -> None:
         started = time.perf_counter()

@@ -44,6 +44,7 @@ class EngineRequest:
     max_new_tokens: int
     payload: Any  # the runner's input
     label: str = ""  # metrics label (the endpoint)
+    adapter: str = ""  # metrics label (the LoRA adapter; "" for the base)
     sampling: SamplingParams = GREEDY
 
 
@@ -157,7 +158,7 @@ class EngineFront:
             raise ShuttingDown("the server shut down before this request could run; retry on another replica")
         seq = Sequence(request.prompt_length, request.max_new_tokens, self.stop_tokens, request.payload,
                        request.label, submitted, streams=on_tokens is not None,
-                       sampling=request.sampling)
+                       sampling=request.sampling, adapter=request.adapter)
         handle = _Handle(seq, asyncio.get_running_loop().create_future(), slot, on_tokens)
         self._handles[seq.request_id] = handle
         self.core.submit(seq)
@@ -263,3 +264,7 @@ class EngineFront:
 
     def stalled_for(self) -> float:
         return self.core.stalled_for()
+
+    async def between_steps(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the model's thread between two steps (EngineCore.call_between_steps)."""
+        await asyncio.wrap_future(self.core.call_between_steps(fn))

@@ -17,6 +17,11 @@ discards every graph and decodes eagerly (logged as an error, and shown in /v1/m
 `paligemma_decode_graphs_failed` gauge). A graph that computes something else would otherwise serve
 wrong tokens to every request, silently.
 
+With LoRA adapters, each row's adapter slot is one more column of the row table: a captured graph reads
+it there and adds every row's delta in the fixed-shape (dense) form (app.adapters.lora_linear), so one
+graph per bucket serves any mix of adapters, and loading one never re-captures. An eager step routes the
+rows by the host copy of the same column.
+
 Capturing is a seam (`Capture`): by default a CUDA-graph capture; tests hand in a callable standing for
 a graph, so that what runs around the graphs (buckets, the idle rows, the check) runs on a CPU.
 """
@@ -30,6 +35,7 @@ from typing import Any
 
 import torch
 
+from app.adapters.bank import AdapterBank, DecodeForm
 from app.engine.kv_cache import DecodeStep
 from app.engine.rows import RowTable
 from app.engine.step_model import StepModel
@@ -70,9 +76,12 @@ def graph_buckets(rows: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, step: StepModel, table: RowTable, capture: Capture | None = None):
+    def __init__(self, step: StepModel, table: RowTable, capture: Capture | None = None,
+                 adapters: AdapterBank | None = None, eager_form: DecodeForm = "auto"):
         self.step = step
         self.table = table
+        self.adapters = adapters
+        self.eager_form = eager_form  # how eager steps add adapter deltas (AdapterBank.route)
         self.device = step.device
         self._capture = capture or self._capture_cuda
         self._replays: dict[int, Replay] = {}
@@ -101,18 +110,17 @@ class DecodeGraphs:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         self.table.upload(size)
-        tokens, target = self.table["token"][:size], DecodeStep(self.table["position"][:size])
         # Run it eagerly first on a side stream: lazy initialisation (cuBLAS handles, kernel choice) must
         # not happen inside the capture.
         side = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self.step.decode(tokens, target)
+                self.fixed_step(size)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self.step.decode(tokens, target)
+            logits = self.fixed_step(size)
 
         def replay() -> torch.Tensor:
             graph.replay()
@@ -120,21 +128,31 @@ class DecodeGraphs:
 
         return replay
 
+    def fixed_step(self, size: int) -> torch.Tensor:
+        """The decode step over rows 0..size-1 in the form a graph captures: every input read from the row
+        table's device columns, adapter deltas in the dense form whatever the rows' mix."""
+        if self.adapters is not None:
+            self.adapters.route_fixed(self.table["adapter"][:size])
+        return self.step.decode(self.table["token"][:size], DecodeStep(self.table["position"][:size]))
+
     def discard(self, reason: str | None = None) -> None:
         self._replays.clear()
         self._buckets = []
         self.failure = reason
 
     def verify(self) -> list[str]:
-        """Each captured graph against the eager step on the same inputs (varied tokens and positions in
-        every row); what disagrees, by bucket. Only with no request running: it writes into the rows."""
+        """Each captured graph against the eager step on the same inputs (varied tokens, positions and, with
+        adapters, slots in every row); what disagrees, by bucket. Only with no request running: it writes
+        into the rows."""
         vocab = self.step.vocab_size
         length = self.step.scratch
+        slots = self.adapters.max_adapters + 1 if self.adapters is not None else 1
         problems = []
         for bucket in self._buckets:
             rows = list(range(bucket))
             for row in rows:
-                self.table.write(row, token=(17 + 7919 * row) % vocab, position=(5 + 37 * row) % length)
+                self.table.write(row, token=(17 + 7919 * row) % vocab, position=(5 + 37 * row) % length,
+                                 adapter=row % slots)
             try:
                 self.table.upload(bucket)
                 graph = self._replays[bucket]()[:bucket].float().clone()
@@ -149,6 +167,8 @@ class DecodeGraphs:
     def eager(self, width: int, length: int | None = None) -> torch.Tensor:
         """The decode step over rows 0..width-1 without a graph; attention reads keys below `length`."""
         self.table.upload(width)
+        if self.adapters is not None:
+            self.adapters.route(self.table.host("adapter")[:width].tolist(), self.eager_form)
         target = DecodeStep(self.table["position"][:width], length)
         return self.step.decode(self.table["token"][:width], target)
 

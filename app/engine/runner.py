@@ -1,17 +1,19 @@
 """The model side of a step: prefill newcomers into their cache rows, decode one token for running rows.
 
 Runs only in the engine's worker thread. It owns the preallocated KV cache, the row table (what each row
-feeds the next decode step, and how its tokens are chosen), the step model, the decode graphs, the
-sampler and the image-feature cache. The scheduler decides; this computes.
+feeds the next decode step, with which LoRA adapter, and how its tokens are chosen), the step model, the
+decode graphs, the sampler and the image-feature cache. The scheduler decides; this computes.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
 
+from app.adapters.bank import AdapterBank, AdapterRef, DecodeForm
 from app.engine.graphs import Capture, DecodeGraphs, graph_buckets
 from app.engine.kv_cache import DecodeRows, SlotKVCache, cache_shape, fit_to_memory
 from app.engine.rows import Column, RowTable
@@ -32,6 +34,24 @@ class RowInput:
     input_ids: list[int]
     pixel_values: torch.Tensor  # (3, H, W) float32 on the CPU, already normalised
     image_key: str | None = None  # identifies the image's content, for the feature cache
+    adapter: AdapterRef | None = None  # the LoRA adapter it runs with; None: the base
+
+    @property
+    def slot(self) -> int:
+        return self.adapter.slot if self.adapter is not None else 0
+
+    @property
+    def vision_slot(self) -> int:
+        """The adapter slot its image is encoded with: the base's unless its adapter changes vision."""
+        return self.slot if self.adapter is not None and self.adapter.vision else 0
+
+    @property
+    def feature_key(self) -> tuple[int | None, str] | None:
+        """The feature cache's key: the image, and the adapter when it changes the vision tower."""
+        if self.image_key is None:
+            return None
+        vision = self.adapter.uid if self.adapter is not None and self.adapter.vision else None
+        return vision, self.image_key
 
 
 @dataclass(frozen=True)
@@ -41,12 +61,18 @@ class RunnerConfig:
     max_new_tokens: int
     feature_cache_size: int = 0
     cuda_graphs: bool = True
+    adapters: AdapterBank | None = None  # LoRA slots over the model's linear layers (app.adapters)
+    # How decode steps that run eagerly add adapter deltas (captured graphs always use the dense form);
+    # tests force each form to check both on the CPU.
+    adapter_decode: DecodeForm = "auto"
 
 
 def decode_columns(pad_token_id: int, scratch: int) -> list[Column]:
     """What each row feeds the next decode step. A row nobody runs feeds <pad> at the cache's scratch
-    index, where its write lands out of every real row's sight (app/engine/kv_cache.py)."""
-    return [Column("token", torch.long, pad_token_id), Column("position", torch.long, scratch)]
+    index, where its write lands out of every real row's sight (app/engine/kv_cache.py), with adapter slot
+    0, the base's (zeros)."""
+    return [Column("token", torch.long, pad_token_id), Column("position", torch.long, scratch),
+            Column("adapter", torch.long, 0)]
 
 
 def row_length(image_tokens: int, config: RunnerConfig) -> int:
@@ -74,7 +100,8 @@ class ModelStepRunner:
         self.sampler = Sampler(self.table)
         self._row_of: dict[int, int] = {}  # request id -> its row, while its row holds its state
         self._graph_capture = graph_capture
-        self.graphs = DecodeGraphs(self.step, self.table, graph_capture)
+        self.adapters = config.adapters
+        self.graphs = DecodeGraphs(self.step, self.table, graph_capture, self.adapters, config.adapter_decode)
         self.features = FeatureCache(config.feature_cache_size)
         self.feature_cache_hits = 0  # read by the engine for its metrics
 
@@ -124,33 +151,49 @@ class ModelStepRunner:
             return tensor.pin_memory().to(self.device, dtype, non_blocking=True)
         return tensor.to(self.device, dtype)
 
+    def _route(self, slots: list[int]) -> None:
+        """Each batch item's adapter slot, for the next eager forward."""
+        if self.adapters is not None:
+            self.adapters.route(slots)
+
     def _image_features(self, inputs: list[RowInput]) -> torch.Tensor:
-        """(batch, image tokens, hidden); each distinct image not in the cache is encoded once."""
-        found: dict[str | int, torch.Tensor] = {}
-        to_encode: dict[str | int, torch.Tensor] = {}
-        for index, item in enumerate(inputs):
-            key: str | int = item.image_key if item.image_key is not None else index
+        """(batch, image tokens, hidden); each distinct image (under its vision adapter) not in the cache
+        is encoded once."""
+        keys: list[Hashable] = [item.feature_key or index for index, item in enumerate(inputs)]
+        found: dict[Hashable, torch.Tensor] = {}
+        to_encode: dict[Hashable, RowInput] = {}
+        for key, item in zip(keys, inputs, strict=True):
             if key in found or key in to_encode:
                 continue
-            cached = self.features.get(item.image_key)
+            cached = self.features.get(item.feature_key)
             if cached is not None:
                 found[key] = cached
                 self.feature_cache_hits += 1
             else:
-                to_encode[key] = item.pixel_values
+                to_encode[key] = item
         if to_encode:
-            pixels = self._to_device(torch.stack(list(to_encode.values())), self.loaded.dtype)
+            # Ordered by vision adapter: each adapter's images are one slice of the batch.
+            batch = sorted(to_encode.items(), key=lambda entry: entry[1].vision_slot)
+            pixels = self._to_device(torch.stack([item.pixel_values for _, item in batch]), self.loaded.dtype)
+            self._route([item.vision_slot for _, item in batch])
             encoded = self.loaded.model.get_image_features(pixels).pooler_output
-            for key, features in zip(to_encode, encoded, strict=True):
+            for (key, item), features in zip(batch, encoded, strict=True):
                 found[key] = features
-                if isinstance(key, str):
-                    self.features.put(key, features)
-        return torch.stack([found[item.image_key if item.image_key is not None else index]
-                            for index, item in enumerate(inputs)])
+                self.features.put(item.feature_key, features)
+        return torch.stack([found[key] for key in keys])
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> list[int]:
         """Write each newcomer's prompt into its row; each one's first generated token."""
+        if self.adapters is not None:
+            # Ordered by adapter, each adapter's rows are one slice of the batch (app.adapters.lora_linear).
+            order = sorted(range(len(seqs)), key=lambda i: seqs[i].payload.slot)
+            tokens = self._prefill([seqs[i] for i in order])
+            by_seq = dict(zip(order, tokens, strict=True))
+            return [by_seq[i] for i in range(len(seqs))]
+        return self._prefill(seqs)
+
+    def _prefill(self, seqs: list[Sequence]) -> list[int]:
         inputs: list[RowInput] = [seq.payload for seq in seqs]
         longest = max(len(item.input_ids) for item in inputs)
         if longest > self.shape.length:
@@ -164,9 +207,12 @@ class ModelStepRunner:
         for seq, row in zip(seqs, rows, strict=True):
             self._row_of[seq.request_id] = row
             self.sampler.admit(row, seq.sampling)
+            self.table.write(row, adapter=seq.payload.slot)  # its decode steps' adapter, until released
         try:
+            features = self._image_features(inputs)
+            self._route([item.slot for item in inputs])
             logits = self.step.prefill(self._to_device(torch.tensor(rows)), self._to_device(input_ids),
-                                       self._to_device(lengths), self._image_features(inputs))
+                                       self._to_device(lengths), features)
             tokens = self.sampler.select(logits, rows, range(len(seqs)))
         except BaseException:
             for seq in seqs:  # their rows are idle again, whatever happens to them next
@@ -190,6 +236,7 @@ class ModelStepRunner:
     def decode_alone(self, seq: Sequence) -> int:
         """The same step for one row by itself, eagerly: used to find which row makes a step fail."""
         assert seq.row is not None
+        self._route([int(self.table.host("adapter")[seq.row])])
         target = DecodeRows(torch.tensor([seq.row], device=self.device),
                             torch.tensor([seq.next_position], device=self.device), seq.next_position + 1)
         logits = self.step.decode(torch.tensor([seq.computed[-1]], device=self.device), target)

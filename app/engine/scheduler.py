@@ -47,6 +47,7 @@ class Sequence:
     # the event loop; others are woken once, when they finish.
     streams: bool = False
     sampling: SamplingParams = GREEDY  # how its tokens are chosen
+    adapter: str = ""  # for metrics: the LoRA adapter it runs with ("" for the base)
     # Set by the worker (time.monotonic()): when it got a row, when its prefill produced the first token,
     # and when its last token was computed. For traces and latency metrics.
     admitted_at: float | None = None

@@ -42,6 +42,7 @@ class Job:
     max_new_tokens: int
     sampling: SamplingParams = GREEDY
     label: str = ""  # the endpoint, for metrics
+    adapter: str | None = None  # a loaded LoRA adapter's name; None: the base
 
 
 @dataclass(frozen=True)
@@ -72,3 +73,4 @@ class JobResult:
     objects: list[ObjectResult] | None  # None for tasks that do not locate
     dropped_objects: int
     timings: dict[str, float] = field(default_factory=dict)
+    adapter: str | None = None  # the LoRA adapter it ran with

@@ -13,12 +13,13 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from app.adapters.bank import AdapterBank
 from app.engine.core import StepRunner
 from app.engine.faults import is_out_of_memory, is_unrecoverable
 from app.engine.front import Completion, EngineConfig, EngineFront, EngineRequest, TokenCallback
@@ -26,10 +27,10 @@ from app.engine.model_thread import ModelThread
 from app.engine.observer import EngineObserver
 from app.engine.runner import ModelStepRunner, RowInput, RunnerConfig
 from app.engine.step_work import StepWork
-from app.errors import InferenceFailed, InvalidRequest, ServiceError, ShuttingDown, UrlFetchesFull
+from app.errors import InferenceFailed, InvalidRequest, NotFound, ServiceError, ShuttingDown, UrlFetchesFull
 from app.image_sources import ImageSources
 from app.images import decode_image, upload_key
-from app.lifecycle import unless_draining
+from app.lifecycle import StartupError, unless_draining
 from app.masks.decoder import LoadedMaskDecoder
 from app.masks.placement import encode_rle, place_mask
 from app.model.inputs import ImageTransform, PromptEncoder
@@ -40,6 +41,9 @@ from app.serving.results import object_results
 from app.settings import Settings
 from app.tasks.prompts import Task
 from app.tracing import record_request_spans
+
+if TYPE_CHECKING:
+    from app.adapters.registry import AdapterLease, AdapterRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +58,28 @@ _WARM_UP_JOBS = (
 )
 
 
-def runner_config(settings: Settings) -> RunnerConfig:
+def runner_config(settings: Settings, adapters: AdapterBank | None = None) -> RunnerConfig:
     return RunnerConfig(rows=settings.max_batch_size, max_prompt_tokens=settings.max_prompt_tokens,
                         max_new_tokens=settings.max_new_tokens,
-                        feature_cache_size=settings.feature_cache_size, cuda_graphs=settings.cuda_graphs)
+                        feature_cache_size=settings.feature_cache_size, cuda_graphs=settings.cuda_graphs,
+                        adapters=adapters)
+
+
+def set_up_adapters(settings: Settings, loaded: LoadedModel) -> AdapterRegistry:
+    """Wrap the model's linear layers in adapter slots and load PALIGEMMA_ADAPTERS into them, on the model's
+    thread before the engine runs; a folder that cannot be served stops start-up, naming it."""
+    from app.adapters.folder import AdapterInvalid
+    from app.adapters.registry import AdapterRegistry
+
+    bank = AdapterBank(loaded.model, settings.max_adapters, settings.max_lora_rank, loaded.device)
+    logger.info("LoRA adapters: %s", bank.describe())
+    registry = AdapterRegistry(bank, loaded.name, loaded.model.config, settings.adapter_root)
+    for name, path in settings.adapters:
+        try:
+            registry.load_now(name, path)
+        except AdapterInvalid as exc:
+            raise StartupError(f"PALIGEMMA_ADAPTERS: adapter {name!r}: {exc}") from None
+    return registry
 
 
 class InferenceService:
@@ -72,7 +94,10 @@ class InferenceService:
         self._active = 0  # requests inside run(), for draining
         self.transform = ImageTransform.from_processor(loaded.processor)
         self.encoder = PromptEncoder.from_processor(loaded.processor)
-        self.runner = runner_factory(loaded, runner_config(settings))
+        # Before the runner: the slots take their memory before the KV cache sizes itself to what is left.
+        self.adapters = set_up_adapters(settings, loaded) if settings.adapters_enabled else None
+        bank = self.adapters.bank if self.adapters is not None else None
+        self.runner = runner_factory(loaded, runner_config(settings, bank))
         # What clients send in place of an image file (base64, data URLs, allowed image URLs).
         self.image_sources = ImageSources(max_bytes=settings.max_image_bytes,
                                           url_hosts=settings.image_url_hosts,
@@ -162,15 +187,27 @@ class InferenceService:
         self._prep.shutdown(wait=False, cancel_futures=True)
 
     # Requests --------------------------------------------------------------------------------------
+    def lease_adapter(self, name: str, param: str = "adapter") -> AdapterLease:
+        """Hold the adapter `name` for one request (404 listing the loaded ones when it is not loaded)."""
+        if self.adapters is None:
+            raise NotFound(f"adapter {name!r} is not loaded: this server serves no adapters (set "
+                           "PALIGEMMA_ADAPTERS or PALIGEMMA_ADAPTER_ROOT)", param=param)
+        return self.adapters.acquire(name, param)
+
     async def run(self, job: Job, image: ImageInput, on_tokens: TokenCallback | None = None) -> JobResult:
         """Run `job` on `image`; `on_tokens` gets each step's new tokens (for streaming)."""
         started = time.monotonic()
+        # Held from before its image is fetched: an unknown adapter is a 404 before any work is spent.
+        lease = self.lease_adapter(job.adapter) if job.adapter is not None else None
         self._active += 1
         try:
             if image.remote:
                 await self._fetch(job, image)
-            return await self._run(job, image, on_tokens, self.settings.max_image_pixels, started=started)
+            return await self._run(job, image, on_tokens, self.settings.max_image_pixels, started=started,
+                                   lease=lease)
         finally:
+            if lease is not None:
+                lease.release()
             self._active -= 1
 
     async def _fetch(self, job: Job, image: ImageInput) -> None:
@@ -195,8 +232,10 @@ class InferenceService:
             self.engine.observer.dropped("disconnected")
 
     async def _run(self, job: Job, image: ImageInput, on_tokens: TokenCallback | None,
-                   max_pixels: int, bounded: bool = True, started: float | None = None) -> JobResult:
-        """`started`: when the request began (before its image URL was fetched), for its timings."""
+                   max_pixels: int, bounded: bool = True, started: float | None = None,
+                   lease: AdapterLease | None = None) -> JobResult:
+        """`started`: when the request began (before its image URL was fetched), for its timings; `lease`:
+        the adapter it runs with, held by the caller."""
         started = time.monotonic() if started is None else started
         loop = asyncio.get_running_loop()
         slot = self.engine.reserve(bounded=bounded)  # 429 / 503 before any work is spent on the image
@@ -213,8 +252,10 @@ class InferenceService:
             slot.release()
             raise
         prepared = time.monotonic()
-        request = EngineRequest(len(input_ids), job.max_new_tokens, RowInput(input_ids, pixels, image_key),
-                                job.label, job.sampling)
+        adapter = lease.ref if lease is not None else None
+        request = EngineRequest(len(input_ids), job.max_new_tokens,
+                                RowInput(input_ids, pixels, image_key, adapter), job.label,
+                                adapter=adapter.name if adapter is not None else "", sampling=job.sampling)
         try:
             completion = await self.engine.submit(slot, request, self.settings.request_timeout_s, on_tokens)
         except ServiceError as exc:
@@ -228,7 +269,7 @@ class InferenceService:
                                                  self.masks_enabled)
         finished = time.monotonic()
         self._trace(job, completion, started, prepared, generated, finished)
-        return _job_result(completion, output, width, height, objects, {
+        return _job_result(completion, output, width, height, objects, job.adapter, {
             "prepare_ms": round((prepared - started) * 1000, 2),
             "queue_and_inference_ms": round((generated - prepared) * 1000, 2),
             "postprocess_ms": round((finished - generated) * 1000, 2),
@@ -287,7 +328,8 @@ class InferenceService:
 
 
 def _job_result(completion: Completion, output: FinishedOutput, width: int, height: int,
-                objects: list[ObjectResult] | None, timings: dict[str, float]) -> JobResult:
+                objects: list[ObjectResult] | None, adapter: str | None,
+                timings: dict[str, float]) -> JobResult:
     return JobResult(
         text=output.text,
         width=width,
@@ -298,4 +340,5 @@ def _job_result(completion: Completion, output: FinishedOutput, width: int, heig
         objects=objects,
         dropped_objects=output.parsed.dropped if output.parsed else 0,
         timings=timings,
+        adapter=adapter,
     )

@@ -140,6 +140,7 @@ class GenerationOptions(TypedDict, total=False):
     top_p: with temperature > 0, sample from the smallest set of tokens whose probability reaches it.
     top_k: with temperature > 0, sample from the k likeliest tokens (0: no limit).
     seed: makes sampling repeatable: the same request and seed give the same output.
+    adapter: a LoRA adapter the server has loaded (`models()` lists them); left out: the base model.
     """
 
     max_new_tokens: int | None
@@ -147,6 +148,7 @@ class GenerationOptions(TypedDict, total=False):
     top_p: float | None
     top_k: int | None
     seed: int | None
+    adapter: str | None
 
 
 _OPTIONS = tuple(GenerationOptions.__annotations__)

@@ -5,6 +5,7 @@
     paligemma segment photo.jpg "the dog" --draw out.png
     paligemma detect images/ --objects car --out results.jsonl
     paligemma caption photo.jpg --stream --temperature 0.7 --seed 1
+    paligemma detect images/ --objects receipt --adapter receipts --out receipts.jsonl
     paligemma eval detect --coco annotations.json --images images/    (paligemma eval --help)
 
 One image: the result on stdout (`--json` for the whole JSON); with `--stream`, the text as it is
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("--top-p", type=float, metavar="P", help="sample from the likeliest tokens up to P")
     task.add_argument("--top-k", type=int, metavar="K", help="sample from the K likeliest tokens")
     task.add_argument("--seed", type=int, metavar="N", help="the same seed, the same sampled output")
+    task.add_argument("--adapter", metavar="NAME",
+                      help="a LoRA adapter the server has loaded (/v1/models lists them); default: the base")
     task.add_argument("--stream", action="store_true",
                       help="print the text as it is generated, then the result (one image)")
     task.add_argument("--json", action="store_true", help="print the whole JSON result (one image)")

@@ -41,8 +41,9 @@ class PaliGemmaClient:
     subclasses with the server's message, type, field and request id). Images are a path, bytes, an open
     binary file or a PIL image.
 
-    Every task method also takes the `GenerationOptions` keywords: `max_new_tokens`, and sampling with
-    `temperature` (0, greedy, is the server's default), `top_p`, `top_k` and `seed`. Each has a `_stream`
+    Every task method also takes the `GenerationOptions` keywords: `max_new_tokens`, sampling with
+    `temperature` (0, greedy, is the server's default), `top_p`, `top_k` and `seed`, and `adapter` (a LoRA
+    adapter the server has loaded; `models()` lists them). Each has a `_stream`
     twin (`caption_stream`...) that returns a `Stream`: the text as it is generated, then the result.
     """
 
@@ -114,7 +115,7 @@ class PaliGemmaClient:
         return self._stream(_core.generate(image, prompt, options))
 
     def models(self) -> ModelList:
-        """The loaded model."""
+        """The loaded model, then the LoRA adapters served beside it (`parent` names the base)."""
         return self._send(_core.models())
 
     def close(self) -> None:

@@ -50,6 +50,7 @@ class TaskResponse(_Model):
     raw_text: str
     timings: Timings
     warning: str | None = None
+    adapter: str | None = None
 
 
 class TextResponse(TaskResponse):
@@ -120,6 +121,14 @@ class MaskDecoderInfo(_Model):
     matches_published: bool
 
 
+class AdapterSlots(_Model):
+    max_adapters: int
+    max_lora_rank: int
+    memory_bytes: int
+    loaded: int
+    runtime_loading: bool
+
+
 class ModelCard(_Model):
     id: str
     object: Literal["model"] = "model"
@@ -145,11 +154,37 @@ class ModelCard(_Model):
     weight_bytes: int | None = None
     kv_cache_bytes: int | None = None
     memory_plan: dict[str, Any] | None = None
+    adapters: AdapterSlots | None = None
+
+
+class AdapterCard(_Model):
+    id: str
+    object: Literal["model"] = "model"
+    parent: str
+    created: int
+    rank: int
+    layers: int
+    vision: bool
+    base_model: str | None
+
+
+class AdapterDeleted(_Model):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool = True
 
 
 class ModelList(_Model):
     object: Literal["list"] = "list"
-    data: list[ModelCard]
+    data: list[ModelCard | AdapterCard]
+
+    @property
+    def base(self) -> ModelCard:
+        """The served base model: the first entry (each loaded adapter follows it)."""
+        card = self.data[0]
+        if not isinstance(card, ModelCard):
+            raise TypeError(f"the first entry of /v1/models is the adapter {card.id!r}, not the base model")
+        return card
 
 
 class ErrorBody(_Model):

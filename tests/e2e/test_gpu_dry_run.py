@@ -54,6 +54,27 @@ def test_the_dry_run_measures_every_stage_and_writes_its_report(tmp_path, monkey
 
 
 @pytest.mark.timeout(400)
+def test_the_adapter_dry_run_times_the_steps_serves_both_and_writes_its_report(tmp_path, monkeypatch):
+    """`--adapters --dry-run`: the adapters made with PEFT, the step timings, the base server and the
+    server with the 4 adapters (every request naming one), the report."""
+    monkeypatch.setenv("OUT", str(tmp_path))
+    results_md = tmp_path / "RESULTS.md"
+    gpu.main(["--adapters", "--dry-run", "--results", str(results_md)])
+
+    results = json.loads((tmp_path / "gpu-dry-run-adapters.json").read_text())
+    steps = results["steps"]
+    assert steps["layers"] > 0 and steps["bank_mib"] > 0
+    assert set(steps["decode"][str(gpu.DRY.rows)]) == {"base", "mixed, grouped (per adapter)",
+                                                      "mixed, dense (all slots, as CUDA graphs)"}
+    assert all(ms > 0 for ms in steps["prefill"]["8"].values())
+    levels = results["served"]["levels"]
+    for name in ("base", "4 adapters"):
+        assert [level["errors"] for level in levels[name][str(gpu.DRY.adapter_served[0])]] == [{}]
+    assert "<!-- BEGIN gpu_adapters -->" in results_md.read_text()
+    assert "### Served throughput" in (tmp_path / "gpu-dry-run-adapters.md").read_text()
+
+
+@pytest.mark.timeout(400)
 def test_the_quantized_dry_run_measures_each_quantization(tmp_path, monkeypatch):
     """`python -m benchmarks.gpu --quantized --dry-run`: the 10B nf4/int8 stages on `tiny` on the CPU."""
     from benchmarks import gpu_quantized

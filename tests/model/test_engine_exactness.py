@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from app.engine.core import EngineCore
+from app.engine.graphs import Capture
 from app.engine.observer import NullObserver
 from app.engine.runner import ModelStepRunner, RowInput, RunnerConfig
 from app.engine.scheduler import Scheduler, Sequence, State
@@ -45,10 +46,12 @@ def generate_alone(loaded: LoadedModel, item: RowInput, max_new_tokens: int) -> 
 class Driver:
     """The real worker loop and model runner, stepped one step at a time by the test."""
 
-    def __init__(self, loaded: LoadedModel, rows: int, prefill_token_budget: int, max_new_tokens: int = 40):
+    def __init__(self, loaded: LoadedModel, rows: int, prefill_token_budget: int, max_new_tokens: int = 40,
+                 graph_capture: Capture | None = None, **runner_options):
         self.loaded = loaded
         self.runner = ModelStepRunner(loaded, RunnerConfig(rows=rows, max_prompt_tokens=64,
-                                                           max_new_tokens=max_new_tokens))
+                                                           max_new_tokens=max_new_tokens, **runner_options),
+                                      graph_capture)
         self.scheduler = Scheduler(rows, prefill_token_budget)
         self.events: list = []
         self.joined_while_running = 0  # prefills that happened while other rows were generating

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from app.api.errors import install_error_handlers
 from app.api.forms import StrictFormRoute
 from app.settings import Settings
-from tests.helpers import serve
+from tests.helpers import metric_value, serve
 from tests.images import jpeg
 
 BOUNDARY = "b0undary"
@@ -135,7 +135,7 @@ def test_the_task_endpoints_refuse_before_any_work() -> None:
                                headers={"content-type": f"multipart/form-data; boundary={BOUNDARY}"})
         assert response.status_code == 400
         assert response.json()["error"]["param"] == "question"
-        assert 'paligemma_prompt_tokens_total{endpoint="/v1/vqa"}' not in client.get("/metrics").text
+        assert metric_value(client.get("/metrics").text, "paligemma_prompt_tokens_total", endpoint="/v1/vqa") == 0
         # A U+FFFD that was sent as UTF-8 passes the transport and is refused by the prompt rules.
         response = client.post("/v1/vqa", files={"image": ("a.jpg", image, "image/jpeg")},
                                data={"question": "what is \ufffd?"})

@@ -11,7 +11,8 @@ from tests.helpers import serve
 
 # Every endpoint the app serves, as a 404 must list them (the pages and the OpenAPI document included).
 ENDPOINTS = ["POST /v1/caption", "POST /v1/vqa", "POST /v1/ocr", "POST /v1/detect", "POST /v1/segment",
-             "POST /v1/generate", "POST /v1/chat/completions", "GET /v1/models", "GET /healthz", "GET /readyz", "GET /metrics", "GET /docs",
+             "POST /v1/generate", "POST /v1/chat/completions", "GET /v1/models", "POST /v1/adapters",
+             "DELETE /v1/adapters/{name}", "GET /healthz", "GET /readyz", "GET /metrics", "GET /docs",
              "GET /openapi.json", "GET /", "GET /playground"]
 
 
@@ -39,7 +40,7 @@ def test_404_lists_every_endpoint_from_the_routes(client):
     assert message.startswith("no endpoint at GET /v1/nothing; the endpoints are: ")
     listed = message.split("the endpoints are: ")[1].split(", ")
     assert sorted(listed) == sorted(ENDPOINTS)
-    assert listed[0].endswith("/v1/caption")  # the API first
+    assert listed[0].partition(" ")[2].startswith("/v1/")  # the API first
     assert not any(e.startswith("HEAD ") for e in listed)
 
 

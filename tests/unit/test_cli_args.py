@@ -31,13 +31,15 @@ def cli(*argv: str) -> tuple[int, str, str]:
 
 
 def test_objects_are_the_words_after_the_image_or_options():
-    unset = {"max_new_tokens": None, "temperature": None, "top_p": None, "top_k": None, "seed": None}
+    unset = {"max_new_tokens": None, "temperature": None, "top_p": None, "top_k": None, "seed": None,
+             "adapter": None}
     args = build_parser().parse_args(["detect", "photo.jpg", "cat", "dog", "--objects", "a ; b"])
     assert task_arguments(args) == ((["cat", "dog", "a ; b"],), unset)
     args = build_parser().parse_args(["segment", "images/", "--objects", "the dog", "--max-new-tokens", "9",
-                                      "--temperature", "0.7", "--top-p", "0.9", "--top-k", "40", "--seed", "3"])
+                                      "--temperature", "0.7", "--top-p", "0.9", "--top-k", "40", "--seed", "3",
+                                      "--adapter", "receipts"])
     assert task_arguments(args) == ((["the dog"],), {"max_new_tokens": 9, "temperature": 0.7, "top_p": 0.9,
-                                                     "top_k": 40, "seed": 3})
+                                                     "top_k": 40, "seed": 3, "adapter": "receipts"})
 
 
 def test_usage_errors_exit_2(photo):
@@ -67,7 +69,7 @@ def test_a_folder_run_keeps_at_most_concurrency_requests_in_flight(tmp_path):
         return httpx.Response(200, json=body)
 
     args = argparse.Namespace(task="caption", language="en", long=False, max_new_tokens=None, temperature=None,
-                              top_p=None, top_k=None, seed=None, url="http://x", api_key=None, timeout=5.0,
+                              top_p=None, top_k=None, seed=None, adapter=None, url="http://x", api_key=None, timeout=5.0,
                               concurrency=3, progress="never", draw=None)
     out, err = io.StringIO(), io.StringIO()
     code = asyncio.run(run_folder(args, files, out, err, transport=httpx.MockTransport(handle)))

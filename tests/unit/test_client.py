@@ -40,7 +40,7 @@ from tests.served import free_port
 
 TEXT_RESULT = {
     "model": "m", "usage": {"prompt_tokens": 3, "completion_tokens": 2}, "image": {"width": 4, "height": 3},
-    "finish_reason": "stop", "raw_text": "hi", "warning": None, "text": "hi",
+    "finish_reason": "stop", "raw_text": "hi", "warning": None, "adapter": None, "text": "hi",
     "timings": {"prepare_ms": 1.0, "queue_and_inference_ms": 2.0, "postprocess_ms": 0.0, "total_ms": 3.0},
 }
 TASKS = ("caption", "vqa", "ocr", "detect", "segment", "generate")
@@ -254,15 +254,26 @@ def test_sampling_options_are_sent_and_unknown_ones_refused():
         return httpx.Response(200, json=TEXT_RESULT)
 
     with PaliGemmaClient("http://server", transport=httpx.MockTransport(handle)) as client:
-        client.caption(b"img", temperature=0.7, top_p=0.9, top_k=40, seed=0, max_new_tokens=None)
+        client.caption(b"img", temperature=0.7, top_p=0.9, top_k=40, seed=0, max_new_tokens=None, adapter="att")
         with pytest.raises(TypeError, match="'temprature'; the options every task takes are max_new_tokens, "
                                             "temperature, top_p, top_k, seed"):
             client.ocr(b"img", temprature=0.7)  # type: ignore[call-arg]
     [request] = seen
     body = request.read()
-    for name, value in (("temperature", b"0.7"), ("top_p", b"0.9"), ("top_k", b"40"), ("seed", b"0")):
+    for name, value in (("temperature", b"0.7"), ("top_p", b"0.9"), ("top_k", b"40"), ("seed", b"0"),
+                        ("adapter", b"att")):
         assert f'name="{name}"'.encode() + b"\r\n\r\n" + value in body
     assert b"max_new_tokens" not in body and b'name="stream"' not in body
+
+
+def test_the_cli_passes_its_adapter_to_every_task():
+    from paligemma_client.cli import build_parser, task_arguments
+
+    for argv in (["caption", "p.jpg"], ["detect", "p.jpg", "cat"], ["generate", "p.jpg", "ocr"]):
+        _, options = task_arguments(build_parser().parse_args([*argv, "--adapter", "receipts"]))
+        assert options["adapter"] == "receipts"
+        _, options = task_arguments(build_parser().parse_args(argv))
+        assert options["adapter"] is None  # not sent: the base
 
 
 def _public(cls: type) -> list[str]:

@@ -90,7 +90,7 @@ def test_each_request_gets_its_own_tokens_and_stops_at_its_own_end():
     results, runner, recorder = asyncio.run(main())
     assert [r.tokens for r in results] == [[5, 6, 7], [8], [3] * 6]
     assert [(r.finish_reason, r.computed) for r in results] == [("length", 3), ("stop", 2), ("length", 6)]
-    assert sum(count for _, count in recorder.called("tokens")) == 3 + 2 + 6
+    assert sum(count for _, _, count in recorder.called("tokens")) == 3 + 2 + 6
     # The third request started once a row was free, without waiting for both to end.
     third = max(max(ids) for ids in runner.prefills)
     first_prefill_with_third = next(i for i, ids in enumerate(runner.prefills) if third in ids)
@@ -142,7 +142,7 @@ def test_a_client_that_leaves_mid_generation_frees_its_row_within_a_step():
 
     done, result, runner, recorder = asyncio.run(main())
     assert done and result.tokens == [7, 7]
-    leaver_tokens = sum(count for _, count in recorder.called("tokens")) - 2
+    leaver_tokens = sum(count for _, _, count in recorder.called("tokens")) - 2
     assert leaver_tokens == 10  # one per step while it held the row, none after it left
     assert ("disconnected",) in recorder.called("dropped")
     assert runner.prefills[0][0] in runner.released  # its per-row state was released

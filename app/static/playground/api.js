@@ -4,8 +4,8 @@
 // they arrive: `delta` events (the output text as it is generated) go to `onDelta`, the final `result`
 // event (exactly the JSON the endpoint answers without streaming) to `onResult`.
 
-// Fields every task takes after its own, all optional: generation length, sampling.
-const GENERATION = ["max_new_tokens", "temperature", "top_p", "top_k", "seed"];
+// Fields every task takes after its own, all optional: generation length, sampling, the LoRA adapter.
+const GENERATION = ["max_new_tokens", "temperature", "top_p", "top_k", "seed", "adapter"];
 const OPTIONAL = new Set(["language", ...GENERATION]);
 
 // Every task's endpoint (relative to the page, so a path prefix in front of the server works) and the
@@ -193,13 +193,17 @@ export async function run(request, { apiKey = "", onDelta = () => {}, onResult =
   return outcome;
 }
 
-/** The loaded model's card from /v1/models, or an ApiError. */
-export async function modelCard(apiKey) {
+/**
+ * From /v1/models: {card, adapters}, the loaded model's card and the names of the LoRA adapters served
+ * beside it (the entries whose `parent` is the model), or an ApiError.
+ */
+export async function models(apiKey) {
   const headers = apiKey ? { Authorization: `Bearer ${apiKey}` } : {};
   const response = await fetch("v1/models", { headers });
   const body = await response.json().catch(() => null);
   if (!response.ok || body === null) {
     throw new ApiError(response.status, body?.error ?? { type: "http_error", message: response.statusText });
   }
-  return body.data[0];
+  const [card, ...rest] = body.data;
+  return { card, adapters: rest.filter((entry) => entry.parent === card.id).map((entry) => entry.id) };
 }

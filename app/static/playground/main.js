@@ -3,7 +3,7 @@
 // arriving), done, error. While a run streams, `#text` shows the output as it is generated and counts the
 // pieces received in its `data-deltas`; the final result then replaces it with the typed text.
 
-import { ApiError, buildRequest, curlCommand, modelCard, run } from "./api.js";
+import { ApiError, buildRequest, curlCommand, models, run } from "./api.js";
 import { Stage } from "./draw.js";
 
 const KEY_STORAGE = "paligemma.apiKey";
@@ -28,6 +28,7 @@ function values() {
     top_p: $("top-p").value,
     top_k: $("top-k").value,
     seed: $("seed").value,
+    adapter: $("adapter").value,
     stream: $("stream").checked,
   };
 }
@@ -199,13 +200,24 @@ async function loadScenes() {
   }
 }
 
+// The adapter selector lists the server's adapters (shown only when it has some), keeping the choice.
+function showAdapters(names) {
+  const select = $("adapter");
+  const chosenName = select.value;
+  select.replaceChildren(select.options[0]);
+  for (const name of names) select.append(new Option(name, name, false, name === chosenName));
+  $("adapter-field").hidden = names.length === 0;
+  updateCurl();
+}
+
 async function loadModel() {
   try {
-    const card = await modelCard(apiKey());
+    const { card, adapters } = await models(apiKey());
     $("model").textContent = `${card.id} · ${card.device} · masks ${card.masks ? "on" : "off"}`;
     showWarning(card.warning);
     $("about").textContent = card.about ?? "";
     $("about").hidden = !card.about;
+    showAdapters(adapters);
   } catch (error) {
     $("model").textContent = error.status === 401 ? "model: enter the API key" : "";
   }

@@ -120,7 +120,7 @@ async def _answer_all(args: argparse.Namespace, jobs: Sequence[J], name: Callabl
     async with AsyncPaliGemmaClient(args.url, api_key=args.api_key, timeout=args.timeout,
                                     max_connections=args.concurrency, transport=transport) as client:
         try:
-            card = (await client.models()).data[0]
+            card = (await client.models()).base
         except PaliGemmaError as exc:
             failure = Failure(f"{client.base_url}/v1/models", str(exc))
             err.write(f"no request sent: {failure.item}: {failure.error}\n")
