@@ -19,3 +19,8 @@ ABOUT = (
     "It answers caption, VQA, OCR, detect and segment about such scenes; on any other image its answers "
     "are outside its world and mean nothing."
 )
+
+
+def checkpoint_source(model: str) -> str:
+    """Where PALIGEMMA_MODEL's checkpoint is read from: the demo's directory for `demo`, else the name."""
+    return str(WEIGHTS_DIR) if model == MODEL_NAME else model

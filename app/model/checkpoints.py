@@ -152,8 +152,7 @@ def architecture(source: str, revision: str | None = None) -> tuple[PaliGemmaCon
     preset = presets.PRESETS.get(source)
     if preset is not None:
         return presets.build_config(preset, presets.build_tokenizer(preset)), "preset"
-    if source == demo.MODEL_NAME:  # the built-in demo: a checkpoint directory inside the package
-        source = str(demo.WEIGHTS_DIR)
+    source = demo.checkpoint_source(source)  # the built-in demo: a checkpoint directory inside the package
     path = Path(source).expanduser()
     if not path.exists():
         official = official_checkpoint(source)

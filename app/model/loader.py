@@ -214,7 +214,7 @@ def load_model(settings: Settings, device: torch.device | None = None) -> Loaded
                                         settings.quantize_vision)
     else:
         # The demo is an ordinary checkpoint directory inside the package.
-        source = str(demo.WEIGHTS_DIR) if is_demo else settings.model
+        source = demo.checkpoint_source(settings.model)
         model, processor = _from_pretrained(source, None if is_demo else settings.revision, device, dtype,
                                             quantization, settings.quantize_vision)
     model.eval()
