@@ -75,7 +75,8 @@ async def _bring_up(app: FastAPI) -> None:
         metrics.decode_graphs_failed.set(1 if service.decode_graphs_failure else 0)
         app.state.service = service
         _log_measured(app.state.memory_plan, loaded.weight_bytes,
-                      getattr(service.runner, "cache_bytes", None))
+                      getattr(service.runner, "cache_bytes", None),
+                      service.adapters.bank.bytes if service.adapters is not None else None)
         await service.warm_up()
     except StartupError as exc:
         # The message says what is wrong and what to do; the process's exit line shows it once.
@@ -95,11 +96,13 @@ async def _bring_up(app: FastAPI) -> None:
     logger.info("ready: serving %s", loaded.name)
 
 
-def _log_measured(plan: MemoryPlan | None, weights: int, cache: int | None) -> None:
+def _log_measured(plan: MemoryPlan | None, weights: int, cache: int | None, adapters: int | None) -> None:
     if plan is None:
         return
-    logger.info("memory: weights %s measured (%s planned), KV cache %s measured (%s planned)", gib(weights),
-                gib(plan.weight_bytes), gib(cache), gib(plan.cache_bytes))
+    slots = (f", adapter slots {gib(adapters)} measured ({gib(plan.adapter_bytes)} planned)"
+             if adapters is not None else "")
+    logger.info("memory: weights %s measured (%s planned), KV cache %s measured (%s planned)%s", gib(weights),
+                gib(plan.weight_bytes), gib(cache), gib(plan.cache_bytes), slots)
 
 
 @asynccontextmanager

@@ -67,7 +67,10 @@ def plan_for(settings: Settings, dtype: torch.dtype, memory: int | None, device_
     request = PlanRequest(dtype=dtype, quantization=quantization, quantize_vision=settings.quantize_vision,
                           rows=settings.max_batch_size, max_prompt_tokens=settings.max_prompt_tokens,
                           max_new_tokens=settings.max_new_tokens, prefill_tokens=settings.prefill_tokens,
-                          memory_bytes=memory, device_type=device_type)
+                          memory_bytes=memory, device_type=device_type,
+                          adapter_slots=settings.max_adapters + 1 if settings.adapters_enabled else 0,
+                          lora_rank=settings.max_lora_rank,
+                          lora_dtype=torch.float32 if settings.lora_dtype == "float32" else None)
     return plan(settings.model, config, request)
 
 

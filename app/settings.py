@@ -91,6 +91,10 @@ class Settings(BaseSettings):
     )
     max_adapters: int = Field(8, ge=1, le=256, description="Adapter slots (loaded adapters at most).")
     max_lora_rank: int = Field(16, ge=1, le=1024, description="Highest adapter rank the slots hold.")
+    lora_dtype: Literal["auto", "float32"] = Field(
+        "auto", description="Adapter weights and deltas: auto (the model's dtype; fewest kernels on a "
+                            "GPU) or float32 (PEFT's own computation, exact to it on a 16-bit model).",
+    )
 
     # Generation.
     max_new_tokens: int = Field(256, ge=1, le=8192, description="Cap on a request's max_new_tokens.")

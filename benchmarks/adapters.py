@@ -159,12 +159,14 @@ def measure_steps(model: str, folders: list[Path], rounds: int, repeats: int, de
                 runner = ModelStepRunner(loaded, config(rows, None))
                 runner.capture_graphs()
                 plain[rows] = ready(runner, sequences(rows, False))
-        bank = AdapterBank(loaded.model, ADAPTERS, RANK, loaded.device)
+        # In the model's dtype, as PALIGEMMA_LORA_DTYPE=auto serves them.
+        bank = AdapterBank(loaded.model, ADAPTERS, RANK, loaded.device, loaded.dtype)
         for slot, folder in enumerate(folders, start=1):
             staged = bank.stage(read_adapter(folder, loaded.model.config))
             bank.write(slot, staged)
             refs.append(AdapterRef(folder.name, slot, slot, staged.vision))
-        results.update(bank_mib=bank.bytes / 2**20, layers=len(bank.layers))
+        results.update(bank_mib=bank.bytes / 2**20, layers=len(bank.layers),
+                       bank_dtype=str(bank.dtype).removeprefix("torch."))
         for rows in row_counts:
             if graphs:
                 # A runner each: its row table holds what its rows run (the adapter slot among it).
@@ -302,7 +304,8 @@ def render(results: dict[str, Any]) -> str:
         threads = f", {steps['threads']} torch thread(s)" if "threads" in steps else ""
         lines += ["### The LoRA path per step (in-process, medians of alternated rounds)", "",
                   f"Stacked weights: {steps['bank_mib']:.1f} MiB over {steps['layers']} wrapped linear "
-                  f"layers ({ADAPTERS} slots of rank {RANK}, float32), on {steps.get('device', 'cpu')}"
+                  f"layers ({ADAPTERS} slots of rank {RANK}, {steps.get('bank_dtype', 'float32')}), on "
+                  f"{steps.get('device', 'cpu')}"
                   f"{', decode steps as CUDA graphs' if steps.get('graphs') else ', eager steps'}{threads}; "
                   f"{steps.get('clock', 'wall')} per step.", "",
                   "| step | reference | reference ms | ms | LoRA cost |", "|---|---|---|---|---|"]

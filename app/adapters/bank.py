@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from app.adapters.folder import AdapterFolder, AdapterInvalid
-from app.adapters.lora_linear import ADAPTER_DTYPE, LoraLinear, SlotRouting
+from app.adapters.lora_linear import LoraLinear, SlotRouting
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +59,13 @@ def wrappable(name: str, module: nn.Module) -> bool:
 
 
 class AdapterBank:
-    def __init__(self, model: nn.Module, max_adapters: int, max_rank: int, device: torch.device):
+    def __init__(self, model: nn.Module, max_adapters: int, max_rank: int, device: torch.device,
+                 dtype: torch.dtype = torch.float32):
         self.max_adapters = max_adapters
         self.max_rank = max_rank
         self.device = device
-        self.routing = SlotRouting(max_adapters + 1, device)
+        self.dtype = dtype  # of the stacked weights and the deltas (app.adapters.lora_linear)
+        self.routing = SlotRouting(max_adapters + 1, device, dtype)
         self.layers: dict[str, LoraLinear] = {}
         for name, module in list(model.named_modules()):
             if wrappable(name, module):
@@ -79,7 +81,7 @@ class AdapterBank:
 
     def describe(self) -> str:
         return (f"{self.max_adapters} adapter slots of rank <= {self.max_rank} over {len(self.layers)} "
-                f"linear layers: {self.bytes / 2**20:.1f} MiB")
+                f"linear layers, in {str(self.dtype).removeprefix('torch.')}: {self.bytes / 2**20:.1f} MiB")
 
     # Loading ---------------------------------------------------------------------------------------
     def stage(self, folder: AdapterFolder) -> StagedAdapter:
@@ -101,8 +103,9 @@ class AdapterBank:
                 raise AdapterInvalid(folder.path, f"{name} is {layer.in_features} -> {layer.out_features} "
                                                   f"in the base, but its LoRA weights are {given[0]} -> "
                                                   f"{given[1]}")
-            modules[name] = (weights.a.to(self.device, ADAPTER_DTYPE),
-                             weights.b.to(self.device, ADAPTER_DTYPE), weights.scale)
+            # float32 on the way: B is scaled there (LoraLinear.write) before its one rounding to the slots'.
+            modules[name] = (weights.a.to(self.device, torch.float32),
+                             weights.b.to(self.device, torch.float32), weights.scale)
         return StagedAdapter(modules, folder.rank, folder.touches(VISION_PREFIXES))
 
     def write(self, slot: int, staged: StagedAdapter) -> None:

@@ -17,8 +17,11 @@ Two ways to add the deltas, one result:
   kernels never depend on which adapters run; writing a slot changes the weights in place, so captured
   graphs see it without a re-capture. It reads every slot's weights once per step, whatever the rows.
 
-As PEFT does by default, the delta is computed in float32 and added to the base output before it is cast
-back to the output's dtype (PEFT's `autocast_adapter_dtype` keeps LoRA weights in float32).
+The stacked weights, and the deltas, are in the routing's dtype (PALIGEMMA_LORA_DTYPE): the model's own
+by default, as vLLM computes LoRA, so that a step in bfloat16 adds each delta with three kernels and no
+cast (x @ A over all slots, the slot mask, one GEMM accumulating into the output); or float32, as PEFT
+does by default (its `autocast_adapter_dtype`), where a delta is computed in float32 and added to the base
+output before it is rounded back to the output's dtype, once. On a float32 model both are the same.
 """
 
 from __future__ import annotations
@@ -28,8 +31,6 @@ import enum
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-ADAPTER_DTYPE = torch.float32
 
 
 class Mode(enum.Enum):
@@ -41,12 +42,13 @@ class Mode(enum.Enum):
 class SlotRouting:
     """The slot of each batch item for the next forward, shared by every wrapped layer."""
 
-    def __init__(self, slots: int, device: torch.device):
+    def __init__(self, slots: int, device: torch.device, dtype: torch.dtype = torch.float32):
         self.slots = slots
+        self.dtype = dtype  # of the stacked weights and the deltas
         self.mode = Mode.OFF
         # GROUPED: (slot, the rows of the batch that use it: a slice when they are contiguous).
         self.groups: list[tuple[int, slice | torch.Tensor]] = []
-        self.mask: torch.Tensor | None = None  # DENSE: (batch, slots) one-hot, float32
+        self.mask: torch.Tensor | None = None  # DENSE: (batch, slots) one-hot, in `dtype`
         # DENSE: whether a layer that no loaded adapter adapts may skip its delta (eager steps; a captured
         # graph must hold every layer's, since an adapter loaded later may adapt any of them).
         self.skip_empty = False
@@ -74,7 +76,7 @@ class SlotRouting:
     def dense(self, slots: torch.Tensor, captured: bool) -> None:
         """The dense form: `slots` (batch,) on the device. Only tensor ops, so a CUDA graph captured after
         this call (`captured`) recomputes the mask from whatever `slots` holds when it is replayed."""
-        self.mask = (slots[:, None] == self._ids[None, :]).to(ADAPTER_DTYPE)
+        self.mask = (slots[:, None] == self._ids[None, :]).to(self.dtype)
         self.skip_empty = not captured
         self.mode = Mode.DENSE
 
@@ -87,15 +89,16 @@ class LoraLinear(nn.Module):
         self.in_features = int(base.in_features)  # type: ignore[arg-type]
         self.out_features = int(base.out_features)  # type: ignore[arg-type]
         slots, device = routing.slots, routing.device
+        self.dtype = routing.dtype
         self.rank = rank
         self.a: torch.Tensor
         self.b: torch.Tensor
 
         def zeros(*shape: int) -> torch.Tensor:
-            return torch.zeros(shape, dtype=ADAPTER_DTYPE, device=device)
+            return torch.zeros(shape, dtype=self.dtype, device=device)
 
         # Not part of the model's state dict: they are the adapters', written slot by slot. B is kept
-        # times its slot's scale (one rounding of a float32 product), so no step multiplies by it; and as
+        # times its slot's scale (one rounding of the product), so no step multiplies by it; and as
         # (out, slots, rank), so that viewed as (out, slots * rank) the dense form's second matmul is one.
         self.register_buffer("a", zeros(slots, rank, self.in_features), persistent=False)
         self.register_buffer("b", zeros(self.out_features, slots, rank), persistent=False)
@@ -144,12 +147,13 @@ class LoraLinear(nn.Module):
         return y
 
     def _add(self, y: torch.Tensor, hidden: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """`y + hidden @ b.T`, summed in float32 and rounded once to y's dtype (PEFT's `result + delta`,
-        then `.to(result_dtype)`); in place when y is float32, as one GEMM that accumulates into it."""
-        if y.dtype == ADAPTER_DTYPE and y.is_contiguous():
+        """`y + hidden @ b.T` into y. In y's dtype: one GEMM that accumulates into it. Else (float32 deltas on
+        a 16-bit output) summed in float32 and rounded once to y's dtype, as PEFT's `result + delta` then
+        `.to(result_dtype)`: an in-place add computes in the wider of its two dtypes."""
+        if y.dtype == self.dtype and y.is_contiguous():
             y.view(-1, self.out_features).addmm_(hidden.reshape(-1, hidden.shape[-1]), b.t())
             return y
-        return y.copy_(y + F.linear(hidden, b))
+        return y.add_(F.linear(hidden, b))
 
     def _grouped(self, x: torch.Tensor, y: torch.Tensor,
                  groups: list[tuple[int, slice | torch.Tensor]]) -> torch.Tensor:
@@ -159,10 +163,10 @@ class LoraLinear(nn.Module):
                 continue
             a, b = self.a[slot, :rank], self.b[:, slot, :rank]
             if isinstance(rows, slice):  # a slice of the batch: no gather, no scatter
-                self._add(y[rows], F.linear(x[rows].to(ADAPTER_DTYPE), a), b)
+                self._add(y[rows], F.linear(x[rows].to(self.dtype), a), b)
                 continue
-            delta = F.linear(F.linear(x.index_select(0, rows).to(ADAPTER_DTYPE), a), b)
-            if y.dtype == ADAPTER_DTYPE:
+            delta = F.linear(F.linear(x.index_select(0, rows).to(self.dtype), a), b)
+            if y.dtype == self.dtype:
                 y.index_add_(0, rows, delta)
             else:
                 y.index_copy_(0, rows, (y.index_select(0, rows) + delta).to(y.dtype))
@@ -170,7 +174,7 @@ class LoraLinear(nn.Module):
 
     def _dense(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         slots, rank = self.routing.slots, self.rank
-        hidden = F.linear(x.to(ADAPTER_DTYPE), self.a.view(slots * rank, self.in_features))
+        hidden = F.linear(x.to(self.dtype), self.a.view(slots * rank, self.in_features))
         # Each row keeps its own slot's part of the hidden state; every other slot's part becomes 0.
         keep = mask.view(mask.shape[0], *([1] * (x.dim() - 2)), slots, 1)
         hidden.view(*hidden.shape[:-1], slots, rank).mul_(keep)

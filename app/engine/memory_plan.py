@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
+from app.adapters.bank import wrappable
 from app.engine.kv_cache import CACHE_MEMORY_SHARE, CacheShape, cache_shape, rows_that_fit
 from app.engine.runner import RunnerConfig, row_length
 from app.model.quantization import NF4_BLOCK, NF4_NESTED_BLOCK, Quantization, is_kept, kept_modules
@@ -52,6 +53,11 @@ class PlanRequest:
     prefill_tokens: int
     memory_bytes: int | None  # the device's memory (or what is free); None: no verdict
     device_type: str = "cuda"
+    # LoRA adapter slots (app.adapters.bank), allocated before the KV cache: 0 when no adapters are
+    # configured, else PALIGEMMA_MAX_ADAPTERS + 1 (slot 0, the base's, is zeros but allocated too).
+    adapter_slots: int = 0
+    lora_rank: int = 0
+    lora_dtype: torch.dtype | None = None  # None: the dtype
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,7 @@ class MemoryPlan:
     kv_bytes_per_row: int
     activation_bytes: int
     reserve_bytes: int
+    adapter_bytes: int = 0  # the stacked LoRA slots
 
     @property
     def cache_bytes(self) -> int:
@@ -75,13 +82,15 @@ class MemoryPlan:
 
     @property
     def total_bytes(self) -> int:
-        return self.weight_bytes + self.cache_bytes + self.activation_bytes + self.reserve_bytes
+        return (self.weight_bytes + self.adapter_bytes + self.cache_bytes + self.activation_bytes
+                + self.reserve_bytes)
 
     @property
     def free_after_weights(self) -> int | None:
+        """What the weights, the adapter slots and the runtime leave for the cache and activations."""
         if self.request.memory_bytes is None:
             return None
-        return self.request.memory_bytes - self.weight_bytes - self.reserve_bytes
+        return self.request.memory_bytes - self.weight_bytes - self.adapter_bytes - self.reserve_bytes
 
     @property
     def problem(self) -> str | None:
@@ -91,7 +100,10 @@ class MemoryPlan:
             return None
         if free <= 0:
             reserve = f" less the runtime's {gib(self.reserve_bytes)}" if self.reserve_bytes else ""
-            return (f"the weights alone ({gib(self.weight_bytes)}) do not fit in "
+            weights = gib(self.weight_bytes)
+            what = (f"the weights ({weights}) and the adapter slots ({gib(self.adapter_bytes)})"
+                    if self.adapter_bytes else f"the weights alone ({weights})")
+            return (f"{what} do not fit in "
                     f"{gib(self.request.memory_bytes)}{reserve}")
         if int(free * CACHE_MEMORY_SHARE) < self.kv_bytes_per_row:
             return (f"one KV cache row ({gib(self.kv_bytes_per_row)}) does not fit in the {gib(free)} the "
@@ -116,6 +128,8 @@ class MemoryPlan:
             "quantized_layers": self.quantized_layers,
             "weight_bytes": self.weight_bytes,
             "weight_bytes_by_part": self.weight_bytes_by_part,
+            "adapter_slots": r.adapter_slots,
+            "adapter_bytes": self.adapter_bytes,
             "image_tokens": self.image_tokens,
             "row_length": self.cache.length,
             "kv_bytes_per_token": self.kv_bytes_per_token,
@@ -144,6 +158,8 @@ class MemoryPlan:
             ("parameters", f"{self.parameters / 1e9:.3f} B", ""),
             ("weights", gib(self.weight_bytes), "weight_bytes"),
             *((f"  {part}", gib(size), "") for part, size in self.weight_bytes_by_part.items()),
+            *([(f"adapter slots ({r.adapter_slots - 1} of rank {r.lora_rank})", gib(self.adapter_bytes),
+                "adapter_bytes")] if r.adapter_slots else []),
             ("KV per token", f"{self.kv_bytes_per_token / 2**10:.1f} KiB", ""),
             ("KV per row", f"{gib(self.kv_bytes_per_row)} ({self.cache.length} positions)", ""),
             ("rows that fit", f"{self.cache.rows} of {r.rows}", "rows_that_fit"),
@@ -196,13 +212,26 @@ def _part(name: str) -> str:
 def count_weights(config: PaliGemmaConfig, dtype: torch.dtype, method: Quantization,
                   quantize_vision: bool) -> tuple[int, dict[str, int], int]:
     """(parameters, bytes by part, quantized layers) of the architecture, built on the meta device."""
-    parameters, by_part, quantized = _count_weights(config.to_json_string(), dtype, method, quantize_vision)
+    parameters, by_part, quantized, _ = _count_weights(config.to_json_string(), dtype, method,
+                                                       quantize_vision)
     return parameters, dict(by_part), quantized
+
+
+def adapter_bytes(config: PaliGemmaConfig, request: PlanRequest) -> int:
+    """The stacked LoRA slots (app.adapters.lora_linear): for every layer an adapter may adapt, A (slots x
+    rank x in) and B (out x slots x rank), in the adapters' dtype."""
+    if not request.adapter_slots:
+        return 0
+    *_, features = _count_weights(config.to_json_string(), request.dtype, request.quantization,
+                                  request.quantize_vision)
+    size = torch.empty((), dtype=request.lora_dtype or request.dtype).element_size()
+    return request.adapter_slots * request.lora_rank * features * size
 
 
 @functools.lru_cache(maxsize=64)
 def _count_weights(config_json: str, dtype: torch.dtype, method: Quantization,
-                   quantize_vision: bool) -> tuple[int, tuple[tuple[str, int], ...], int]:
+                   quantize_vision: bool) -> tuple[int, tuple[tuple[str, int], ...], int, int]:
+    """count_weights, and the input + output features summed over the layers adapters may adapt."""
     # Built under the serving dtype as loading builds it: buffers made in the default dtype follow it,
     # those made in float32 on purpose (rotary frequencies) keep it.
     previous = torch.get_default_dtype()
@@ -216,8 +245,10 @@ def _count_weights(config_json: str, dtype: torch.dtype, method: Quantization,
     kept = kept_modules(quantize_vision)
     by_part = dict.fromkeys(PARTS, 0)
     seen: set[int] = set()
-    parameters = quantized = 0
+    parameters = quantized = lora_features = 0
     for module_name, module in model.named_modules():
+        if wrappable(module_name, module):
+            lora_features += module.in_features + module.out_features
         quantize = (method is not Quantization.NONE and type(module) is nn.Linear
                     and not is_kept(module_name, kept))
         quantized += quantize
@@ -235,7 +266,7 @@ def _count_weights(config_json: str, dtype: torch.dtype, method: Quantization,
             else:  # buffers keep the dtype they are made in (rotary frequencies in float32, position ids)
                 stored = tensor.numel() * tensor.element_size()
             by_part[_part(f"{module_name}.{name}")] += stored
-    return parameters, tuple((part, size) for part, size in by_part.items() if size), quantized
+    return parameters, tuple((part, size) for part, size in by_part.items() if size), quantized, lora_features
 
 
 def activation_bytes(config: PaliGemmaConfig, request: PlanRequest, image_tokens: int) -> int:
@@ -267,8 +298,9 @@ def plan(model: str, config: PaliGemmaConfig, request: PlanRequest) -> MemoryPla
     shape = cache_shape(config.text_config, request.rows, row_length(image_tokens, runner))
     per_row = dataclasses.replace(shape, rows=1).bytes(request.dtype)
     reserve = RUNTIME_RESERVE.get(request.device_type, 0)
+    slots = adapter_bytes(config, request)
     if request.memory_bytes is not None:
-        free = max(0, request.memory_bytes - weights - reserve)
+        free = max(0, request.memory_bytes - weights - slots - reserve)
         shape = dataclasses.replace(shape, rows=rows_that_fit(shape, request.dtype, free))
     text: Any = config.text_config
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -278,4 +310,4 @@ def plan(model: str, config: PaliGemmaConfig, request: PlanRequest) -> MemoryPla
         kv_bytes_per_token=2 * text.num_hidden_layers * text.num_key_value_heads * head_dim
         * torch.empty((), dtype=request.dtype).element_size(),
         kv_bytes_per_row=per_row, activation_bytes=activation_bytes(config, request, image_tokens),
-        reserve_bytes=reserve)
+        reserve_bytes=reserve, adapter_bytes=slots)

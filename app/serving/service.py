@@ -71,7 +71,8 @@ def set_up_adapters(settings: Settings, loaded: LoadedModel) -> AdapterRegistry:
     from app.adapters.folder import AdapterInvalid
     from app.adapters.registry import AdapterRegistry
 
-    bank = AdapterBank(loaded.model, settings.max_adapters, settings.max_lora_rank, loaded.device)
+    dtype = torch.float32 if settings.lora_dtype == "float32" else loaded.dtype
+    bank = AdapterBank(loaded.model, settings.max_adapters, settings.max_lora_rank, loaded.device, dtype)
     logger.info("LoRA adapters: %s", bank.describe())
     registry = AdapterRegistry(bank, loaded.name, loaded.model.config, settings.adapter_root)
     for name, path in settings.adapters:

@@ -117,7 +117,9 @@ def _run(setup: Setup, plans, form: str) -> tuple[list[Sequence | None], Driver]
     stand_in = FixedShapeStandIn() if form == "graphs" else None
     driver = Driver(setup.served, rows=4, prefill_token_budget=3 * (setup.served.image_seq_length + 20),
                     graph_capture=stand_in, adapters=setup.bank,
-                    adapter_decode="grouped" if form == "graphs" else form, feature_cache_size=8)
+                    adapter_decode="grouped" if form == "graphs" else form,
+                    # "dense": prefills and the vision tower too, as on CUDA (RunnerConfig.adapter_prefill)
+                    adapter_prefill="dense" if form == "dense" else "grouped", feature_cache_size=8)
     if stand_in is not None:
         stand_in.runner = driver.runner
         driver.runner.capture_graphs()
