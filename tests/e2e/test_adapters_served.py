@@ -287,3 +287,26 @@ def test_the_playground_offers_the_adapters_and_runs_the_chosen_one(server, brow
     assert result["adapter"] == "att"
     assert result["raw_text"] == caption(server, "att").json()["raw_text"]
     assert script_errors(browser) == []
+
+
+def test_eval_scores_the_adapter_it_names(server, root, tmp_path, capsys):
+    """`paligemma eval --adapter`: every request names the adapter, the document says which; an adapter
+    the server has not loaded stops it before any request, listing the loaded ones."""
+    from tests.e2e.test_eval_served import eval_cli
+
+    (tmp_path / "a.jpg").write_bytes(IMAGE)
+    expected = expected_text(root / "attention", "caption en", 8)  # PEFT's merged model, alone
+    dataset = tmp_path / "caption.jsonl"
+    dataset.write_text(json.dumps({"image": "a.jpg", "answers": [expected]}) + "\n")
+    connection = ["--url", server.url, "--api-key", KEY, "--max-new-tokens", "8", "--json", "--progress", "never"]
+    code, out, err = eval_cli("caption", "--jsonl", str(dataset), "--adapter", "att", *connection)
+    assert code == 0, err
+    document = json.loads(out)
+    assert (document["model"], document["adapter"], document["exact_match"]) == ("tiny", "att", 1.0)
+    code, out, err = eval_cli("caption", "--jsonl", str(dataset), *connection)  # the base says otherwise
+    assert code == 0, err
+    assert (json.loads(out)["adapter"], json.loads(out)["exact_match"]) == (None, 0.0)
+    with pytest.raises(SystemExit) as exit_info:
+        eval_cli("caption", "--jsonl", str(dataset), "--adapter", "atten", *connection)
+    assert exit_info.value.code == 2
+    assert "--adapter atten: the server has not loaded it; loaded adapters: att" in capsys.readouterr().err

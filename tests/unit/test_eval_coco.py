@@ -336,7 +336,7 @@ def test_the_text_report_shows_every_number(tmp_path):
     scores = coco_score.coco_scores(gt, coco_score.loaded_results(gt, results.items), "bbox", [3, 10])
     matches = coco_score.object_matches(gt, results.items, [3, 10], masks=False)
     card = ModelCard.model_validate(_card(masks=False)["data"][0])
-    document = report.locate_document("detect", card, dataset, requests, [3, 10], results, scores, matches, [])
+    document = report.locate_document("detect", card, None, dataset, requests, [3, 10], results, scores, matches, [])
     assert document["recall_50"] == pytest.approx(2 / 3)
     assert document["per_category"]["red circle"]["AP"] == pytest.approx(1.0)
     lines = report.locate_text(document).splitlines()

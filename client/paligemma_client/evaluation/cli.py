@@ -27,7 +27,7 @@ from paligemma_client.errors import PaliGemmaError
 from paligemma_client.evaluation import coco_data, coco_score, report, text
 from paligemma_client.evaluation.coco_score import INSTALL_HINT, MissingExtra
 from paligemma_client.evaluation.text import DatasetError
-from paligemma_client.models import DetectResponse, ModelCard, SegmentResponse, TaskResponse
+from paligemma_client.models import AdapterCard, DetectResponse, ModelCard, SegmentResponse, TaskResponse
 from paligemma_client.runs import PROGRESS_MODES, Failure, Progress, collect_answers, write_summary
 
 J = TypeVar("J")
@@ -51,6 +51,9 @@ def add_parser(commands: Any, connection: argparse.ArgumentParser) -> None:
     common.add_argument("--max-new-tokens", type=int, metavar="N",
                         help="most tokens an answer may have (detect/segment: the server's cap, from "
                              "/v1/models; caption/vqa/ocr: the server's default)")
+    common.add_argument("--adapter", metavar="NAME",
+                        help="score a LoRA adapter the server has loaded (/v1/models lists them); default: "
+                             "the base model")
     common.add_argument("--save-predictions", type=Path, metavar="FILE",
                         help="write the answers: COCO results JSON for detect/segment, JSON lines otherwise")
     evaluation = commands.add_parser("eval", help="score the served model on a labelled dataset",
@@ -120,11 +123,16 @@ async def _answer_all(args: argparse.Namespace, jobs: Sequence[J], name: Callabl
     async with AsyncPaliGemmaClient(args.url, api_key=args.api_key, timeout=args.timeout,
                                     max_connections=args.concurrency, transport=transport) as client:
         try:
-            card = (await client.models()).base
+            listed = await client.models()
         except PaliGemmaError as exc:
             failure = Failure(f"{client.base_url}/v1/models", str(exc))
             err.write(f"no request sent: {failure.item}: {failure.error}\n")
             return None, {}, [failure]
+        card = listed.base
+        loaded = [entry.id for entry in listed.data if isinstance(entry, AdapterCard)]
+        if args.adapter is not None and args.adapter not in loaded:
+            raise Unusable(f"--adapter {args.adapter}: the server has not loaded it; loaded adapters: "
+                           f"{', '.join(loaded) or 'none'}")
         check(card)
         if card.warning:
             err.write(f"warning: {card.warning}\n")
@@ -156,7 +164,8 @@ def _run_locate(args: argparse.Namespace, out: IO[str], err: IO[str],
                   ) -> DetectResponse | SegmentResponse:
         tokens = args.max_new_tokens or card.max_new_tokens  # a long list of objects needs many tokens
         method = client.segment if masks else client.detect
-        response = await method(request.path, list(request.objects), max_new_tokens=tokens)
+        response = await method(request.path, list(request.objects), max_new_tokens=tokens,
+                                adapter=args.adapter)
         coco_data.check_size(request, response)
         return response
 
@@ -170,8 +179,8 @@ def _run_locate(args: argparse.Namespace, out: IO[str], err: IO[str],
     gt = coco_score.ground_truth(dataset, iou_type)
     scores = coco_score.coco_scores(gt, coco_score.loaded_results(gt, results.items), iou_type, scored)
     matches = coco_score.object_matches(gt, results.items, scored, masks)
-    document = report.locate_document(args.eval_task, card, dataset, requests, scored, results, scores,
-                                      matches, failures)
+    document = report.locate_document(args.eval_task, card, args.adapter, dataset, requests, scored, results,
+                                      scores, matches, failures)
     out.write(json.dumps(document, indent=2) + "\n" if args.json else report.locate_text(document))
     return 1 if failures else 0
 
@@ -185,17 +194,17 @@ def _run_text(args: argparse.Namespace, out: IO[str], err: IO[str],
     async def ask(client: AsyncPaliGemmaClient, card: ModelCard, example: text.TextExample) -> TaskResponse:
         if task == "caption":
             return await client.caption(example.image, language=args.language,
-                                        max_new_tokens=args.max_new_tokens)
+                                        max_new_tokens=args.max_new_tokens, adapter=args.adapter)
         if task == "vqa":
             return await client.vqa(example.image, example.question or "", language=args.language,
-                                    max_new_tokens=args.max_new_tokens)
-        return await client.ocr(example.image, max_new_tokens=args.max_new_tokens)
+                                    max_new_tokens=args.max_new_tokens, adapter=args.adapter)
+        return await client.ocr(example.image, max_new_tokens=args.max_new_tokens, adapter=args.adapter)
 
     card, answers, failures = asyncio.run(_answer_all(args, examples, lambda e: str(e.image), ask,
                                                       lambda card: None, err, transport))
     scores = [text.score(task, examples[i], report.answer_text(answers[i])) for i in sorted(answers)]
     if args.save_predictions is not None:
         args.save_predictions.write_text("".join(json.dumps(s.record()) + "\n" for s in scores))
-    document = report.text_document(task, card, examples, answers, scores, failures)
+    document = report.text_document(task, card, args.adapter, examples, answers, scores, failures)
     out.write(json.dumps(document, indent=2) + "\n" if args.json else report.text_text(document))
     return 1 if failures else 0

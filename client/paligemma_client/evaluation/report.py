@@ -18,15 +18,15 @@ def answer_text(response: TaskResponse) -> str:
     return response.answer if isinstance(response, AnswerResponse) else str(getattr(response, "text", ""))
 
 
-def _model(card: ModelCard | None) -> dict[str, Any]:
-    return {"model": card.id if card else None, "warning": card.warning if card else None}
+def _model(card: ModelCard | None, adapter: str | None) -> dict[str, Any]:
+    return {"model": card.id if card else None, "adapter": adapter, "warning": card.warning if card else None}
 
 
 def _failures(failures: Sequence[Failure]) -> list[dict[str, str]]:
     return [{"image": f.item, "error": f.error} for f in sorted(failures, key=lambda f: (f.item, f.error))]
 
 
-def locate_document(task: str, card: ModelCard | None, dataset: CocoDataset,
+def locate_document(task: str, card: ModelCard | None, adapter: str | None, dataset: CocoDataset,
                     requests: Sequence[LocateRequest], scored: Sequence[int], results: Results,
                     scores: CocoScores, matches: Sequence[ObjectMatch], failures: Sequence[Failure]
                     ) -> dict[str, Any]:
@@ -35,8 +35,8 @@ def locate_document(task: str, card: ModelCard | None, dataset: CocoDataset,
     for category_id, name in sorted(dataset.categories.items()):
         mine = [m for m in matches if m.category_id == category_id]
         per_category[name] = {**scores.per_category[category_id], **localisation(mine, masks)}
-    document: dict[str, Any] = {"task": task, "iou_type": "segm" if masks else "bbox", **_model(card),
-                                **scores.summary, **localisation(matches, masks),
+    document: dict[str, Any] = {"task": task, "iou_type": "segm" if masks else "bbox",
+                                **_model(card, adapter), **scores.summary, **localisation(matches, masks),
                                 "per_category": per_category,
                                 "images": len(dataset.images), "images_scored": len(scored),
                                 "requests": len(requests), "failed": len(failures),
@@ -54,7 +54,8 @@ def _number(value: float | None) -> str:
 
 
 def _header(document: dict[str, Any]) -> list[str]:
-    lines = [f"model: {document['model'] or '(unknown: /v1/models failed)'}"]
+    lines = [f"model: {document['model'] or '(unknown: /v1/models failed)'}"
+             + (f", adapter {document['adapter']}" if document.get("adapter") else "")]
     if document["warning"]:
         lines.append(f"warning: {document['warning']}")
     return lines
@@ -94,10 +95,10 @@ def _truncated(document: dict[str, Any]) -> list[str]:
     return [f"{count} answers cut off at max_new_tokens (raise --max-new-tokens)"] if count else []
 
 
-def text_document(task: str, card: ModelCard | None, examples: Sequence[text.TextExample],
-                  answers: dict[int, TaskResponse], scores: Sequence[text.TextScore],
-                  failures: Sequence[Failure]) -> dict[str, Any]:
-    return {"task": task, **_model(card), **text.summary(task, scores),
+def text_document(task: str, card: ModelCard | None, adapter: str | None,
+                  examples: Sequence[text.TextExample], answers: dict[int, TaskResponse],
+                  scores: Sequence[text.TextScore], failures: Sequence[Failure]) -> dict[str, Any]:
+    return {"task": task, **_model(card, adapter), **text.summary(task, scores),
             "normalisation": f"answers and accepted answers {text.NORMALISATION[task]}",
             "images": len(examples), "requests": len(examples), "answered": len(answers),
             "failed": len(failures),
