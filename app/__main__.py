@@ -28,6 +28,28 @@ from app.settings import SettingsError, load_settings, removed_variables
 # Seconds between the drain deadline and the process's exit at most: answers already decided are sent.
 EXIT_GRACE_S = 3
 
+# Import-time noise of optional libraries, not about this server: transformers imports torchao whenever it
+# is installed (the `quantization` extra), and torchao then tries its kernels built for particular CUDA
+# architectures, logging a warning for each one this host cannot load, and registers enums that torch's
+# pytree calls deprecated; both happen at every start, whatever PALIGEMMA_QUANTIZATION says. A quantized
+# layer that cannot run fails loudly when it is built (app.model.quantization).
+IMPORT_NOISE = {"torchao": "Failed to load ",
+                "torch.utils._pytree": "is an Enum subclass and is now natively supported"}
+
+
+class _Drop(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def quiet_import_noise() -> None:
+    for name, text in IMPORT_NOISE.items():
+        logging.getLogger(name).addFilter(_Drop(text))
+
 
 class DrainingServer(uvicorn.Server):
     """uvicorn, but the first exit signal drains the service before the sockets close."""
@@ -89,6 +111,7 @@ def main(runner_factory: RunnerFactory | None = None) -> None:
         sys.exit(2)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_import_noise()
     for line in removed_variables(os.environ):
         logging.getLogger("app").warning(line)
     from app.main import create_app
