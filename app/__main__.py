@@ -101,6 +101,7 @@ def main(runner_factory: RunnerFactory | None = None) -> None:
     """Serve until a signal; `runner_factory` replaces the engine's model side (fault-injection tests).
     `paligemma-server plan ...` prints a memory plan instead (app.plan)."""
     if sys.argv[1:2] == ["plan"]:
+        quiet_import_noise()
         from app.plan import main as plan
 
         sys.exit(plan(sys.argv[2:]))

@@ -72,3 +72,15 @@ def test_the_plan_command_as_a_process():
     assert result.returncode == 0, result.stderr[-2000:]
     document = json.loads(result.stdout)
     assert document["fits"] is True and document["image_tokens"] == 1024
+    assert document["adapter_slots"] == 0 and document["adapter_bytes"] == 0  # none configured
+    assert "Failed to load" not in result.stderr  # optional libraries' import noise (app.__main__)
+    # Adapters configured in the environment: their slots are counted, and leave fewer KV cache rows.
+    with_adapters = subprocess.run(
+        [sys.executable, "-m", "app", "plan", "--model", "google/paligemma2-3b-mix-448", "--memory", "16GiB",
+         "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PALIGEMMA_ADAPTER_ROOT": str(ROOT),
+             "PALIGEMMA_MAX_ADAPTERS": "4", "PALIGEMMA_MAX_LORA_RANK": "64"})
+    assert with_adapters.returncode == 0, with_adapters.stderr[-2000:]
+    counted = json.loads(with_adapters.stdout)
+    assert counted["adapter_slots"] == 5 and counted["adapter_bytes"] > 2**30
+    assert counted["rows_that_fit"] < document["rows_that_fit"]
