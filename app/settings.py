@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     max_lora_rank: int = Field(16, ge=1, le=1024, description="Highest adapter rank the slots hold.")
     lora_dtype: Literal["auto", "float32"] = Field(
         "auto", description="Adapter weights and deltas: auto (the model's dtype; fewest kernels on a "
-                            "GPU) or float32 (PEFT's own computation, exact to it on a 16-bit model).",
+                            "GPU) or float32 (PEFT's default: float32 deltas rounded once into the output).",
     )
 
     # Generation.
