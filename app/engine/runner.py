@@ -160,7 +160,8 @@ class ModelStepRunner:
         return tensor.to(self.device, dtype)
 
     def _route(self, slots: list[int]) -> None:
-        """Each batch item's adapter slot, for the next eager prefill or vision forward."""
+        """Each batch item's adapter slot, for the next eager forward other than a decode step's (a
+        prefill, the vision tower, one row decoded alone)."""
         if self.adapters is not None:
             self.adapters.route(slots, self._prefill_form)
 
