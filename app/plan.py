@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers import PaliGemmaConfig
 
+from app.adapters.bank import slot_dtype
 from app.engine.memory_plan import MemoryPlan, PlanRequest, plan
 from app.lifecycle import StartupError
 from app.model.checkpoints import OFFICIAL_IDS, architecture
@@ -70,7 +71,7 @@ def plan_for(settings: Settings, dtype: torch.dtype, memory: int | None, device_
                           memory_bytes=memory, device_type=device_type,
                           adapter_slots=settings.max_adapters + 1 if settings.adapters_enabled else 0,
                           lora_rank=settings.max_lora_rank,
-                          lora_dtype=torch.float32 if settings.lora_dtype == "float32" else None)
+                          lora_dtype=slot_dtype(settings.lora_dtype, dtype))
     return plan(settings.model, config, request)
 
 

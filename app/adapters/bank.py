@@ -54,6 +54,11 @@ class StagedAdapter:
     vision: bool
 
 
+def slot_dtype(setting: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The stacked weights' dtype for PALIGEMMA_LORA_DTYPE: float32, or (auto) the model's."""
+    return torch.float32 if setting == "float32" else model_dtype
+
+
 def wrappable(name: str, module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and name.startswith(LANGUAGE_PREFIXES + VISION_PREFIXES)
 

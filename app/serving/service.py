@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from app.adapters.bank import AdapterBank
+from app.adapters.bank import AdapterBank, slot_dtype
 from app.engine.core import StepRunner
 from app.engine.faults import is_out_of_memory, is_unrecoverable
 from app.engine.front import Completion, EngineConfig, EngineFront, EngineRequest, TokenCallback
@@ -71,8 +71,8 @@ def set_up_adapters(settings: Settings, loaded: LoadedModel) -> AdapterRegistry:
     from app.adapters.folder import AdapterInvalid
     from app.adapters.registry import AdapterRegistry
 
-    dtype = torch.float32 if settings.lora_dtype == "float32" else loaded.dtype
-    bank = AdapterBank(loaded.model, settings.max_adapters, settings.max_lora_rank, loaded.device, dtype)
+    bank = AdapterBank(loaded.model, settings.max_adapters, settings.max_lora_rank, loaded.device,
+                       slot_dtype(settings.lora_dtype, loaded.dtype))
     logger.info("LoRA adapters: %s", bank.describe())
     registry = AdapterRegistry(bank, loaded.name, loaded.model.config, settings.adapter_root)
     for name, path in settings.adapters:
