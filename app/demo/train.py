@@ -9,8 +9,10 @@
    - Loc tokens are 1024 ordered bins, so their targets are soft: a Gaussian of `loc_sigma` bins around
      the true bin (a neighbour bin is almost right, a far one wrong), and their embeddings start as a
      smooth sinusoidal code of the bin so that neighbours start out alike.
-   - AdamW, linear warm-up then cosine decay, gradient clipping; deterministic from the seed (the same
-     batches, the same initial weights; CPU kernels with the same thread count).
+   - AdamW, linear warm-up then cosine decay, gradient clipping. The seed fixes the batches and the
+     initial weights; the CPU kernels are not bit-reproducible (the mask VQ-VAE's loss differs between
+     two runs of the same seed within 100 steps), so a rerun does not give the shipped weights bit for
+     bit, and its scores may differ (docs/demo.md, "Longer schedules, tried").
 3. `save_pretrained` (safetensors, model + processor) into the output directory with the decoder beside it.
 
 The run logs every task's loss, and a quick held-out evaluation now and then (`evaluate`).

@@ -6,6 +6,7 @@ So the docs cannot drift from what the server does."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
@@ -13,7 +14,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests.served import served
 
@@ -132,3 +136,24 @@ def test_each_example_prints_what_the_docs_show(request, command, documented, mo
     assert normalised(run.stdout.strip()) == normalised(documented)
     if model == "demo":
         assert same_answer(json.loads(run.stdout), json.loads(documented)), run.stdout
+
+
+# The README's picture of the demo block's segment answer, as the server draws it (`Accept: image/png`).
+DEMO_PICTURE = ROOT / "docs" / "demo-segment.png"
+
+
+def test_the_readme_picture_is_what_the_demo_server_draws(demo_server):
+    assert f"]({DEMO_PICTURE.relative_to(ROOT)})" in README.read_text()
+    [command] = [c for c, _, model in examples((README,)) if model == "demo" and "/v1/segment" in c]
+    image = re.search(r"image=@(\S+)", command).group(1)  # type: ignore[union-attr]
+    objects = re.search(r'"objects=([^"]+)"', command).group(1)  # type: ignore[union-attr]
+    response = httpx.post(f"{demo_server.url}/v1/segment", headers={"Accept": "image/png"}, timeout=60,
+                          files={"image": (image, (ROOT / image).read_bytes(), "image/png")},
+                          data={"objects": objects})
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    drawn = np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB"), dtype=np.int16)
+    shown = np.asarray(Image.open(DEMO_PICTURE).convert("RGB"), dtype=np.int16)
+    assert drawn.shape == shown.shape
+    # A box edge or a mask's edge pixel may move by one between CPUs (as the boxes above, to a pixel).
+    differing = (np.abs(drawn - shown).max(axis=2) > 8).mean()
+    assert differing < 0.02, differing
