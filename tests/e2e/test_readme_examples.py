@@ -145,8 +145,8 @@ DEMO_PICTURE = ROOT / "docs" / "demo-segment.png"
 def test_the_readme_picture_is_what_the_demo_server_draws(demo_server):
     assert f"]({DEMO_PICTURE.relative_to(ROOT)})" in README.read_text()
     [command] = [c for c, _, model in examples((README,)) if model == "demo" and "/v1/segment" in c]
-    image = re.search(r"image=@(\S+)", command).group(1)  # type: ignore[union-attr]
-    objects = re.search(r'"objects=([^"]+)"', command).group(1)  # type: ignore[union-attr]
+    image = re.search(r"image=@(\S+)", command).group(1)
+    objects = re.search(r'"objects=([^"]+)"', command).group(1)
     response = httpx.post(f"{demo_server.url}/v1/segment", headers={"Accept": "image/png"}, timeout=60,
                           files={"image": (image, (ROOT / image).read_bytes(), "image/png")},
                           data={"objects": objects})
