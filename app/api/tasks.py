@@ -48,6 +48,14 @@ _STREAMABLE: dict[int | str, dict[str, Any]] = {
     200: {"content": {EVENT_STREAM: {}},
           "description": "JSON; with `stream`, server-sent events: `delta` events, then one `result` event."},
 }
+# Detect and segment also answer a PNG: one 200 entry lists every content type (a dict merge of the two
+# would keep only the last 200).
+_LOCATING: dict[int | str, dict[str, Any]] = {
+    **annotate.RESPONSES,
+    200: {"content": {EVENT_STREAM: {}, annotate.PNG: {}},
+          "description": "JSON; with `stream`, server-sent events: `delta` events, then one `result` event; "
+                         "with `Accept: image/png` or `render=true`, the image with the results drawn."},
+}
 
 class ClientDisconnected(Exception):
     pass
@@ -179,7 +187,7 @@ async def ocr(request: Request, service: ServiceDep) -> Any:
 
 
 @router.post("/detect", response_model=DetectResponse, summary="Detect objects: boxes in pixels",
-             responses={**_STREAMABLE, **annotate.RESPONSES}, openapi_extra=request_body_doc(DetectBody))
+             responses=_LOCATING, openapi_extra=request_body_doc(DetectBody))
 async def detect(request: Request, service: ServiceDep) -> Any:
     return await _locate(request, service, Task.DETECT, DetectBody, lambda result: DetectResponse(
         detections=[convert.detection(o) for o in result.objects or []], dropped=result.dropped_objects,
@@ -187,7 +195,7 @@ async def detect(request: Request, service: ServiceDep) -> Any:
 
 
 @router.post("/segment", response_model=SegmentResponse, summary="Segment objects: boxes and masks",
-             responses={**_STREAMABLE, **annotate.RESPONSES}, openapi_extra=request_body_doc(SegmentBody))
+             responses=_LOCATING, openapi_extra=request_body_doc(SegmentBody))
 async def segment(request: Request, service: ServiceDep) -> Any:
     return await _locate(request, service, Task.SEGMENT, SegmentBody, lambda result: SegmentResponse(
         segments=[convert.segment(o) for o in result.objects or []], dropped=result.dropped_objects,
