@@ -7,6 +7,8 @@ itself is `app.api.render`.
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
@@ -18,7 +20,7 @@ from app.serving.service import InferenceService
 
 PNG = "image/png"
 
-RESPONSES: dict[int | str, dict[str, object]] = {
+RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {PNG: {}},
           "description": "JSON; or, with `Accept: image/png` or `render=true`, the image with the results "
                          "drawn."},

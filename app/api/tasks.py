@@ -48,11 +48,11 @@ _STREAMABLE: dict[int | str, dict[str, Any]] = {
     200: {"content": {EVENT_STREAM: {}},
           "description": "JSON; with `stream`, server-sent events: `delta` events, then one `result` event."},
 }
-# Detect and segment also answer a PNG: one 200 entry lists every content type (a dict merge of the two
-# would keep only the last 200).
+# Detect and segment also answer a PNG: one 200 entry lists both content types (a dict merge of the two
+# response maps would keep only the last 200).
 _LOCATING: dict[int | str, dict[str, Any]] = {
     **annotate.RESPONSES,
-    200: {"content": {EVENT_STREAM: {}, annotate.PNG: {}},
+    200: {"content": {**_STREAMABLE[200]["content"], **annotate.RESPONSES[200]["content"]},
           "description": "JSON; with `stream`, server-sent events: `delta` events, then one `result` event; "
                          "with `Accept: image/png` or `render=true`, the image with the results drawn."},
 }
