@@ -19,8 +19,10 @@ from PIL import Image
 
 from app.demo.answers import MaskCodes
 from app.demo.examples import Example, examples
-from app.demo.probe import ProbeTargets, targets
-from app.demo.world import generate_scene, render, scene_rng
+from app.demo.pointing import patch_shares
+from app.demo.probe import ProbeTargets, targets, word_ink
+from app.demo.world import Scene, generate_scene, object_mask, render, scene_rng
+from app.model import presets
 from app.model.inputs import ImageTransform, PromptEncoder
 
 TRAIN_STREAM = 1
@@ -61,6 +63,11 @@ class Rows:
     loss_positions: torch.Tensor
     targets: torch.Tensor
     tasks: list[str]  # per target token, for per-task losses
+    # Where the answer is about a part of the image (app.demo.pointing): the positions that predict an
+    # object's loc / seg tokens or the word's letters, and the share of that part's pixels in each patch.
+    point_rows: torch.Tensor
+    point_positions: torch.Tensor
+    point_targets: torch.Tensor  # (points, image tokens)
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,8 @@ class BatchMaker:
         self._tokenizer = tokenizer
         self.pad_id = int(tokenizer.pad_token_id)
         self.eos_id = int(tokenizer.eos_token_id)
+        self.loc_ids = set(tokenizer.convert_tokens_to_ids(list(presets.LOC_TOKENS)))
+        self.seg_ids = set(tokenizer.convert_tokens_to_ids(list(presets.SEG_TOKENS)))
 
     def target_ids(self, text: str) -> list[int]:
         return [*self._tokenizer(text, add_special_tokens=False)["input_ids"], self.eos_id]
@@ -111,8 +120,16 @@ class BatchMaker:
                 image = as_sent(image, rng)
             pixels.append(self.transform(image))
             probe.append(targets(scene, self.grid))
-            rows += [(i, ex) for ex in examples(scene, self.prompts, rng, self.codes)]
+            rows += [(i, ex, self.regions(scene, ex))
+                     for ex in examples(scene, self.prompts, rng, self.codes)]
         return replace(self.collate(torch.stack(pixels), rows), probe=probe)
+
+    def regions(self, scene: Scene, example: Example) -> list[np.ndarray]:
+        """Per patch, the share of each part of the image the answer is about: the objects of a detect /
+        segment answer in its order, or the word an OCR answer reads."""
+        if example.task == "ocr" and scene.word is not None:
+            return [patch_shares(word_ink(scene) > 0, self.grid)]
+        return [patch_shares(object_mask(obj), self.grid) for obj in example.objects]
 
     def images_only(self, step: int, count: int) -> tuple[torch.Tensor, list[ProbeTargets]]:
         """Images and probe targets of their own stream (the vision tower's warm-up, app.demo.train)."""
@@ -125,21 +142,37 @@ class BatchMaker:
             probe.append(targets(scene, self.grid))
         return torch.stack(pixels), probe
 
-    def collate(self, pixel_values: torch.Tensor, rows: list[tuple[int, Example]],
+    def collate(self, pixel_values: torch.Tensor, rows: list[tuple[int, Example, list[np.ndarray]]],
                 group_rows: int = 16) -> Batch:
-        encoded = [(i, ex.task, self.encoder.encode(ex.prefix), self.target_ids(ex.target)) for i, ex in rows]
+        encoded = [(i, ex.task, self.encoder.encode(ex.prefix), self.target_ids(ex.target), regions)
+                   for i, ex, regions in rows]
         encoded.sort(key=lambda row: len(row[2]) + len(row[3]))
         groups = [self._rows(encoded[s:s + group_rows]) for s in range(0, len(encoded), group_rows)]
         return Batch(pixel_values=pixel_values, groups=groups)
 
-    def _rows(self, encoded: list[tuple[int, str, list[int], list[int]]]) -> Rows:
-        length = max(len(p) + len(t) for _, _, p, t in encoded)
+    def _points(self, task: str, target: list[int], regions: list[np.ndarray]
+                ) -> list[tuple[int, np.ndarray]]:
+        """(index in the target, region) of the target tokens that are about a region: an object's loc and
+        seg tokens (its four locs start it), every letter of the word."""
+        if task == "ocr":
+            return [(j, regions[0]) for j in range(len(target) - 1)] if regions else []
+        points, locs = [], 0
+        for j, token in enumerate(target):
+            if token in self.loc_ids:
+                locs += 1
+            if token in self.loc_ids or token in self.seg_ids:
+                points.append((j, regions[(locs - 1) // 4]))
+        return points
+
+    def _rows(self, encoded: list[tuple[int, str, list[int], list[int], list[np.ndarray]]]) -> Rows:
+        length = max(len(p) + len(t) for _, _, p, t, _ in encoded)
         count = len(encoded)
         input_ids = torch.full((count, length), self.pad_id, dtype=torch.long)
         attention = torch.zeros((count, length), dtype=torch.long)
         types = torch.ones((count, length), dtype=torch.long)
         loss_rows, loss_positions, targets, tasks = [], [], [], []
-        for r, (_, task, prompt, target) in enumerate(encoded):
+        point_rows, point_positions, point_targets = [], [], []
+        for r, (_, task, prompt, target, regions) in enumerate(encoded):
             ids = prompt + target
             input_ids[r, :len(ids)] = torch.tensor(ids)
             attention[r, :len(ids)] = 1
@@ -149,8 +182,13 @@ class BatchMaker:
                 loss_positions.append(len(prompt) + j - 1)
                 targets.append(token)
                 tasks.append(task)
+            for j, region in self._points(task, target, regions):
+                point_rows.append(r)
+                point_positions.append(len(prompt) + j - 1)
+                point_targets.append(region)
+        patches = self.grid * self.grid
         return Rows(
-            image_index=torch.tensor([i for i, _, _, _ in encoded]),
+            image_index=torch.tensor([i for i, _, _, _, _ in encoded]),
             input_ids=input_ids,
             attention_mask=attention,
             token_type_ids=types,
@@ -158,4 +196,8 @@ class BatchMaker:
             loss_positions=torch.tensor(loss_positions),
             targets=torch.tensor(targets),
             tasks=tasks,
+            point_rows=torch.tensor(point_rows, dtype=torch.long),
+            point_positions=torch.tensor(point_positions, dtype=torch.long),
+            point_targets=torch.from_numpy(np.stack(point_targets)) if point_targets
+            else torch.zeros((0, patches)),
         )

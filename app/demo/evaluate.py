@@ -19,7 +19,7 @@ from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
 from app.demo import MASK_DECODER_FILE, WEIGHTS_DIR, answers
 from app.demo.batches import as_sent
-from app.demo.scoring import Tally, best_iou, mask_iou
+from app.demo.scoring import Tally, best_iou, box_iou, edge_errors, mask_iou
 from app.demo.world import (
     CANVAS,
     SHAPES,
@@ -124,6 +124,9 @@ def in_process(model: PaliGemmaForConditionalGeneration, processor: PaliGemmaPro
             boxes = [tuple(o.box.to_pixels(width, height).__dict__.values()) for o in parsed]
             if task == "detect":
                 tally.detect_ious.append(best_iou(truth, boxes))
+                if boxes:
+                    best = max(boxes, key=lambda box: box_iou(truth, box))
+                    tally.edge_errors.append(edge_errors(truth, best, CANVAS / width, CANVAS / height))
                 continue
             usable = [o for o in parsed if o.mask_tokens is not None and o.mask_problem is None]
             predicted = None

@@ -15,7 +15,7 @@ import numpy as np
 
 from app.demo import answers
 from app.demo.answers import MaskCodes
-from app.demo.world import COLORS, SHAPES, Scene
+from app.demo.world import COLORS, SHAPES, Scene, SceneObject
 
 KINDS = tuple(f"{color} {shape}" for color in COLORS for shape in SHAPES)
 
@@ -28,6 +28,7 @@ class Example:
     task: str
     prefix: str
     target: str
+    objects: tuple[SceneObject, ...] = ()  # detect / segment: whose boxes the target gives, in its order
 
 
 def _queries(scene: Scene, rng: np.random.Generator) -> list[str]:
@@ -69,13 +70,20 @@ def _vqa(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
     return answers.presence_question(color, shape), answers.presence_answer(scene, color, shape)
 
 
+def _answered(scene: Scene, queries: list[str]) -> tuple[SceneObject, ...]:
+    """The objects of a detect / segment answer, in the order `answers.detect_answer` writes them."""
+    return tuple(obj for query in queries for obj in answers.matches(scene, query))
+
+
 def example(scene: Scene, task: str, rng: np.random.Generator, codes: MaskCodes) -> Example:
     if task == "detect":
         queries = _queries(scene, rng)
-        return Example(task, answers.detect_prompt(queries), answers.detect_answer(scene, queries))
+        return Example(task, answers.detect_prompt(queries), answers.detect_answer(scene, queries),
+                       _answered(scene, queries))
     if task == "segment":
         queries = _queries(scene, rng)
-        return Example(task, answers.segment_prompt(queries), answers.segment_answer(scene, queries, codes))
+        return Example(task, answers.segment_prompt(queries), answers.segment_answer(scene, queries, codes),
+                       _answered(scene, queries))
     if task == "caption":
         return Example(task, answers.caption_prompt(), answers.caption(scene))
     if task == "vqa":

@@ -57,7 +57,7 @@ def _patch_sums(values: np.ndarray, grid: int) -> np.ndarray:
     return values.reshape(grid, cell, grid, cell).sum(axis=(1, 3)).reshape(-1) / (cell * cell) * _SCALE
 
 
-def _word_ink(scene: Scene) -> np.ndarray:
+def word_ink(scene: Scene) -> np.ndarray:
     image = Image.new("L", (CANVAS, CANVAS), 0)
     assert scene.word is not None
     ImageDraw.Draw(image).text((scene.word.x, scene.word.y), scene.word.text, font=font(scene.word.font_size),
@@ -73,7 +73,7 @@ def targets(scene: Scene, grid: int) -> ProbeTargets:
     moments = np.zeros((grid * grid, len(KINDS), MOMENTS), dtype=np.float32)
     word = np.zeros((grid * grid, len(WORDS) + 1), dtype=np.float32)
     if scene.word is not None:
-        ink = _word_ink(scene)
+        ink = word_ink(scene)
         classes[ink[np.ix_(centres, centres)] > 0] = WORD_CLASS
         word[:, WORDS.index(scene.word.text) + 1] = _patch_sums(ink, grid)
     for obj in scene.objects:

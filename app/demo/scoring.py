@@ -1,7 +1,9 @@
 """How the demo's answers are scored against a scene: the targets of docs/demo.md. Pure numpy.
 
 Detect: an object is found when some returned box has IoU >= 0.5 with its tight box; the mean of every
-object's best IoU (0 when nothing came back) is the second number. Segment: the IoU of the returned
+object's best IoU (0 when nothing came back) is the second number; where the boxes miss is told by the
+median error of their vertical edges (x) and of their horizontal ones (y), in pixels of the 224 px canvas,
+of each object's best box. Segment: the IoU of the returned
 whole-image mask with the drawn shape's pixels. Caption, VQA and OCR: exact match.
 """
 
@@ -30,6 +32,14 @@ def best_iou(truth: BoxXYXY, predicted: Sequence[BoxXYXY]) -> float:
     return max((box_iou(truth, p) for p in predicted), default=0.0)
 
 
+def edge_errors(truth: BoxXYXY, predicted: BoxXYXY, x_scale: float = 1.0, y_scale: float = 1.0
+                ) -> tuple[float, float]:
+    """Mean absolute error of the x edges (x_min, x_max) times `x_scale`, and of the y edges times
+    `y_scale` (to bring an image of another size to the canvas's pixels)."""
+    return (x_scale * (abs(predicted[0] - truth[0]) + abs(predicted[2] - truth[2])) / 2,
+            y_scale * (abs(predicted[1] - truth[1]) + abs(predicted[3] - truth[3])) / 2)
+
+
 def mask_iou(truth: np.ndarray, predicted: np.ndarray | None) -> float:
     if predicted is None:
         return 0.0
@@ -42,6 +52,7 @@ class Tally:
     """Running scores; `summary()` gives the numbers the targets are stated in."""
 
     detect_ious: list[float] = field(default_factory=list)
+    edge_errors: list[tuple[float, float]] = field(default_factory=list)  # (x, y) of each best box
     mask_ious: list[float] = field(default_factory=list)
     exact: dict[str, list[bool]] = field(default_factory=dict)
 
@@ -54,6 +65,9 @@ class Tally:
             ious = np.array(self.detect_ious)
             out["detect_found"] = round(float((ious >= FOUND_IOU).mean()), 4)
             out["detect_mean_iou"] = round(float(ious.mean()), 4)
+        if self.edge_errors:
+            x, y = np.median(np.array(self.edge_errors), axis=0)
+            out["detect_x_error_px"], out["detect_y_error_px"] = round(float(x), 1), round(float(y), 1)
         if self.mask_ious:
             out["segment_mean_mask_iou"] = round(float(np.mean(self.mask_ious)), 4)
         for task, hits in sorted(self.exact.items()):

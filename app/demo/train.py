@@ -9,6 +9,10 @@
    - Loc tokens are 1024 ordered bins, so their targets are soft: a Gaussian of `loc_sigma` bins around
      the true bin (a neighbour bin is almost right, a far one wrong), and their embeddings start as a
      smooth sinusoidal code of the bin so that neighbours start out alike.
+   - Two training-only targets beside the answers' tokens (neither is part of the checkpoint): a probe
+     asks every image token what its patch holds (`probe`), and `pointing` asks one attention head of the
+     language model to look, wherever the answer writes an object's box or mask (or reads the word), at
+     that object's image tokens (off by default: docs/demo.md, "An attention target, tried").
    - AdamW, linear warm-up then cosine decay, gradient clipping. The seed fixes the batches and the
      initial weights; the CPU kernels are not bit-reproducible (the mask VQ-VAE's loss differs between
      two runs of the same seed within 100 steps), so a rerun does not give the shipped weights bit for
@@ -45,6 +49,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from app.demo import MASK_DECODER_FILE, WEIGHTS_DIR
 from app.demo.batches import Batch, BatchMaker
 from app.demo.mask_vqvae import MaskTokenizer, save_npz, train_mask_vqvae
+from app.demo.pointing import AttentionPointer
 from app.demo.probe import VisionProbe
 from app.model import presets
 from app.model.inputs import ImageTransform, PromptEncoder
@@ -91,6 +96,8 @@ class TrainConfig:
     weights_dtype: str = "float16"
     autocast: bool = True  # bfloat16 matmuls (see batch_logits)
     probe_weight: float = 1.0  # the vision probe's loss (app.demo.probe) beside the model's
+    pointing_weight: float = 0.0  # the attention target of app.demo.pointing (0: off)
+    pointing_layer: int = -1  # the language model layer whose first head it trains
     vision_steps: int = 600  # the vision tower alone on the probe first
     single_object_steps: int = 0  # scenes of one object only at first
     vision_images: int = 32
@@ -158,22 +165,32 @@ class Objective:
         return losses
 
 
-def batch_logits(model: PaliGemmaForConditionalGeneration, batch: Batch, autocast: bool = True
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits at the loss positions of every group, in `batch.targets` order, and the image features the
-    language model reads (for the probe); the vision tower runs once per image for all its rows. Matmuls in
-    bfloat16
-    under autocast (2.5x faster on CPUs with AVX512-BF16), the logits and the loss in float32."""
+def batch_logits(model: PaliGemmaForConditionalGeneration, batch: Batch, autocast: bool = True,
+                 pointer: AttentionPointer | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits at the loss positions of every group, in `batch.targets` order, the image features the
+    language model reads (for the probe), and the pointing loss (app.demo.pointing) when a pointer is
+    given, by trained position; the vision tower runs once per image for all its rows. Matmuls in bfloat16
+    under autocast (2.5x faster on CPUs with AVX512-BF16), the logits and the losses in float32."""
+    pointing, points = torch.zeros(()), 0
+    if pointer is not None:
+        pointer.inputs.clear()  # what other forward passes (a quick evaluation) left
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         vision = model.model.get_image_features(batch.pixel_values)
+        image_tokens = vision.pooler_output.shape[1]
         hidden = []
-        for rows in batch.groups:
+        for call, rows in enumerate(batch.groups):
             image = BaseModelOutputWithPooling(pooler_output=vision.pooler_output[rows.image_index])
             states = model.model(input_ids=rows.input_ids, attention_mask=rows.attention_mask,
                                  token_type_ids=rows.token_type_ids, mm_encoder_outputs={"image": image},
                                  use_cache=False).last_hidden_state
             hidden.append(states[rows.loss_rows, rows.loss_positions])
-    return model.lm_head(torch.cat(hidden).float()), vision.pooler_output
+            if pointer is not None and len(rows.point_rows):
+                pointing = pointing + pointer.loss(call, rows.point_rows, rows.point_positions, image_tokens,
+                                                   rows.point_targets)
+                points += len(rows.point_rows)
+    if pointer is not None:
+        pointer.inputs.clear()
+    return model.lm_head(torch.cat(hidden).float()), vision.pooler_output, pointing / max(points, 1)
 
 
 def _pretrain_vision(model: PaliGemmaForConditionalGeneration, probe: VisionProbe, maker: BatchMaker,
@@ -218,6 +235,7 @@ def train_model(config: TrainConfig, codes: MaskTokenizer, evaluate_every=None,
     objective = Objective(loc_ids(processor), config.loc_sigma, config.loc_peak)
     probe = VisionProbe(model.config.text_config.hidden_size)  # type: ignore[union-attr]
     _pretrain_vision(model, probe, maker, config)
+    pointer = AttentionPointer(model, config.pointing_layer) if config.pointing_weight else None
     named = [*model.named_parameters(), *probe.named_parameters()]
     decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
     rest = [p for n, p in named if not (p.dim() >= 2 and "embed" not in n)]
@@ -228,15 +246,16 @@ def train_model(config: TrainConfig, codes: MaskTokenizer, evaluate_every=None,
     window: dict[str, list[float]] = defaultdict(list)
     loc_errors: list[float] = []  # mean distance in bins of the argmax from the true bin
     probe_losses: list[float] = []
+    pointing_losses: list[float] = []
     started = time.perf_counter()
     for step in range(config.steps):
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(config, step)
         batch = maker.batch(step, 1 if step < config.single_object_steps else 3)
-        logits, patches = batch_logits(model, batch, config.autocast)
+        logits, patches, pointing_loss = batch_logits(model, batch, config.autocast, pointer)
         token_losses = objective.token_losses(logits, batch.targets)
         probe_loss = probe.loss(patches, batch.probe) if config.probe_weight else torch.zeros(())
-        loss = token_losses.mean() + config.probe_weight * probe_loss
+        loss = token_losses.mean() + config.probe_weight * probe_loss + config.pointing_weight * pointing_loss
         is_loc = objective.is_loc(batch.targets)
         if bool(is_loc.any()):
             guessed = logits[is_loc, objective.first:objective.end].argmax(-1)
@@ -248,20 +267,24 @@ def train_model(config: TrainConfig, codes: MaskTokenizer, evaluate_every=None,
         optimizer.step()
         losses.append(token_losses.mean().item())
         probe_losses.append(probe_loss.item())
+        pointing_losses.append(pointing_loss.item())
         for task, value in zip(batch.tasks, token_losses.detach().tolist(), strict=True):
             window[task].append(value)
         if (step + 1) % 50 == 0 or step + 1 == config.steps:
             per_task = " ".join(f"{t} {np.mean(v):.3f}" for t, v in sorted(window.items()))
             elapsed = time.perf_counter() - started
-            logger.info("step %d/%d loss %.4f (%s) loc error %.1f bins, probe %.3f, lr %.2e, %.0f s, "
-                        "%.2f s/step", step + 1, config.steps, np.mean(losses[-50:]), per_task,
+            logger.info("step %d/%d loss %.4f (%s) loc error %.1f bins, probe %.3f, pointing %.3f, lr %.2e, "
+                        "%.0f s, %.2f s/step", step + 1, config.steps, np.mean(losses[-50:]), per_task,
                         np.mean(loc_errors[-50:]), np.mean(probe_losses[-50:]),
+                        np.mean(pointing_losses[-50:]),
                         optimizer.param_groups[0]["lr"], elapsed, elapsed / (step + 1))
             window.clear()
         if evaluate_every is not None and config.eval_every and (step + 1) % config.eval_every == 0:
             model.eval()
             evaluate_every(model, processor, step + 1)
             model.train()
+    if pointer is not None:
+        pointer.remove()
     model.eval()
     return model, processor, losses
 

@@ -2,6 +2,7 @@
 shapes, and the caption/VQA/OCR jsonl files that `paligemma eval` reads."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,3 +79,20 @@ def test_jsonl_files_hold_the_answers_with_image_paths_relative_to_their_folder(
         assert set(q) == {"image", "question", "answers"} and not q["question"].startswith("answer en")
         assert q["answers"][0] in {"1", "2", "3", "yes", "no", "red", "green", "blue", "yellow"}
     assert {"yes", "no"} <= {q["answers"][0] for q in questions}
+
+
+def test_the_eval_commands_of_docs_demo_md_find_the_exported_files(dataset):
+    """docs/demo.md's `paligemma eval` lines, run on an export written to `heldout/`, name files that exist:
+    `--images` is the folder the COCO file's `file_name`s are relative to."""
+    page = (Path(__file__).parents[3] / "docs" / "demo.md").read_text()
+    commands = [line.split() for line in page.splitlines() if line.startswith("paligemma eval ")]
+    assert {c[2] for c in commands} == {"detect", "segment", "caption", "vqa", "ocr"}
+    coco = json.loads((dataset / "coco.json").read_text())
+    for words in commands:
+        options = dict(zip(words[3::2], words[4::2], strict=True))
+        local = {name: dataset / Path(value).relative_to("heldout") for name, value in options.items()}
+        if "--coco" in local:
+            assert local["--coco"] == dataset / "coco.json"
+            assert all((local["--images"] / image["file_name"]).is_file() for image in coco["images"])
+        else:
+            assert local["--jsonl"].is_file()
