@@ -28,13 +28,12 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.models.gemma.modeling_gemma import rotate_half
 
-from app.demo.world import CANVAS
+from app.demo.world import patch_sums
 
 
 def patch_shares(mask: np.ndarray, grid: int) -> np.ndarray:
     """The share of the mask's pixels in each patch of a `grid` x `grid` layout, row-major (sums to 1)."""
-    cell = CANVAS // grid
-    sums = mask.astype(np.float32).reshape(grid, cell, grid, cell).sum(axis=(1, 3)).reshape(-1)
+    sums = patch_sums(mask.astype(np.float32), grid)
     return sums / max(float(sums.sum()), 1.0)
 
 

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 from torch.nn import functional as F
 
-from app.demo.world import CANVAS, COLORS, SHAPES, WORDS, Scene, font, object_mask
+from app.demo.world import CANVAS, COLORS, SHAPES, WORDS, Scene, font, object_mask, patch_sums
 
 KINDS = [f"{color} {shape}" for color in COLORS for shape in SHAPES]
 WORD_CLASS = len(KINDS) + 1  # patch classes: 0 background, 1..12 the kinds, 13 the word
@@ -54,7 +54,7 @@ class ProbeTargets:
 
 def _patch_sums(values: np.ndarray, grid: int) -> np.ndarray:
     cell = CANVAS // grid
-    return values.reshape(grid, cell, grid, cell).sum(axis=(1, 3)).reshape(-1) / (cell * cell) * _SCALE
+    return patch_sums(values, grid) / (cell * cell) * _SCALE
 
 
 def word_ink(scene: Scene) -> np.ndarray:

@@ -3,8 +3,8 @@
 Detect: an object is found when some returned box has IoU >= 0.5 with its tight box; the mean of every
 object's best IoU (0 when nothing came back) is the second number; where the boxes miss is told by the
 median error of their vertical edges (x) and of their horizontal ones (y), in pixels of the 224 px canvas,
-of each object's best box. Segment: the IoU of the returned
-whole-image mask with the drawn shape's pixels. Caption, VQA and OCR: exact match.
+of each object's best box. Segment: the IoU of the returned whole-image mask with the drawn shape's
+pixels. Caption, VQA and OCR: exact match.
 """
 
 from __future__ import annotations

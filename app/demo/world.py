@@ -179,3 +179,10 @@ def tight_box(obj: SceneObject) -> tuple[int, int, int, int]:
     """The box of the object's pixels (x_min, y_min, x_max, y_max), end-exclusive, on the canvas.
     Every shape covers its whole bounding square's extent, so this is the square plus its last pixel."""
     return (obj.x, obj.y, obj.x + obj.size + 1, obj.y + obj.size + 1)
+
+
+def patch_sums(values: np.ndarray, grid: int) -> np.ndarray:
+    """Sums of a canvas-sized array over the patches of a `grid` x `grid` layout, row-major as the vision
+    tower orders its image tokens."""
+    cell = CANVAS // grid
+    return values.reshape(grid, cell, grid, cell).sum(axis=(1, 3)).reshape(-1)
