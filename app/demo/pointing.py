@@ -38,8 +38,8 @@ def patch_shares(mask: np.ndarray, grid: int) -> np.ndarray:
 
 
 class AttentionPointer:
-    """Keeps the input of one attention layer of the language model while the model runs, and scores one
-    of its heads against where it should look."""
+    """Keeps the input of one attention layer of the language model while the model runs in training mode
+    (not while a quick evaluation generates), and scores one of its heads against where it should look."""
 
     def __init__(self, model: nn.Module, layer: int = -1, head: int = 0) -> None:
         self.attention = model.model.language_model.layers[layer].self_attn  # type: ignore[union-attr,index]
@@ -49,6 +49,8 @@ class AttentionPointer:
         self._handle = self.attention.register_forward_pre_hook(self._keep, with_kwargs=True)
 
     def _keep(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not module.training:
+            return
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         self.inputs.append((hidden, kwargs["position_embeddings"]))
 

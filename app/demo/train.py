@@ -172,8 +172,6 @@ def batch_logits(model: PaliGemmaForConditionalGeneration, batch: Batch, autocas
     given, by trained position; the vision tower runs once per image for all its rows. Matmuls in bfloat16
     under autocast (2.5x faster on CPUs with AVX512-BF16), the logits and the losses in float32."""
     pointing, points = torch.zeros(()), 0
-    if pointer is not None:
-        pointer.inputs.clear()  # what other forward passes (a quick evaluation) left
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         vision = model.model.get_image_features(batch.pixel_values)
         image_tokens = vision.pooler_output.shape[1]

@@ -131,3 +131,22 @@ def test_the_training_loop_adds_the_pointing_loss_when_asked(codes, caplog):
     [logged] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step 2/2")]
     assert float(logged.split("pointing ")[1].split(",")[0]) > 1.0  # about log(64) at the start
     assert not model.model.language_model.layers[-1].self_attn._forward_pre_hooks  # the hook is gone
+
+
+def test_forward_passes_in_eval_mode_are_not_kept(codes):
+    model, processor = build("demo", seed=2)
+    batch = _maker(processor, codes, images=1, prompts=2).batch(0)
+    rows = batch.groups[0]
+    pointer = AttentionPointer(model)
+    image = BaseModelOutputWithPooling(
+        pooler_output=model.model.get_image_features(batch.pixel_values).pooler_output[rows.image_index])
+    inputs = {"input_ids": rows.input_ids, "attention_mask": rows.attention_mask,
+              "token_type_ids": rows.token_type_ids, "mm_encoder_outputs": {"image": image}, "use_cache": False}
+    with torch.no_grad():
+        model.eval()
+        model.model(**inputs)  # as a quick evaluation's generation does
+        assert pointer.inputs == []
+        model.train()
+        model.model(**inputs)
+    assert len(pointer.inputs) == 1
+    pointer.remove()
