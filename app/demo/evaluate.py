@@ -19,7 +19,7 @@ from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
 from app.demo import MASK_DECODER_FILE, WEIGHTS_DIR, answers
 from app.demo.batches import as_sent
-from app.demo.scoring import Tally, best_iou, box_iou, edge_errors, mask_iou
+from app.demo.scoring import Tally, best_iou, box_iou, caption_mistake, detect_outcome, edge_errors, mask_iou
 from app.demo.world import (
     CANVAS,
     SHAPES,
@@ -116,7 +116,7 @@ def in_process(model: PaliGemmaForConditionalGeneration, processor: PaliGemmaPro
         pairs.append((image, answers.ocr_prompt()))
         checks.append(("ocr", scene, answers.ocr_answer(scene), image))
     tally = Tally()
-    for text, (task, _scene, what, image) in zip(answer(pairs), checks, strict=True):
+    for text, (task, scene, what, image) in zip(answer(pairs), checks, strict=True):
         width, height = image.size
         if task in ("detect", "segment"):
             parsed = parse_objects(text).objects
@@ -124,6 +124,8 @@ def in_process(model: PaliGemmaForConditionalGeneration, processor: PaliGemmaPro
             boxes = [tuple(o.box.to_pixels(width, height).__dict__.values()) for o in parsed]
             if task == "detect":
                 tally.detect_ious.append(best_iou(truth, boxes))
+                others = [scene_box(obj, width, height) for obj in scene.objects if obj is not what]
+                tally.detect_outcomes[detect_outcome(truth, others, boxes)] += 1
                 if boxes:
                     best = max(boxes, key=lambda box: box_iou(truth, box))
                     tally.edge_errors.append(edge_errors(truth, best, CANVAS / width, CANVAS / height))
@@ -137,6 +139,8 @@ def in_process(model: PaliGemmaForConditionalGeneration, processor: PaliGemmaPro
             tally.mask_ious.append(mask_iou(_mask_at(object_mask(what), width, height), predicted))  # type: ignore[arg-type]
         else:
             tally.add_exact(task, strip_location_tokens(text), str(what))
+            if task == "caption":
+                tally.caption_mistakes[caption_mistake(strip_location_tokens(text), str(what))] += 1
     return tally.summary()
 
 

@@ -3,12 +3,15 @@
 Detect: an object is found when some returned box has IoU >= 0.5 with its tight box; the mean of every
 object's best IoU (0 when nothing came back) is the second number; where the boxes miss is told by the
 median error of their vertical edges (x) and of their horizontal ones (y), in pixels of the 224 px canvas,
-of each object's best box. Segment: the IoU of the returned whole-image mask with the drawn shape's
-pixels. Caption, VQA and OCR: exact match.
+of each object's best box, and how the objects that were not found were missed (`detect_outcome`): no box
+at all, a box on another object, or a box near the right one but too loose. Segment: the IoU of the
+returned whole-image mask with the drawn shape's pixels. Caption, VQA and OCR: exact match; a caption
+that names the right objects in the wrong order is counted apart (`caption_mistake`).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -40,6 +43,29 @@ def edge_errors(truth: BoxXYXY, predicted: BoxXYXY, x_scale: float = 1.0, y_scal
             y_scale * (abs(predicted[1] - truth[1]) + abs(predicted[3] - truth[3])) / 2)
 
 
+def detect_outcome(truth: BoxXYXY, others: Sequence[BoxXYXY], predicted: Sequence[BoxXYXY]) -> str:
+    """`found`, or why not: `empty` (no box), `other_object` (the best box for this object overlaps
+    another object more than this one), `loose` (it is on this object, below IoU 0.5)."""
+    if not predicted:
+        return "empty"
+    best = max(predicted, key=lambda box: box_iou(truth, box))
+    if box_iou(truth, best) >= FOUND_IOU:
+        return "found"
+    on_others = max((box_iou(other, box) for other in others for box in predicted), default=0.0)
+    return "other_object" if on_others > box_iou(truth, best) else "loose"
+
+
+def _names(caption: str) -> list[str]:
+    return caption.replace(" and ", ", ").split(", ")
+
+
+def caption_mistake(answer: str, expected: str) -> str:
+    """`right`, `order` (the same objects in another order) or `objects` (other objects named)."""
+    if answer.strip() == expected:
+        return "right"
+    return "order" if sorted(_names(answer.strip())) == sorted(_names(expected)) else "objects"
+
+
 def mask_iou(truth: np.ndarray, predicted: np.ndarray | None) -> float:
     if predicted is None:
         return 0.0
@@ -55,6 +81,8 @@ class Tally:
     edge_errors: list[tuple[float, float]] = field(default_factory=list)  # (x, y) of each best box
     mask_ious: list[float] = field(default_factory=list)
     exact: dict[str, list[bool]] = field(default_factory=dict)
+    detect_outcomes: Counter[str] = field(default_factory=Counter)
+    caption_mistakes: Counter[str] = field(default_factory=Counter)
 
     def add_exact(self, task: str, answer: str, expected: str) -> None:
         self.exact.setdefault(task, []).append(answer.strip() == expected)
@@ -68,6 +96,12 @@ class Tally:
         if self.edge_errors:
             x, y = np.median(np.array(self.edge_errors), axis=0)
             out["detect_x_error_px"], out["detect_y_error_px"] = round(float(x), 1), round(float(y), 1)
+        objects = self.detect_outcomes.total()
+        for outcome in ("empty", "other_object", "loose") if objects else ():
+            out[f"detect_missed_{outcome}"] = round(self.detect_outcomes[outcome] / objects, 4)
+        if self.caption_mistakes:
+            captions = self.caption_mistakes.total()
+            out["caption_wrong_order"] = round(self.caption_mistakes["order"] / captions, 4)
         if self.mask_ious:
             out["segment_mean_mask_iou"] = round(float(np.mean(self.mask_ious)), 4)
         for task, hits in sorted(self.exact.items()):

@@ -96,6 +96,9 @@ class TrainConfig:
     weights_dtype: str = "float16"
     autocast: bool = True  # bfloat16 matmuls (see batch_logits)
     probe_weight: float = 1.0  # the vision probe's loss (app.demo.probe) beside the model's
+    probe_box_weight: float = 0.0  # the probe also asks every patch of an object for its box (0: off)
+    probe_words: bool = False  # and every patch of the word which word it is
+    probe_letters: bool = False  # and which letter has most ink in it
     pointing_weight: float = 0.0  # the attention target of app.demo.pointing (0: off)
     pointing_layer: int = -1  # the language model layer whose first head it trains
     vision_steps: int = 600  # the vision tower alone on the probe first
@@ -231,7 +234,8 @@ def train_model(config: TrainConfig, codes: MaskTokenizer, evaluate_every=None,
     maker = BatchMaker(PromptEncoder.from_processor(processor), ImageTransform.from_processor(processor),
                        codes, config.seed, config.images, config.prompts)
     objective = Objective(loc_ids(processor), config.loc_sigma, config.loc_peak)
-    probe = VisionProbe(model.config.text_config.hidden_size)  # type: ignore[union-attr]
+    probe = VisionProbe(model.config.text_config.hidden_size,  # type: ignore[union-attr]
+                        config.probe_box_weight, config.probe_words, config.probe_letters)
     _pretrain_vision(model, probe, maker, config)
     pointer = AttentionPointer(model, config.pointing_layer) if config.pointing_weight else None
     named = [*model.named_parameters(), *probe.named_parameters()]
@@ -325,18 +329,27 @@ def run(config: TrainConfig, out: Path, mask_vqvae: Path | None = None) -> dict[
     return record
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, Path | None]:
+    """(config, checkpoint directory, mask VQ-VAE to reuse) from the command line: a flag per field."""
     parser = argparse.ArgumentParser(prog="python -m app.demo.train", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR,
                         help="checkpoint directory (default: %(default)s)")
     parser.add_argument("--mask-vqvae", type=Path, help="reuse this trained mask VQ-VAE (.npz) instead")
     defaults = TrainConfig()
     for name, value in asdict(defaults).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(value, bool):  # --autocast / --no-autocast: type=bool would read "False" as true
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+        else:
+            parser.add_argument(flag, type=type(value), default=value)
     args = parser.parse_args(argv)
-    config = replace(defaults, **{k: getattr(args, k) for k in asdict(defaults)})
+    return replace(defaults, **{k: getattr(args, k) for k in asdict(defaults)}), args.out, args.mask_vqvae
+
+
+def main(argv: list[str] | None = None) -> None:
+    config, out, mask_vqvae = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
-    run(config, args.out, args.mask_vqvae)
+    run(config, out, mask_vqvae)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,15 @@ import torch
 
 from app.demo.batches import BatchMaker
 from app.demo.mask_vqvae import MaskTokenizer, all_crops, save_npz, train_mask_vqvae
-from app.demo.train import ARCHITECTURES, TrainConfig, build, loc_ids, save_checkpoint, train_model
+from app.demo.train import (
+    ARCHITECTURES,
+    TrainConfig,
+    build,
+    loc_ids,
+    parse_args,
+    save_checkpoint,
+    train_model,
+)
 from app.masks.decoder import MaskDecoder, load_mask_decoder
 from app.model import presets
 from app.model.inputs import ImageTransform, PromptEncoder
@@ -72,3 +80,10 @@ def test_batches_use_the_servers_prompt_encoding_and_image_preprocessing(vqvae_f
     assert rows.input_ids[0, :prompt_length].tolist()[:encoder.image_seq_length] == (
         [encoder.image_token_id] * encoder.image_seq_length)
     assert rows.input_ids[0, encoder.image_seq_length].item() == encoder.bos_token_id
+
+
+def test_every_config_field_is_a_flag_and_switches_turn_off():
+    config, out, _ = parse_args(["--out", "x", "--steps", "12", "--no-autocast", "--probe-letters"])
+    assert (config.steps, config.autocast, config.probe_letters, config.probe_words) == (12, False, True, False)
+    assert str(out) == "x"
+    assert parse_args([])[0] == TrainConfig()

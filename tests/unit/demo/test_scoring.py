@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from app.demo.scoring import Tally, box_iou, edge_errors, mask_iou
+from app.demo.scoring import Tally, box_iou, caption_mistake, detect_outcome, edge_errors, mask_iou
 
 
 def test_box_iou():
@@ -36,3 +36,28 @@ def test_the_summary_gives_the_median_error_of_each_axis():
     assert summary["detect_found"] == pytest.approx(1 / 3, abs=1e-4)
     assert summary["detect_x_error_px"] == 3.0 and summary["detect_y_error_px"] == 20.0
     assert "detect_x_error_px" not in Tally(detect_ious=[0.0]).summary()  # no box came back
+
+
+def test_a_missed_object_is_told_apart_by_how_it_was_missed():
+    truth, other = (10.0, 10.0, 50.0, 50.0), (100.0, 10.0, 140.0, 50.0)
+    assert detect_outcome(truth, [other], [(11.0, 10.0, 50.0, 51.0)]) == "found"
+    assert detect_outcome(truth, [other], []) == "empty"
+    assert detect_outcome(truth, [other], [(101.0, 10.0, 140.0, 50.0)]) == "other_object"
+    assert detect_outcome(truth, [other], [(10.0, 10.0, 30.0, 30.0)]) == "loose"  # a quarter of it
+    # The right box among several answers counts as found, whatever else came back.
+    assert detect_outcome(truth, [other], [(101.0, 10.0, 140.0, 50.0), (10.0, 10.0, 50.0, 50.0)]) == "found"
+
+
+def test_a_caption_with_the_right_objects_in_another_order_is_counted_apart():
+    expected = "a red circle, a blue square and a green triangle"
+    assert caption_mistake(expected, expected) == "right"
+    assert caption_mistake("a blue square, a red circle and a green triangle", expected) == "order"
+    assert caption_mistake("a red circle and a blue square", expected) == "objects"
+    assert caption_mistake("a red circle, a blue circle and a green triangle", expected) == "objects"
+    tally = Tally()
+    tally.caption_mistakes.update(["right", "order", "order", "objects"])
+    tally.detect_outcomes.update(["found", "found", "empty", "loose"])
+    summary = tally.summary()
+    assert summary["caption_wrong_order"] == 0.5
+    assert (summary["detect_missed_empty"], summary["detect_missed_loose"]) == (0.25, 0.25)
+    assert summary["detect_missed_other_object"] == 0.0
