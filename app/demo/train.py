@@ -97,6 +97,9 @@ class TrainConfig:
     autocast: bool = True  # bfloat16 matmuls (see batch_logits)
     probe_weight: float = 1.0  # the vision probe's loss (app.demo.probe) beside the model's
     probe_box_weight: float = 0.0  # the probe also asks every patch of an object for its box (0: off)
+    vision_probe_box_weight: float = -1.0  # its weight while the tower trains alone (< 0: the same)
+    probe_box_drop_step: int = 0  # from this step of the whole model on, it weighs the next (0: never)
+    probe_box_weight_after: float = 0.0
     probe_words: bool = False  # and every patch of the word which word it is
     probe_letters: bool = False  # and which letter has most ink in it
     pointing_weight: float = 0.0  # the attention target of app.demo.pointing (0: off)
@@ -104,6 +107,11 @@ class TrainConfig:
     vision_steps: int = 600  # the vision tower alone on the probe first
     single_object_steps: int = 0  # scenes of one object only at first
     vision_images: int = 32
+
+    @property
+    def vision_box_weight(self) -> float:
+        """The box term's weight while the vision tower trains alone."""
+        return self.probe_box_weight if self.vision_probe_box_weight < 0 else self.vision_probe_box_weight
 
 
 def build(architecture: str, seed: int) -> tuple[PaliGemmaForConditionalGeneration, PaliGemmaProcessor]:
@@ -235,8 +243,11 @@ def train_model(config: TrainConfig, codes: MaskTokenizer, evaluate_every=None,
                        codes, config.seed, config.images, config.prompts)
     objective = Objective(loc_ids(processor), config.loc_sigma, config.loc_peak)
     probe = VisionProbe(model.config.text_config.hidden_size,  # type: ignore[union-attr]
-                        config.probe_box_weight, config.probe_words, config.probe_letters)
+                        max(config.vision_box_weight, config.probe_box_weight, config.probe_box_weight_after),
+                        config.probe_words, config.probe_letters)
+    probe.box_weight = config.vision_box_weight
     _pretrain_vision(model, probe, maker, config)
+    probe.box_weight = config.probe_box_weight
     pointer = AttentionPointer(model, config.pointing_layer) if config.pointing_weight else None
     named = [*model.named_parameters(), *probe.named_parameters()]
     decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
@@ -249,6 +260,9 @@ def train_model(config: TrainConfig, codes: MaskTokenizer, evaluate_every=None,
     loc_errors: list[float] = []  # mean distance in bins of the argmax from the true bin
     probe_losses: list[float] = []
     pointing_losses: list[float] = []
+    # Before clipping: when one term's gradient dwarfs the others', it alone steers the parameters it
+    # reaches (Adam scales each parameter's step by its own gradient's size), so the log shows it.
+    grad_norms: list[float] = []
     started = time.perf_counter()
     for step in range(config.steps):
         for group in optimizer.param_groups:
@@ -256,6 +270,8 @@ def train_model(config: TrainConfig, codes: MaskTokenizer, evaluate_every=None,
         batch = maker.batch(step, 1 if step < config.single_object_steps else 3)
         logits, patches, pointing_loss = batch_logits(model, batch, config.autocast, pointer)
         token_losses = objective.token_losses(logits, batch.targets)
+        if config.probe_box_drop_step and step == config.probe_box_drop_step:
+            probe.box_weight = config.probe_box_weight_after
         probe_loss = probe.loss(patches, batch.probe) if config.probe_weight else torch.zeros(())
         loss = token_losses.mean() + config.probe_weight * probe_loss + config.pointing_weight * pointing_loss
         is_loc = objective.is_loc(batch.targets)
@@ -265,7 +281,7 @@ def train_model(config: TrainConfig, codes: MaskTokenizer, evaluate_every=None,
             loc_errors.append(float((guessed - truth).abs().float().mean()))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in named], config.clip)
+        grad_norms.append(float(torch.nn.utils.clip_grad_norm_([p for _, p in named], config.clip)))
         optimizer.step()
         losses.append(token_losses.mean().item())
         probe_losses.append(probe_loss.item())
@@ -275,10 +291,11 @@ def train_model(config: TrainConfig, codes: MaskTokenizer, evaluate_every=None,
         if (step + 1) % 50 == 0 or step + 1 == config.steps:
             per_task = " ".join(f"{t} {np.mean(v):.3f}" for t, v in sorted(window.items()))
             elapsed = time.perf_counter() - started
-            logger.info("step %d/%d loss %.4f (%s) loc error %.1f bins, probe %.3f, pointing %.3f, lr %.2e, "
-                        "%.0f s, %.2f s/step", step + 1, config.steps, np.mean(losses[-50:]), per_task,
-                        np.mean(loc_errors[-50:]), np.mean(probe_losses[-50:]),
-                        np.mean(pointing_losses[-50:]),
+            logger.info("step %d/%d loss %.4f (%s) loc error %.1f bins, probe %.3f, pointing %.3f, "
+                        "grad norm %.1f, lr %.2e, %.0f s, %.2f s/step", step + 1, config.steps,
+                        np.mean(losses[-50:]), per_task, np.mean(loc_errors[-50:]),
+                        np.mean(probe_losses[-50:]), np.mean(pointing_losses[-50:]),
+                        np.mean(grad_norms[-50:]),
                         optimizer.param_groups[0]["lr"], elapsed, elapsed / (step + 1))
             window.clear()
         if evaluate_every is not None and config.eval_every and (step + 1) % config.eval_every == 0:

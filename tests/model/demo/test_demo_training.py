@@ -1,6 +1,8 @@
 """Training the demo model and its mask VQ-VAE, in a few steps: the loss falls, and what is saved loads
 through the server's own paths."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -87,3 +89,14 @@ def test_every_config_field_is_a_flag_and_switches_turn_off():
     assert (config.steps, config.autocast, config.probe_letters, config.probe_words) == (12, False, True, False)
     assert str(out) == "x"
     assert parse_args([])[0] == TrainConfig()
+
+
+def test_the_box_target_can_weigh_differently_while_the_vision_tower_trains_alone_and_later(vqvae_file):
+    assert TrainConfig(probe_box_weight=0.1).vision_box_weight == 0.1  # the same unless told
+    config, _, _ = parse_args(["--probe-box-weight", "0", "--vision-probe-box-weight", "1",
+                               "--probe-box-drop-step", "1", "--probe-box-weight-after", "0.5"])
+    assert (config.vision_box_weight, config.probe_box_weight, config.probe_box_weight_after) == (1.0, 0, 0.5)
+    # The box head exists for the phases that ask for it, and the one between runs without the term.
+    config = replace(config, steps=2, images=2, prompts=2, vision_steps=2, vision_images=2, eval_every=0)
+    _, _, losses = train_model(config, MaskTokenizer(vqvae_file))
+    assert len(losses) == 2 and all(np.isfinite(losses))
