@@ -138,9 +138,10 @@ def in_process(model: PaliGemmaForConditionalGeneration, processor: PaliGemmaPro
                 predicted = place_mask(logits, (b.x_min, b.y_min, b.x_max, b.y_max), width, height)
             tally.mask_ious.append(mask_iou(_mask_at(object_mask(what), width, height), predicted))  # type: ignore[arg-type]
         else:
-            tally.add_exact(task, strip_location_tokens(text), str(what))
+            said = strip_location_tokens(text)
+            tally.add_exact(task, said, str(what))
             if task == "caption":
-                tally.caption_mistakes[caption_mistake(strip_location_tokens(text), str(what))] += 1
+                tally.caption_mistakes[caption_mistake(said, str(what))] += 1
     return tally.summary()
 
 
