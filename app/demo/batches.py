@@ -89,8 +89,9 @@ class BatchMaker:
     """Seeded batches of `images` scenes x `prompts` prompts each."""
 
     def __init__(self, encoder: PromptEncoder, transform: ImageTransform, codes: MaskCodes, seed: int,
-                 images: int, prompts: int, augment: bool = True) -> None:
+                 images: int, prompts: int, augment: bool = True, point_vqa: bool = False) -> None:
         self.encoder = encoder
+        self.point_vqa = point_vqa
         self.transform = transform
         self.codes = codes
         self.seed = seed
@@ -153,9 +154,12 @@ class BatchMaker:
     def _points(self, task: str, target: list[int], regions: list[np.ndarray]
                 ) -> list[tuple[int, np.ndarray]]:
         """(index in the target, region) of the target tokens that are about a region: an object's loc and
-        seg tokens (its four locs start it), every letter of the word."""
+        seg tokens (its four locs start it), every letter of the word, and with `point_vqa` a VQA answer
+        about one object (its colour, or that it is there)."""
         if task == "ocr":
             return [(j, regions[0]) for j in range(len(target) - 1)] if regions else []
+        if task == "vqa":
+            return [(0, regions[0])] if self.point_vqa and regions else []
         points, locs = [], 0
         for j, token in enumerate(target):
             if token in self.loc_ids:

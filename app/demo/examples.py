@@ -28,7 +28,8 @@ class Example:
     task: str
     prefix: str
     target: str
-    objects: tuple[SceneObject, ...] = ()  # detect / segment: whose boxes the target gives, in its order
+    # detect / segment: whose boxes the target gives, in its order; VQA: the object asked about, if any
+    objects: tuple[SceneObject, ...] = ()
 
 
 def _queries(scene: Scene, rng: np.random.Generator) -> list[str]:
@@ -49,15 +50,17 @@ def _queries(scene: Scene, rng: np.random.Generator) -> list[str]:
     return chosen
 
 
-def _vqa(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+def _vqa(scene: Scene, rng: np.random.Generator) -> tuple[str, str, tuple[SceneObject, ...]]:
+    """(question, answer, the object the question is about where there is one)."""
     roll = rng.random()
     if roll < 0.3:
-        return answers.HOW_MANY, answers.count_answer(scene)
+        return answers.HOW_MANY, answers.count_answer(scene), ()
     if roll < 0.6:
         shapes = [s for s in SHAPES if answers.color_answer(scene, s) is not None]
         shape = str(rng.choice(shapes)) if shapes else None
         if shape is not None:
-            return answers.color_question(shape), str(answers.color_answer(scene, shape))
+            about = tuple(obj for obj in scene.objects if obj.shape == shape)
+            return answers.color_question(shape), str(answers.color_answer(scene, shape)), about
     # Presence, half yes and half no.
     if rng.random() < 0.5:
         obj = scene.objects[int(rng.integers(len(scene.objects)))]
@@ -67,7 +70,8 @@ def _vqa(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
         color, shape = str(rng.choice(list(COLORS))), str(rng.choice(SHAPES))
         while f"{color} {shape}" in present:
             color, shape = str(rng.choice(list(COLORS))), str(rng.choice(SHAPES))
-    return answers.presence_question(color, shape), answers.presence_answer(scene, color, shape)
+    about = tuple(obj for obj in scene.objects if obj.color == color and obj.shape == shape)
+    return answers.presence_question(color, shape), answers.presence_answer(scene, color, shape), about[:1]
 
 
 def _answered(scene: Scene, queries: list[str]) -> tuple[SceneObject, ...]:
@@ -87,8 +91,8 @@ def example(scene: Scene, task: str, rng: np.random.Generator, codes: MaskCodes)
     if task == "caption":
         return Example(task, answers.caption_prompt(), answers.caption(scene))
     if task == "vqa":
-        question, answer = _vqa(scene, rng)
-        return Example(task, answers.vqa_prompt(question), answer)
+        question, answer, about = _vqa(scene, rng)
+        return Example(task, answers.vqa_prompt(question), answer, about)
     return Example("ocr", answers.ocr_prompt(), answers.ocr_answer(scene))
 
 

@@ -137,8 +137,9 @@ class VisionProbe(nn.Module):
         self.word_class = nn.Linear(width, len(WORDS)) if words else None
         self.letter_class = nn.Linear(width, len(LETTERS)) if letters else None
 
-    def loss(self, tokens: torch.Tensor, batch: list[ProbeTargets]) -> torch.Tensor:
-        """tokens: (images, patches, width), the image features the language model reads."""
+    def loss(self, tokens: torch.Tensor, batch: list[ProbeTargets], box: bool = True) -> torch.Tensor:
+        """tokens: (images, patches, width), the image features the language model reads; `box=False`
+        leaves the box term out (for `box_loss` on its own)."""
         tokens = tokens.float()
         classes = torch.stack([t.classes for t in batch])
         moments = torch.stack([t.moments for t in batch])
@@ -148,14 +149,36 @@ class VisionProbe(nn.Module):
         count = tokens.shape[0] * tokens.shape[1]
         loss = loss + F.mse_loss(self.moments(tokens), moments, reduction="sum") / count
         loss = loss + F.mse_loss(self.word(tokens), word, reduction="sum") / count
-        if self.box is not None:
-            # In canvas units times _SCALE, as the moments are; a patch counts by the object's share of it.
-            boxes = torch.stack([t.box for t in batch])
-            weight = torch.stack([t.box_share for t in batch])
-            squared = ((self.box(tokens) - boxes) * _SCALE).square().sum(-1)
-            loss = loss + self.box_weight * (squared * weight).sum() / weight.sum().clamp(min=1.0)
+        if self.box is not None and box:
+            loss = loss + self.box_loss(tokens, batch)
         for head, name in ((self.word_class, "word_class"), (self.letter_class, "letter_class")):
             labels = torch.stack([getattr(t, name) for t in batch]).flatten()
             if head is not None and bool((labels >= 0).any()):
                 loss = loss + F.cross_entropy(head(tokens).flatten(0, 1), labels)
         return loss
+
+    def box_loss(self, tokens: torch.Tensor, batch: list[ProbeTargets]) -> torch.Tensor:
+        """The box term, weighed by `box_weight`: in canvas units times _SCALE, as the moments are; a patch
+        counts by the object's share of it."""
+        assert self.box is not None
+        boxes = torch.stack([t.box for t in batch])
+        weight = torch.stack([t.box_share for t in batch])
+        squared = ((self.box(tokens.float()) - boxes) * _SCALE).square().sum(-1)
+        return self.box_weight * (squared * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def add_capped_gradient(tokens: torch.Tensor, extra: torch.Tensor, share: float,
+                        ratios: list[float]) -> torch.utils.hooks.RemovableHandle:
+    """In the next backward through `tokens`, adds `extra` to the gradient that reaches them, scaled down
+    where needed so that its norm is at most `share` times that gradient's own; appends the unscaled ratio
+    of the two norms to `ratios`.
+
+    Why: the box term's gradient at the image tokens dwarfs the answers' (docs/demo.md), and Adam scales
+    every parameter's step by its own gradient's size, so in the vision tower it alone would decide where
+    the parameters go. Capped, it steers them at most `share` as much as everything else together."""
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        rest, own = grad.float().norm(), extra.norm()
+        ratios.append(float(own / rest.clamp(min=1e-12)))
+        scale = torch.clamp(share * rest / own.clamp(min=1e-12), max=1.0)
+        return grad + (extra * scale).to(grad.dtype)
+    return tokens.register_hook(hook)

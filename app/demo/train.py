@@ -50,7 +50,7 @@ from app.demo import MASK_DECODER_FILE, WEIGHTS_DIR
 from app.demo.batches import Batch, BatchMaker
 from app.demo.mask_vqvae import MaskTokenizer, save_npz, train_mask_vqvae
 from app.demo.pointing import AttentionPointer
-from app.demo.probe import VisionProbe
+from app.demo.probe import VisionProbe, add_capped_gradient
 from app.model import presets
 from app.model.inputs import ImageTransform, PromptEncoder
 
@@ -100,10 +100,14 @@ class TrainConfig:
     vision_probe_box_weight: float = -1.0  # its weight while the tower trains alone (< 0: the same)
     probe_box_drop_step: int = 0  # from this step of the whole model on, it weighs the next (0: never)
     probe_box_weight_after: float = 0.0
+    # The box term's gradient at the image tokens at most this share of the rest's there (0: uncapped;
+    # app.demo.probe.add_capped_gradient says why).
+    probe_box_share: float = 0.0
     probe_words: bool = False  # and every patch of the word which word it is
     probe_letters: bool = False  # and which letter has most ink in it
     pointing_weight: float = 0.0  # the attention target of app.demo.pointing (0: off)
     pointing_layer: int = -1  # the language model layer whose first head it trains
+    point_vqa: bool = False  # it also points a VQA answer about one object at that object
     vision_steps: int = 600  # the vision tower alone on the probe first
     single_object_steps: int = 0  # scenes of one object only at first
     vision_images: int = 32
@@ -240,7 +244,7 @@ def train_model(config: TrainConfig, codes: MaskTokenizer, evaluate_every=None,
     """The training loop; returns the model, its processor and the loss of every step."""
     model, processor = build(config.architecture, config.seed)
     maker = BatchMaker(PromptEncoder.from_processor(processor), ImageTransform.from_processor(processor),
-                       codes, config.seed, config.images, config.prompts)
+                       codes, config.seed, config.images, config.prompts, point_vqa=config.point_vqa)
     objective = Objective(loc_ids(processor), config.loc_sigma, config.loc_peak)
     probe = VisionProbe(model.config.text_config.hidden_size,  # type: ignore[union-attr]
                         max(config.vision_box_weight, config.probe_box_weight, config.probe_box_weight_after),
@@ -263,6 +267,7 @@ def train_model(config: TrainConfig, codes: MaskTokenizer, evaluate_every=None,
     # Before clipping: when one term's gradient dwarfs the others', it alone steers the parameters it
     # reaches (Adam scales each parameter's step by its own gradient's size), so the log shows it.
     grad_norms: list[float] = []
+    box_shares: list[float] = []  # the box term's gradient norm at the image tokens over the rest's, uncapped
     started = time.perf_counter()
     for step in range(config.steps):
         for group in optimizer.param_groups:
@@ -272,14 +277,26 @@ def train_model(config: TrainConfig, codes: MaskTokenizer, evaluate_every=None,
         token_losses = objective.token_losses(logits, batch.targets)
         if config.probe_box_drop_step and step == config.probe_box_drop_step:
             probe.box_weight = config.probe_box_weight_after
-        probe_loss = probe.loss(patches, batch.probe) if config.probe_weight else torch.zeros(())
+        optimizer.zero_grad(set_to_none=True)
+        capped = config.probe_box_share > 0 and probe.box is not None and config.probe_weight > 0
+        if capped:
+            # Its own backward first, from a copy of the tokens: the probe's box head learns from it as is,
+            # and what it asks of the tokens joins the rest's gradient there, capped, in the main backward.
+            loose = patches.detach().float().requires_grad_()
+            box_loss = config.probe_weight * probe.box_loss(loose, batch.probe)
+            box_loss.backward()
+            assert loose.grad is not None
+            add_capped_gradient(patches, loose.grad, config.probe_box_share, box_shares)
+        probe_loss = (probe.loss(patches, batch.probe, box=not capped) if config.probe_weight
+                      else torch.zeros(()))
         loss = token_losses.mean() + config.probe_weight * probe_loss + config.pointing_weight * pointing_loss
+        if capped:
+            probe_loss = probe_loss + box_loss.detach() / config.probe_weight
         is_loc = objective.is_loc(batch.targets)
         if bool(is_loc.any()):
             guessed = logits[is_loc, objective.first:objective.end].argmax(-1)
             truth = batch.targets[is_loc] - objective.first
             loc_errors.append(float((guessed - truth).abs().float().mean()))
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norms.append(float(torch.nn.utils.clip_grad_norm_([p for _, p in named], config.clip)))
         optimizer.step()
@@ -291,11 +308,12 @@ def train_model(config: TrainConfig, codes: MaskTokenizer, evaluate_every=None,
         if (step + 1) % 50 == 0 or step + 1 == config.steps:
             per_task = " ".join(f"{t} {np.mean(v):.3f}" for t, v in sorted(window.items()))
             elapsed = time.perf_counter() - started
+            shares = f", box/rest gradient {np.mean(box_shares[-50:]):.2f}" if box_shares else ""
             logger.info("step %d/%d loss %.4f (%s) loc error %.1f bins, probe %.3f, pointing %.3f, "
-                        "grad norm %.1f, lr %.2e, %.0f s, %.2f s/step", step + 1, config.steps,
+                        "grad norm %.1f%s, lr %.2e, %.0f s, %.2f s/step", step + 1, config.steps,
                         np.mean(losses[-50:]), per_task, np.mean(loc_errors[-50:]),
                         np.mean(probe_losses[-50:]), np.mean(pointing_losses[-50:]),
-                        np.mean(grad_norms[-50:]),
+                        np.mean(grad_norms[-50:]), shares,
                         optimizer.param_groups[0]["lr"], elapsed, elapsed / (step + 1))
             window.clear()
         if evaluate_every is not None and config.eval_every and (step + 1) % config.eval_every == 0:

@@ -8,7 +8,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from app.demo.batches import BatchMaker
-from app.demo.examples import Example
+from app.demo.examples import Example, example
 from app.demo.mask_vqvae import MaskTokenizer, save_npz, train_mask_vqvae
 from app.demo.pointing import AttentionPointer, patch_shares
 from app.demo.probe import word_ink
@@ -81,6 +81,32 @@ def test_ocr_points_at_the_word_and_other_answers_nowhere(built, codes):
     ink = torch.from_numpy(patch_shares(word_ink(scene) > 0, 8))
     assert torch.equal(rows.point_targets, ink.expand(3, -1))
     assert ink[8 * (160 // 28) + 130 // 28] > 0 and ink[0] == 0  # where the word is drawn, not elsewhere
+
+
+def test_with_point_vqa_an_answer_about_one_object_points_its_first_token_at_that_object(built, codes):
+    _, processor = built
+    maker = BatchMaker(PromptEncoder.from_processor(processor), ImageTransform.from_processor(processor), codes,
+                       seed=3, images=1, prompts=1, point_vqa=True)
+    red = SceneObject("circle", "red", (220, 30, 30), 10, 10, 50)
+    blue = SceneObject("square", "blue", (30, 30, 220), 150, 140, 60)
+    scene = Scene((250, 250, 250), (red, blue), None)
+    rng = np.random.default_rng(0)
+    asked = [example(scene, "vqa", rng, codes) for _ in range(60)]
+    about = [e for e in asked if e.objects]
+    # Colour questions and presence questions answered yes are about their object; counts and no are not.
+    assert {e.target for e in about} >= {"red", "blue", "yes"} and "no" not in {e.target for e in about}
+    assert all(e.objects == ((red,) if "circle" in e.prefix else (blue,)) for e in about)
+    assert any(not e.objects and e.target == "no" for e in asked)
+    for pointing in (False, True):
+        maker.point_vqa = pointing
+        rows = maker.collate(torch.zeros((1, 3, 224, 224)),
+                             [(0, e, maker.regions(scene, e)) for e in asked]).groups
+        points = sum(len(r.point_rows) for r in rows)
+        assert points == (len(about) if pointing else 0)
+    one = maker.collate(torch.zeros((1, 3, 224, 224)), [(0, about[0], maker.regions(scene, about[0]))]).groups[0]
+    prompt_length = int((one.token_type_ids[0] == 0).sum())
+    assert one.point_positions.tolist() == [prompt_length - 1]  # where the answer's first token is predicted
+    assert torch.equal(one.point_targets[0], torch.from_numpy(patch_shares(object_mask(about[0].objects[0]), 8)))
 
 
 def test_the_loss_is_the_cross_entropy_of_the_layers_real_attention(built, codes):

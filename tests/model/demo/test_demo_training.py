@@ -1,6 +1,7 @@
 """Training the demo model and its mask VQ-VAE, in a few steps: the loss falls, and what is saved loads
 through the server's own paths."""
 
+import logging
 from dataclasses import replace
 
 import numpy as np
@@ -100,3 +101,13 @@ def test_the_box_target_can_weigh_differently_while_the_vision_tower_trains_alon
     config = replace(config, steps=2, images=2, prompts=2, vision_steps=2, vision_images=2, eval_every=0)
     _, _, losses = train_model(config, MaskTokenizer(vqvae_file))
     assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+def test_a_capped_box_target_trains_and_logs_its_gradients_share_before_the_cap(vqvae_file, caplog):
+    config = TrainConfig(steps=2, images=2, prompts=2, vision_steps=1, vision_images=2, eval_every=0,
+                         probe_box_weight=1.0, probe_box_share=0.5)
+    with caplog.at_level(logging.INFO, logger="app.demo.train"):
+        _, _, losses = train_model(config, MaskTokenizer(vqvae_file))
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    share = float(caplog.text.split("box/rest gradient ")[1].split(",")[0])
+    assert share > 0

@@ -1,9 +1,10 @@
 """The vision probe's targets (app.demo.probe): what each image token is asked about its patch."""
 
 import numpy as np
+import pytest
 import torch
 
-from app.demo.probe import LETTERS, VisionProbe, letter_inks, targets, word_ink
+from app.demo.probe import LETTERS, VisionProbe, add_capped_gradient, letter_inks, targets, word_ink
 from app.demo.world import CANVAS, WORDS, generate_scene, object_mask, patch_sums, scene_rng, tight_box
 
 GRID = 8
@@ -65,6 +66,24 @@ def test_the_box_term_is_zero_for_the_right_boxes_and_grows_with_the_error_on_co
     only_empty = tokens.clone()
     only_empty[..., 0] += 0.1 * uncovered  # errors where no object is are not counted
     assert torch.isclose(probe.loss(only_empty, batch), plain.loss(only_empty, batch))
+
+    assert torch.isclose(probe.box_loss(moved, batch), probe.loss(moved, batch) - probe.loss(moved, batch, box=False))
+
+
+def test_a_capped_gradient_joins_the_rest_at_most_at_its_share_and_unscaled_when_smaller():
+    torch.manual_seed(0)
+    rest = torch.randn(3, 8)
+    for extra_size, share, expected_size in ((50.0, 0.5, 0.5), (0.1, 0.5, 0.1), (50.0, 2.0, 2.0)):
+        extra = torch.randn(3, 8)
+        extra = extra / extra.norm() * extra_size * rest.norm()
+        tokens = torch.zeros(3, 8, requires_grad=True)
+        ratios: list[float] = []
+        add_capped_gradient(tokens, extra, share, ratios)
+        (tokens * rest).sum().backward()  # the rest's gradient at the tokens is `rest`
+        added = tokens.grad - rest
+        assert torch.allclose(added / added.norm(), extra / extra.norm(), atol=1e-5)  # its direction kept
+        assert np.isclose(float(added.norm() / rest.norm()), expected_size, rtol=1e-4)
+        assert ratios == [pytest.approx(extra_size, rel=1e-4)]  # the ratio before the cap
 
 
 def test_the_word_term_is_a_cross_entropy_over_the_words_on_touched_patches():
