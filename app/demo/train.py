@@ -42,6 +42,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import torch
+from torch import nn
 from torch.nn import functional as F
 from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -87,6 +88,9 @@ class TrainConfig:
     warmup: int = 200
     weight_decay: float = 0.01
     clip: float = 1.0
+    # The probe's own parameters clipped on their own: its box head's gradient can be many times the
+    # model's, and clipped together it would shrink every step of the model's with it.
+    clip_probe_apart: bool = False
     loc_sigma: float = 4.0  # bins (one pixel of the 224 px canvas is ~4.6 bins)
     loc_peak: float = 0.5  # share of a loc target on the true bin (see Objective)
     vq_steps: int = 400
@@ -232,6 +236,15 @@ def _pretrain_vision(model: PaliGemmaForConditionalGeneration, probe: VisionProb
                         loss.item(), time.perf_counter() - started)
 
 
+def clip_gradients(model: nn.Module, probe: nn.Module, clip: float, probe_apart: bool) -> float:
+    """Clips the gradients to norm `clip`, the probe's with the model's or on their own; returns the norm
+    before clipping of what was clipped with the model."""
+    if probe_apart:
+        torch.nn.utils.clip_grad_norm_(list(probe.parameters()), clip)
+        return float(torch.nn.utils.clip_grad_norm_(list(model.parameters()), clip))
+    return float(torch.nn.utils.clip_grad_norm_([*model.parameters(), *probe.parameters()], clip))
+
+
 def _learning_rate(config: TrainConfig, step: int) -> float:
     if step < config.warmup:
         return config.lr * (step + 1) / config.warmup
@@ -298,7 +311,7 @@ def train_model(config: TrainConfig, codes: MaskTokenizer, evaluate_every=None,
             truth = batch.targets[is_loc] - objective.first
             loc_errors.append(float((guessed - truth).abs().float().mean()))
         loss.backward()
-        grad_norms.append(float(torch.nn.utils.clip_grad_norm_([p for _, p in named], config.clip)))
+        grad_norms.append(clip_gradients(model, probe, config.clip, config.clip_probe_apart))
         optimizer.step()
         losses.append(token_losses.mean().item())
         probe_losses.append(probe_loss.item())

@@ -2,6 +2,7 @@
 through the server's own paths."""
 
 import logging
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -14,6 +15,7 @@ from app.demo.train import (
     ARCHITECTURES,
     TrainConfig,
     build,
+    clip_gradients,
     loc_ids,
     parse_args,
     save_checkpoint,
@@ -105,9 +107,27 @@ def test_the_box_target_can_weigh_differently_while_the_vision_tower_trains_alon
 
 def test_a_capped_box_target_trains_and_logs_its_gradients_share_before_the_cap(vqvae_file, caplog):
     config = TrainConfig(steps=2, images=2, prompts=2, vision_steps=1, vision_images=2, eval_every=0,
-                         probe_box_weight=1.0, probe_box_share=0.5)
+                         probe_box_weight=1.0, probe_box_share=0.5, clip_probe_apart=True)
     with caplog.at_level(logging.INFO, logger="app.demo.train"):
         _, _, losses = train_model(config, MaskTokenizer(vqvae_file))
     assert len(losses) == 2 and all(np.isfinite(losses))
     share = float(caplog.text.split("box/rest gradient ")[1].split(",")[0])
     assert share > 0
+
+
+def test_clipped_apart_a_huge_probe_gradient_leaves_the_models_step_as_it_is():
+    model, probe = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    for apart, model_norm in ((False, None), (True, 0.5)):
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 0.5 / math.sqrt(20))  # norm 0.5 over the model's 20 values
+        for p in probe.parameters():
+            p.grad = torch.full_like(p, 100.0)
+        norm = clip_gradients(model, probe, 1.0, apart)
+        after = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+        probe_after = torch.cat([p.grad.flatten() for p in probe.parameters()]).norm()
+        if apart:
+            assert norm == pytest.approx(0.5) and float(after) == pytest.approx(model_norm)  # untouched
+            assert float(probe_after) == pytest.approx(1.0)
+        else:  # together, the probe's gradient shrinks the model's ~450 times
+            assert norm == pytest.approx(math.hypot(0.5, 100 * math.sqrt(20)), rel=1e-4)
+            assert float(after) == pytest.approx(0.5 / norm, rel=1e-3)
