@@ -127,9 +127,12 @@ class BatchMaker:
 
     def regions(self, scene: Scene, example: Example) -> list[np.ndarray]:
         """Per patch, the share of each part of the image the answer is about: the objects of a detect /
-        segment answer in its order, or the word an OCR answer reads."""
+        segment answer in its order, the word an OCR answer reads, or with `point_vqa` the object a VQA
+        answer is about."""
         if example.task == "ocr" and scene.word is not None:
             return [patch_shares(word_ink(scene) > 0, self.grid)]
+        if example.task == "vqa" and not self.point_vqa:  # only pointing reads a VQA answer's object
+            return []
         return [patch_shares(object_mask(obj), self.grid) for obj in example.objects]
 
     def images_only(self, step: int, count: int) -> tuple[torch.Tensor, list[ProbeTargets]]:
@@ -159,7 +162,7 @@ class BatchMaker:
         if task == "ocr":
             return [(j, regions[0]) for j in range(len(target) - 1)] if regions else []
         if task == "vqa":
-            return [(0, regions[0])] if self.point_vqa and regions else []
+            return [(0, regions[0])] if regions else []
         points, locs = [], 0
         for j, token in enumerate(target):
             if token in self.loc_ids:
