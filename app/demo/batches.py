@@ -89,8 +89,10 @@ class BatchMaker:
     """Seeded batches of `images` scenes x `prompts` prompts each."""
 
     def __init__(self, encoder: PromptEncoder, transform: ImageTransform, codes: MaskCodes, seed: int,
-                 images: int, prompts: int, augment: bool = True, point_vqa: bool = False) -> None:
+                 images: int, prompts: int, augment: bool = True, point_vqa: bool = False,
+                 task_weights: dict[str, float] | None = None) -> None:
         self.encoder = encoder
+        self.task_weights = task_weights  # None: examples.TASK_WEIGHTS
         self.point_vqa = point_vqa
         self.transform = transform
         self.codes = codes
@@ -122,7 +124,7 @@ class BatchMaker:
             pixels.append(self.transform(image))
             probe.append(targets(scene, self.grid))
             rows += [(i, ex, self.regions(scene, ex))
-                     for ex in examples(scene, self.prompts, rng, self.codes)]
+                     for ex in examples(scene, self.prompts, rng, self.codes, self.task_weights)]
         return replace(self.collate(torch.stack(pixels), rows), probe=probe)
 
     def regions(self, scene: Scene, example: Example) -> list[np.ndarray]:

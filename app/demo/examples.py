@@ -96,8 +96,37 @@ def example(scene: Scene, task: str, rng: np.random.Generator, codes: MaskCodes)
     return Example("ocr", answers.ocr_prompt(), answers.ocr_answer(scene))
 
 
-def examples(scene: Scene, count: int, rng: np.random.Generator, codes: MaskCodes) -> list[Example]:
-    tasks = list(TASK_WEIGHTS)
-    weights = np.array([TASK_WEIGHTS[t] for t in tasks])
+def format_task_weights(weights: dict[str, float]) -> str:
+    """`detect=0.4,segment=0.24,...`: a mixture as the training command line takes it."""
+    return ",".join(f"{task}={weight:g}" for task, weight in weights.items())
+
+
+def parse_task_weights(text: str) -> dict[str, float]:
+    """A mixture from `task=weight,...`: every task once, none negative, not all zero."""
+    weights: dict[str, float] = {}
+    for part in text.split(","):
+        task, sep, value = part.partition("=")
+        task = task.strip()
+        if not sep or task not in TASK_WEIGHTS or task in weights:
+            raise ValueError(f"task weights: {part.strip()!r} is not one of {', '.join(TASK_WEIGHTS)} "
+                             f"given once as task=weight")
+        try:
+            weights[task] = float(value)
+        except ValueError:
+            raise ValueError(f"task weights: {value.strip()!r} of {task} is not a number") from None
+        if not weights[task] >= 0:  # NaN too
+            raise ValueError(f"task weights: {task}'s weight must be >= 0, not {value.strip()}")
+    if missing := [t for t in TASK_WEIGHTS if t not in weights]:
+        raise ValueError(f"task weights: {', '.join(missing)} missing (give 0 to leave a task out)")
+    if not sum(weights.values()) > 0:
+        raise ValueError("task weights: at least one must be above 0")
+    return weights
+
+
+def examples(scene: Scene, count: int, rng: np.random.Generator, codes: MaskCodes,
+             task_weights: dict[str, float] | None = None) -> list[Example]:
+    mixture = TASK_WEIGHTS if task_weights is None else task_weights
+    tasks = list(mixture)
+    weights = np.array([mixture[t] for t in tasks])
     picked = rng.choice(len(tasks), size=count, p=weights / weights.sum())
     return [example(scene, tasks[int(i)], rng, codes) for i in picked]

@@ -49,6 +49,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from app.demo import MASK_DECODER_FILE, WEIGHTS_DIR
 from app.demo.batches import Batch, BatchMaker
+from app.demo.examples import TASK_WEIGHTS, format_task_weights, parse_task_weights
 from app.demo.mask_vqvae import MaskTokenizer, save_npz, train_mask_vqvae
 from app.demo.pointing import AttentionPointer
 from app.demo.probe import VisionProbe, add_capped_gradient
@@ -115,6 +116,11 @@ class TrainConfig:
     vision_steps: int = 600  # the vision tower alone on the probe first
     single_object_steps: int = 0  # scenes of one object only at first
     vision_images: int = 32
+    # The mixture of tasks among a scene's prompts, `task=weight,...` (relative weights)
+    task_weights: str = format_task_weights(TASK_WEIGHTS)
+
+    def __post_init__(self) -> None:
+        parse_task_weights(self.task_weights)  # a bad mixture fails here, not after the tower's phase
 
     @property
     def vision_box_weight(self) -> float:
@@ -257,7 +263,8 @@ def train_model(config: TrainConfig, codes: MaskTokenizer, evaluate_every=None,
     """The training loop; returns the model, its processor and the loss of every step."""
     model, processor = build(config.architecture, config.seed)
     maker = BatchMaker(PromptEncoder.from_processor(processor), ImageTransform.from_processor(processor),
-                       codes, config.seed, config.images, config.prompts, point_vqa=config.point_vqa)
+                       codes, config.seed, config.images, config.prompts, point_vqa=config.point_vqa,
+                       task_weights=parse_task_weights(config.task_weights))
     objective = Objective(loc_ids(processor), config.loc_sigma, config.loc_peak)
     probe = VisionProbe(model.config.text_config.hidden_size,  # type: ignore[union-attr]
                         max(config.vision_box_weight, config.probe_box_weight, config.probe_box_weight_after),
@@ -391,7 +398,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, Path |
         else:
             parser.add_argument(flag, type=type(value), default=value)
     args = parser.parse_args(argv)
-    return replace(defaults, **{k: getattr(args, k) for k in asdict(defaults)}), args.out, args.mask_vqvae
+    try:
+        config = replace(defaults, **{k: getattr(args, k) for k in asdict(defaults)})
+    except ValueError as error:
+        parser.error(str(error))
+    return config, args.out, args.mask_vqvae
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -94,6 +94,14 @@ def test_every_config_field_is_a_flag_and_switches_turn_off():
     assert parse_args([])[0] == TrainConfig()
 
 
+def test_a_bad_task_mixture_is_refused_on_the_command_line_before_anything_trains(capsys):
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--task-weights", "vqa=1"])
+    assert exited.value.code == 2 and "detect, segment, caption, ocr missing" in capsys.readouterr().err
+    config, _, _ = parse_args(["--task-weights", "detect=1,segment=1,caption=1,vqa=2,ocr=0"])
+    assert config.task_weights == "detect=1,segment=1,caption=1,vqa=2,ocr=0"
+
+
 def test_the_box_target_can_weigh_differently_while_the_vision_tower_trains_alone_and_later(vqvae_file):
     assert TrainConfig(probe_box_weight=0.1).vision_box_weight == 0.1  # the same unless told
     config, _, _ = parse_args(["--probe-box-weight", "0", "--vision-probe-box-weight", "1",

@@ -1,0 +1,34 @@
+"""The mixture of tasks a scene's prompts are drawn from, as the training command line takes it."""
+
+import numpy as np
+import pytest
+
+from app.demo.examples import TASK_WEIGHTS, examples, format_task_weights, parse_task_weights
+from app.demo.world import COLORS, Scene, SceneObject
+
+
+def test_the_default_mixture_reads_back_as_itself():
+    assert parse_task_weights(format_task_weights(TASK_WEIGHTS)) == TASK_WEIGHTS
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("detect=1", "segment, caption, vqa, ocr missing"),
+    ("detect=1,segment=1,caption=1,vqa=1,ocr=1,count=1", "'count=1' is not one of"),
+    ("detect=1,detect=1,segment=1,caption=1,vqa=1,ocr=1", "given once"),
+    ("detect,segment=1,caption=1,vqa=1,ocr=1", "'detect' is not one of"),
+    ("detect=x,segment=1,caption=1,vqa=1,ocr=1", "'x' of detect is not a number"),
+    ("detect=-1,segment=1,caption=1,vqa=1,ocr=1", "must be >= 0"),
+    ("detect=nan,segment=1,caption=1,vqa=1,ocr=1", "must be >= 0"),
+    ("detect=0,segment=0,caption=0,vqa=0,ocr=0", "at least one"),
+])
+def test_a_bad_mixture_says_what_is_wrong(text, says):
+    with pytest.raises(ValueError, match=says):
+        parse_task_weights(text)
+
+
+def test_prompts_are_drawn_in_the_mixtures_proportions():
+    scene = Scene((230, 230, 230), (SceneObject("circle", "red", COLORS["red"], 10, 100, 40),), None)
+    weights = parse_task_weights("detect=0,segment=0,caption=1,vqa=3,ocr=0")
+    drawn = [ex.task for ex in examples(scene, 4000, np.random.default_rng(0), codes=None, task_weights=weights)]
+    assert set(drawn) == {"caption", "vqa"}
+    assert drawn.count("vqa") / len(drawn) == pytest.approx(0.75, abs=0.03)
