@@ -287,7 +287,11 @@ def accuracy(model: str, coco: Path, images: Path, eval_command: str, tasks: lis
                 result = subprocess.run(shlex.split(evaluation), capture_output=True, text=True)
                 if result.returncode not in (0, 1):
                     raise RuntimeError(f"{evaluation} exited {result.returncode}: {result.stderr[-2000:]}")
-                scores[name][task] = json.loads(result.stdout)
+                try:
+                    scores[name][task] = json.loads(result.stdout)
+                except json.JSONDecodeError:  # exit 1 before any scoring (a missing module, a bad flag)
+                    raise RuntimeError(f"{evaluation} exited {result.returncode} without a JSON document: "
+                                       f"{result.stderr[-2000:]}") from None
         print(f"[accuracy] {name}: {json.dumps(scores[name])[:300]}", flush=True)
 
     def value(name: str, task: str, key: str) -> float | None:
