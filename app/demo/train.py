@@ -12,11 +12,13 @@
    - Two training-only targets beside the answers' tokens (neither is part of the checkpoint): a probe
      asks every image token what its patch holds (`probe`), and `pointing` asks one attention head of the
      language model to look, wherever the answer writes an object's box or mask (or reads the word), at
-     that object's image tokens (off by default: docs/demo.md, "An attention target, tried").
+     that object's image tokens (docs/demo.md, "An attention target, tried"). The probe also asks each
+     object's patches for its box, at a tenth of its weight while the tower trains alone (docs/demo.md,
+     "Where the box target's cost is paid").
    - AdamW, linear warm-up then cosine decay, gradient clipping. The seed fixes the batches and the
-     initial weights; the CPU kernels are not bit-reproducible (the mask VQ-VAE's loss differs between
-     two runs of the same seed within 100 steps), so a rerun does not give the shipped weights bit for
-     bit, and its scores may differ (docs/demo.md, "Longer schedules, tried").
+     initial weights. On one torch thread (the default) a rerun is the same bit for bit; on two the CPU
+     kernels add in another order from run to run (the mask VQ-VAE's loss differs between two runs of the
+     same seed within 100 steps), and scores may differ (docs/demo.md, "How it was made").
 3. `save_pretrained` (safetensors, model + processor) into the output directory with the decoder beside it.
 
 The run logs every task's loss, and a quick held-out evaluation now and then (`evaluate`).
@@ -95,14 +97,18 @@ class TrainConfig:
     loc_sigma: float = 4.0  # bins (one pixel of the 224 px canvas is ~4.6 bins)
     loc_peak: float = 0.5  # share of a loc target on the true bin (see Objective)
     vq_steps: int = 400
-    threads: int = 2
+    # One thread, as the shipped weights were trained (each run on a core of its own; docs/demo.md). Two
+    # are about a quarter faster on a quiet 2-core machine but add their sums in another order.
+    threads: int = 1
     eval_every: int = 400
     eval_scenes: int = 12
     weights_dtype: str = "float16"
     autocast: bool = True  # bfloat16 matmuls (see batch_logits)
     probe_weight: float = 1.0  # the vision probe's loss (app.demo.probe) beside the model's
-    probe_box_weight: float = 0.0  # the probe also asks every patch of an object for its box (0: off)
-    vision_probe_box_weight: float = -1.0  # its weight while the tower trains alone (< 0: the same)
+    probe_box_weight: float = 1.0  # the probe also asks every patch of an object for its box (0: off)
+    # Its weight while the tower trains alone (< 0: the same). A tenth there: at full weight the tower's
+    # first steps lay the image tokens out so that VQA and captions learn slowly ever after (docs/demo.md).
+    vision_probe_box_weight: float = 0.1
     probe_box_drop_step: int = 0  # from this step of the whole model on, it weighs the next (0: never)
     probe_box_weight_after: float = 0.0
     # The box term's gradient at the image tokens at most this share of the rest's there (0: uncapped;
@@ -110,8 +116,8 @@ class TrainConfig:
     probe_box_share: float = 0.0
     probe_words: bool = False  # and every patch of the word which word it is
     probe_letters: bool = False  # and which letter has most ink in it
-    pointing_weight: float = 0.0  # the attention target of app.demo.pointing (0: off)
-    pointing_layer: int = -1  # the language model layer whose first head it trains
+    pointing_weight: float = 0.5  # the attention target of app.demo.pointing (0: off)
+    pointing_layer: int = -2  # the language model layer whose first head it trains
     point_vqa: bool = False  # it also points a VQA answer about one object at that object
     vision_steps: int = 600  # the vision tower alone on the probe first
     single_object_steps: int = 0  # scenes of one object only at first

@@ -139,3 +139,20 @@ def test_clipped_apart_a_huge_probe_gradient_leaves_the_models_step_as_it_is():
         else:  # together, the probe's gradient shrinks the model's ~450 times
             assert norm == pytest.approx(math.hypot(0.5, 100 * math.sqrt(20)), rel=1e-4)
             assert float(after) == pytest.approx(0.5 / norm, rel=1e-3)
+
+
+def test_on_one_thread_two_runs_of_a_seed_are_the_same_bit_for_bit(vqvae_file):
+    # What makes the shipped weights reproducible: the default recipe (box and attention targets on) on
+    # the default single thread, both phases.
+    config = TrainConfig(steps=3, images=1, prompts=3, warmup=1, vision_steps=2, vision_images=2, eval_every=0)
+    assert config.threads == 1
+    before = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        runs = [train_model(config, MaskTokenizer(vqvae_file)) for _ in range(2)]
+    finally:
+        torch.set_num_threads(before)
+    (first, _, first_losses), (second, _, second_losses) = runs
+    assert first_losses == second_losses
+    second_state = second.state_dict()
+    assert all(torch.equal(value, second_state[name]) for name, value in first.state_dict().items())
