@@ -97,8 +97,9 @@ class TrainConfig:
     loc_sigma: float = 4.0  # bins (one pixel of the 224 px canvas is ~4.6 bins)
     loc_peak: float = 0.5  # share of a loc target on the true bin (see Objective)
     vq_steps: int = 400
-    # One thread, as the shipped weights were trained (each run on a core of its own; docs/demo.md). Two
-    # are about a quarter faster on a quiet 2-core machine but add their sums in another order.
+    # One thread, as the shipped weights were trained (each run on a core of its own; docs/demo.md): a
+    # rerun is then the same bit for bit. Two, alone on a 2-core machine, ran at 0.7-0.8 s a step against
+    # ~1.0 for one beside another run, but add their sums in another order from run to run.
     threads: int = 1
     eval_every: int = 400
     eval_scenes: int = 12

@@ -103,7 +103,8 @@ def test_a_bad_task_mixture_is_refused_on_the_command_line_before_anything_train
 
 
 def test_the_box_target_can_weigh_differently_while_the_vision_tower_trains_alone_and_later(vqvae_file):
-    assert TrainConfig(probe_box_weight=0.1).vision_box_weight == 0.1  # the same unless told
+    assert TrainConfig(probe_box_weight=0.3, vision_probe_box_weight=-1).vision_box_weight == 0.3  # < 0: the same
+    assert TrainConfig().vision_box_weight == 0.1 and TrainConfig().probe_box_weight == 1.0  # the recipe's
     config, _, _ = parse_args(["--probe-box-weight", "0", "--vision-probe-box-weight", "1",
                                "--probe-box-drop-step", "1", "--probe-box-weight-after", "0.5"])
     assert (config.vision_box_weight, config.probe_box_weight, config.probe_box_weight_after) == (1.0, 0, 0.5)
