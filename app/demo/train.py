@@ -127,7 +127,12 @@ class TrainConfig:
     task_weights: str = format_task_weights(TASK_WEIGHTS)
 
     def __post_init__(self) -> None:
-        parse_task_weights(self.task_weights)  # a bad mixture fails here, not after the tower's phase
+        _ = self.mixture  # a bad mixture fails here, not after the tower's phase
+
+    @property
+    def mixture(self) -> dict[str, float]:
+        """`task_weights` read: relative weight per task."""
+        return parse_task_weights(self.task_weights)
 
     @property
     def vision_box_weight(self) -> float:
@@ -271,7 +276,7 @@ def train_model(config: TrainConfig, codes: MaskTokenizer, evaluate_every=None,
     model, processor = build(config.architecture, config.seed)
     maker = BatchMaker(PromptEncoder.from_processor(processor), ImageTransform.from_processor(processor),
                        codes, config.seed, config.images, config.prompts, point_vqa=config.point_vqa,
-                       task_weights=parse_task_weights(config.task_weights))
+                       task_weights=config.mixture)
     objective = Objective(loc_ids(processor), config.loc_sigma, config.loc_peak)
     probe = VisionProbe(model.config.text_config.hidden_size,  # type: ignore[union-attr]
                         max(config.vision_box_weight, config.probe_box_weight, config.probe_box_weight_after),
