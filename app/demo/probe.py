@@ -127,7 +127,7 @@ def targets(scene: Scene, grid: int) -> ProbeTargets:
 
 class VisionProbe(nn.Module):
     def __init__(self, width: int, box_weight: float = 0.0, words: bool = False,
-                 letters: bool = False) -> None:
+                 letters: bool = False, word_mean: bool = False) -> None:
         super().__init__()
         self.classes = nn.Linear(width, PATCH_CLASSES)
         self.moments = nn.Linear(width, len(KINDS) * MOMENTS)
@@ -136,6 +136,7 @@ class VisionProbe(nn.Module):
         self.box_weight = box_weight
         self.word_class = nn.Linear(width, len(WORDS)) if words else None
         self.letter_class = nn.Linear(width, len(LETTERS)) if letters else None
+        self.word_mean = nn.Linear(width, len(WORDS)) if word_mean else None
 
     def loss(self, tokens: torch.Tensor, batch: list[ProbeTargets], box: bool = True) -> torch.Tensor:
         """tokens: (images, patches, width), the image features the language model reads; `box=False`
@@ -155,7 +156,23 @@ class VisionProbe(nn.Module):
             labels = torch.stack([getattr(t, name) for t in batch]).flatten()
             if head is not None and bool((labels >= 0).any()):
                 loss = loss + F.cross_entropy(head(tokens).flatten(0, 1), labels)
+        if self.word_mean is not None:
+            loss = loss + self.word_mean_loss(tokens, torch.stack([t.word_class for t in batch]))
         return loss
+
+    def word_mean_loss(self, tokens: torch.Tensor, word_class: torch.Tensor) -> torch.Tensor:
+        """Which word the mean of the word's tokens (those its ink touches) is, in the images that hold
+        one. Unlike `words`, no single token is asked for the whole word (a patch may hold one stroke of
+        it): measured on the tower alone, this with `letters` learns to tell the 20 words apart within
+        ~1500 steps of 32 images, where `words` with the same mean stayed at chance."""
+        assert self.word_mean is not None
+        touched = word_class >= 0
+        held = touched.any(1)
+        if not bool(held.any()):
+            return tokens.new_zeros(())
+        weights = touched[held].float()
+        pooled = (tokens[held] * weights[..., None]).sum(1) / weights.sum(1, keepdim=True)
+        return F.cross_entropy(self.word_mean(pooled), word_class[held].max(1).values)
 
     def box_loss(self, tokens: torch.Tensor, batch: list[ProbeTargets]) -> torch.Tensor:
         """The box term, weighed by `box_weight`: in canvas units times _SCALE, as the moments are; a patch

@@ -84,7 +84,7 @@ ARCHITECTURES = {
 class TrainConfig:
     seed: int = 0
     architecture: str = "demo"
-    steps: int = 3400
+    steps: int = 4400
     images: int = 8  # scenes per step
     prompts: int = 6  # prompts per scene
     lr: float = 2e-3
@@ -117,6 +117,7 @@ class TrainConfig:
     probe_box_share: float = 0.0
     probe_words: bool = False  # and every patch of the word which word it is
     probe_letters: bool = False  # and which letter has most ink in it
+    probe_word_mean: bool = False  # and the mean of the word's tokens which word it is
     pointing_weight: float = 0.5  # the attention target of app.demo.pointing (0: off)
     pointing_layer: int = -2  # the language model layer whose first head it trains
     point_vqa: bool = False  # it also points a VQA answer about one object at that object
@@ -280,7 +281,7 @@ def train_model(config: TrainConfig, codes: MaskTokenizer, evaluate_every=None,
     objective = Objective(loc_ids(processor), config.loc_sigma, config.loc_peak)
     probe = VisionProbe(model.config.text_config.hidden_size,  # type: ignore[union-attr]
                         max(config.vision_box_weight, config.probe_box_weight, config.probe_box_weight_after),
-                        config.probe_words, config.probe_letters)
+                        config.probe_words, config.probe_letters, config.probe_word_mean)
     probe.box_weight = config.vision_box_weight
     _pretrain_vision(model, probe, maker, config)
     probe.box_weight = config.probe_box_weight

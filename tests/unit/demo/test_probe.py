@@ -99,6 +99,22 @@ def test_the_word_term_is_a_cross_entropy_over_the_words_on_touched_patches():
     assert torch.isclose(probe.loss(tokens, batch) - plain.loss(tokens, batch), expected, atol=1e-5)
 
 
+def test_the_word_mean_term_asks_the_mean_of_each_words_tokens_which_word_it_is():
+    with_word = [s for s in SCENES if s.word is not None][:2]
+    without = next(s for s in SCENES if s.word is None)
+    batch = [targets(s, GRID) for s in (with_word[0], without, with_word[1])]
+    tokens = torch.randn(3, GRID * GRID, 32)
+    probe = VisionProbe(32, word_mean=True)
+    plain = VisionProbe(32)
+    plain.load_state_dict({k: v for k, v in probe.state_dict().items() if not k.startswith("word_mean")})
+    means = [tokens[i, batch[i].word_class >= 0].mean(0) for i in (0, 2)]
+    labels = torch.tensor([WORDS.index(s.word.text) for s in with_word])
+    expected = torch.nn.functional.cross_entropy(probe.word_mean(torch.stack(means)), labels)
+    assert torch.isclose(probe.loss(tokens, batch) - plain.loss(tokens, batch), expected, atol=1e-5)
+    # No word in the batch: the term adds nothing (and no NaN from an empty mean).
+    assert torch.isclose(probe.loss(tokens[1:2], batch[1:2]), plain.loss(tokens[1:2], batch[1:2]), atol=1e-6)
+
+
 def test_letter_inks_split_the_words_ink_left_to_right_and_name_each_patchs_main_letter():
     with_word = [s for s in SCENES if s.word is not None]
     centre = (np.arange(GRID) * CELL + CELL / 2)[None, :].repeat(GRID, 0).reshape(-1)  # patch x centres
