@@ -21,7 +21,7 @@ from app.demo.answers import MaskCodes
 from app.demo.examples import Example, examples
 from app.demo.pointing import patch_shares
 from app.demo.probe import ProbeTargets, targets, word_ink
-from app.demo.world import Scene, generate_scene, object_mask, render, scene_rng
+from app.demo.world import WORD_PROBABILITY, Scene, generate_scene, object_mask, render, scene_rng
 from app.model import presets
 from app.model.inputs import ImageTransform, PromptEncoder
 
@@ -137,12 +137,14 @@ class BatchMaker:
             return []
         return [patch_shares(object_mask(obj), self.grid) for obj in example.objects]
 
-    def images_only(self, step: int, count: int) -> tuple[torch.Tensor, list[ProbeTargets]]:
-        """Images and probe targets of their own stream (the vision tower's warm-up, app.demo.train)."""
+    def images_only(self, step: int, count: int, word_probability: float = WORD_PROBABILITY
+                    ) -> tuple[torch.Tensor, list[ProbeTargets]]:
+        """Images and probe targets of their own stream (the vision tower's warm-up, app.demo.train);
+        `word_probability` is the share of them that hold a word."""
         pixels, probe = [], []
         for i in range(count):
             rng = scene_rng(VISION_STREAM, self.seed, step * count + i)
-            scene = generate_scene(rng)
+            scene = generate_scene(rng, word_probability=word_probability)
             image = as_sent(render(scene), rng) if self.augment else render(scene)
             pixels.append(self.transform(image))
             probe.append(targets(scene, self.grid))

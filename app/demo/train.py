@@ -55,6 +55,7 @@ from app.demo.examples import TASK_WEIGHTS, format_task_weights, parse_task_weig
 from app.demo.mask_vqvae import MaskTokenizer, save_npz, train_mask_vqvae
 from app.demo.pointing import AttentionPointer
 from app.demo.probe import VisionProbe, add_capped_gradient
+from app.demo.world import WORD_PROBABILITY
 from app.model import presets
 from app.model.inputs import ImageTransform, PromptEncoder
 
@@ -124,11 +125,17 @@ class TrainConfig:
     vision_steps: int = 600  # the vision tower alone on the probe first
     single_object_steps: int = 0  # scenes of one object only at first
     vision_images: int = 32
+    # The share of the tower phase's scenes that hold a word (the world's is 0.5): reading is what that
+    # phase learns slowest (docs/demo.md), and the objects come with every scene either way.
+    vision_word_probability: float = WORD_PROBABILITY
     # The mixture of tasks among a scene's prompts, `task=weight,...` (relative weights)
     task_weights: str = format_task_weights(TASK_WEIGHTS)
 
     def __post_init__(self) -> None:
         _ = self.mixture  # a bad mixture fails here, not after the tower's phase
+        share = self.vision_word_probability
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"vision_word_probability must be within [0, 1], not {share}")
 
     @property
     def mixture(self) -> dict[str, float]:
@@ -242,7 +249,8 @@ def _pretrain_vision(model: PaliGemmaForConditionalGeneration, probe: VisionProb
     for step in range(config.vision_steps):
         for group in optimizer.param_groups:
             group["lr"] = config.lr * min(1.0, (step + 1) / 50) * (1 - step / config.vision_steps)
-        pixels, probe_targets = maker.images_only(step, config.vision_images)
+        pixels, probe_targets = maker.images_only(step, config.vision_images,
+                                                     config.vision_word_probability)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.autocast):
             features = model.model.get_image_features(pixels).pooler_output
         loss = probe.loss(features, probe_targets)

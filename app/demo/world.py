@@ -126,10 +126,12 @@ def _place_word(rng: np.random.Generator, objects: list[SceneObject]) -> Word | 
     return None
 
 
-def generate_scene(rng: np.random.Generator, most_objects: int = OBJECT_COUNT[1]) -> Scene:
+def generate_scene(rng: np.random.Generator, most_objects: int = OBJECT_COUNT[1],
+                   word_probability: float = WORD_PROBABILITY) -> Scene:
     """One scene drawn from the rules; placements that do not fit are drawn again from the same stream.
-    `most_objects` below 3 draws from the easier part of the world only (the start of training)."""
-    with_word = bool(rng.random() < WORD_PROBABILITY)
+    `most_objects` below 3 draws from the easier part of the world only (the start of training);
+    `word_probability` other than the world's is for the vision tower's own phase (app.demo.train)."""
+    with_word = bool(rng.random() < word_probability)
     while True:
         background = tuple(int(v) for v in rng.integers(BACKGROUND_RANGE[0], BACKGROUND_RANGE[1] + 1, 3))
         objects = _place_objects(rng, int(rng.integers(OBJECT_COUNT[0], most_objects + 1)))

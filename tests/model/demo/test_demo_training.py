@@ -100,6 +100,9 @@ def test_a_bad_task_mixture_is_refused_on_the_command_line_before_anything_train
     assert exited.value.code == 2 and "detect, segment, caption, ocr missing" in capsys.readouterr().err
     config, _, _ = parse_args(["--task-weights", "detect=1,segment=1,caption=1,vqa=2,ocr=0"])
     assert config.task_weights == "detect=1,segment=1,caption=1,vqa=2,ocr=0"
+    with pytest.raises(SystemExit):
+        parse_args(["--vision-word-probability", "1.5"])
+    assert "within [0, 1], not 1.5" in capsys.readouterr().err
 
 
 def test_the_box_target_can_weigh_differently_while_the_vision_tower_trains_alone_and_later(vqvae_file):

@@ -76,6 +76,12 @@ def test_half_the_scenes_hold_a_word_clear_of_every_object():
             assert not (object_mask(obj)[y0:y1, x0:x1]).any()
 
 
+@pytest.mark.parametrize("probability", [0.0, 1.0])
+def test_the_share_of_scenes_with_a_word_can_be_set_for_the_vision_towers_phase(probability):
+    scenes = [generate_scene(scene_rng(99, 0, i), word_probability=probability) for i in range(50)]
+    assert all((scene.word is not None) == bool(probability) for scene in scenes)
+
+
 def test_the_word_box_is_pillows_textbbox_for_its_font():
     scene = next(s for s in SCENES if s.word is not None)
     draw = ImageDraw.Draw(render(scene))
