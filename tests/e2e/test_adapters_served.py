@@ -41,6 +41,9 @@ from tests.trained_adapters import KIND, merged_model, train_adapter
 KEY = "adapter-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 IMAGE = jpeg(96, 72, seed=5)
+# The request that an unload must wait for: long enough that the test's own requests, slowed by a busy
+# machine, still land while it runs (200 tokens were not, under heavy load).
+LONG_REQUEST_TOKENS = 1000
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +68,8 @@ def root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(root, tmp_path_factory):
     env = {"PALIGEMMA_MODEL": "tiny", "PALIGEMMA_ADAPTERS": f"att={root / 'attention'}",
-           "PALIGEMMA_ADAPTER_ROOT": str(root), "PALIGEMMA_API_KEYS": KEY, "PALIGEMMA_MAX_ADAPTERS": "2"}
+           "PALIGEMMA_ADAPTER_ROOT": str(root), "PALIGEMMA_API_KEYS": KEY, "PALIGEMMA_MAX_ADAPTERS": "2",
+           "PALIGEMMA_MAX_NEW_TOKENS": str(LONG_REQUEST_TOKENS)}
     with served(tmp_path_factory.mktemp("adapter-server"), env=env) as server:
         yield server
 
@@ -199,7 +203,8 @@ def test_unloading_waits_for_the_adapter_s_running_requests(server, root):
     def long_request() -> None:
         with httpx.stream("POST", f"{server.url}/v1/caption", headers=AUTH, timeout=120,
                           files={"image": ("a.jpg", IMAGE)},
-                          data={"adapter": "slow", "max_new_tokens": "200", "stream": "true"}) as response:
+                          data={"adapter": "slow", "max_new_tokens": str(LONG_REQUEST_TOKENS),
+                                "stream": "true"}) as response:
             events = []
             for line in response.iter_lines():
                 if line.startswith("event: delta"):
@@ -225,7 +230,10 @@ def test_unloading_waits_for_the_adapter_s_running_requests(server, root):
     runner.join(120)
     deleting.join(120)
     assert outcome["status"] == 200 and outcome["result"]["adapter"] == "slow"
-    assert outcome["result"]["usage"]["completion_tokens"] == 200  # it ran to its end with its adapter
+    # It ran to its end with its adapter: what the same weights, loaded as "att", answer undisturbed.
+    undisturbed = caption(server, "att", max_new_tokens=LONG_REQUEST_TOKENS).json()
+    assert outcome["result"]["raw_text"] == undisturbed["raw_text"]
+    assert outcome["result"]["usage"] == undisturbed["usage"]
     assert outcome["deleted"].status_code == 200
     # The unload answered when the stream was ending, not when it was asked (just after the first delta).
     # Measured against the stream's own span, since its last events and the DELETE's answer cross the
