@@ -167,13 +167,21 @@ class VisionProbe(nn.Module):
         hundred steps of 32 word-bearing scenes and was 0.47 and rising at 1500, where `words` with the
         same mean stayed at chance for 1350 (docs/demo.md)."""
         assert self.word_mean is not None
-        touched = word_class >= 0
-        held = touched.any(1)
-        if not bool(held.any()):
+        means = _word_means(tokens, word_class)
+        if means is None:
             return tokens.new_zeros(())
-        weights = touched[held].float()
-        pooled = (tokens[held] * weights[..., None]).sum(1) / weights.sum(1, keepdim=True)
-        return F.cross_entropy(self.word_mean(pooled), word_class[held].max(1).values)
+        pooled, words = means
+        return F.cross_entropy(self.word_mean(pooled), words)
+
+    @torch.no_grad()
+    def words_read(self, tokens: torch.Tensor, batch: list[ProbeTargets]) -> tuple[int, int]:
+        """(words the word-mean head names right, words) in a batch: with fresh scenes every step, as the
+        tower's phase draws them, a held-out measure of how well the tokens read, logged as it trains."""
+        means = _word_means(tokens.float(), torch.stack([t.word_class for t in batch]))
+        if self.word_mean is None or means is None:
+            return 0, 0
+        pooled, words = means
+        return int((self.word_mean(pooled).argmax(-1) == words).sum()), len(words)
 
     def box_loss(self, tokens: torch.Tensor, batch: list[ProbeTargets]) -> torch.Tensor:
         """The box term, weighed by `box_weight`: in canvas units times _SCALE, as the moments are; a patch
@@ -183,6 +191,18 @@ class VisionProbe(nn.Module):
         weight = torch.stack([t.box_share for t in batch])
         squared = ((self.box(tokens.float()) - boxes) * _SCALE).square().sum(-1)
         return self.box_weight * (squared * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def _word_means(tokens: torch.Tensor, word_class: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(the mean of each word's tokens, which word it is) for the images of a batch that hold one, or
+    None when none does (an empty mean would be NaN)."""
+    touched = word_class >= 0
+    held = touched.any(1)
+    if not bool(held.any()):
+        return None
+    weights = touched[held].float()
+    pooled = (tokens[held] * weights[..., None]).sum(1) / weights.sum(1, keepdim=True)
+    return pooled, word_class[held].max(1).values
 
 
 def add_capped_gradient(tokens: torch.Tensor, extra: torch.Tensor, share: float,

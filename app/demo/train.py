@@ -246,6 +246,7 @@ def _pretrain_vision(model: PaliGemmaForConditionalGeneration, probe: VisionProb
               *probe.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     started = time.perf_counter()
+    read, words = 0, 0  # since the last log line
     for step in range(config.vision_steps):
         for group in optimizer.param_groups:
             group["lr"] = config.lr * min(1.0, (step + 1) / 50) * (1 - step / config.vision_steps)
@@ -254,13 +255,17 @@ def _pretrain_vision(model: PaliGemmaForConditionalGeneration, probe: VisionProb
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.autocast):
             features = model.model.get_image_features(pixels).pooler_output
         loss = probe.loss(features, probe_targets)
+        right, count = probe.words_read(features, probe_targets)  # before this step learns from them
+        read, words = read + right, words + count
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, config.clip)
         optimizer.step()
         if (step + 1) % 50 == 0:
-            logger.info("vision step %d/%d probe loss %.4f, %.0f s", step + 1, config.vision_steps,
-                        loss.item(), time.perf_counter() - started)
+            reading = f", words read {read / words:.2f} of {words}" if words else ""  # 0: no word-mean head
+            logger.info("vision step %d/%d probe loss %.4f%s, %.0f s", step + 1, config.vision_steps,
+                        loss.item(), reading, time.perf_counter() - started)
+            read, words = 0, 0
 
 
 def clip_gradients(model: nn.Module, probe: nn.Module, clip: float, probe_apart: bool) -> float:

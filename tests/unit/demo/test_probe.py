@@ -115,6 +115,26 @@ def test_the_word_mean_term_asks_the_mean_of_each_words_tokens_which_word_it_is(
     assert torch.isclose(probe.loss(tokens[1:2], batch[1:2]), plain.loss(tokens[1:2], batch[1:2]), atol=1e-6)
 
 
+def test_words_read_counts_the_words_the_word_mean_head_names_right():
+    with_word = [s for s in SCENES if s.word is not None][:3]
+    batch = [targets(s, GRID) for s in with_word]
+    labels = [WORDS.index(s.word.text) for s in with_word]
+    # Tokens that are one-hot in their word's index wherever the word's ink is: an identity head reads all.
+    tokens = torch.zeros(3, GRID * GRID, len(WORDS))
+    for i, t in enumerate(batch):
+        tokens[i, t.word_class >= 0, labels[i]] = 1.0
+    probe = VisionProbe(len(WORDS), word_mean=True)
+    with torch.no_grad():
+        probe.word_mean.weight.copy_(torch.eye(len(WORDS)))
+        probe.word_mean.bias.zero_()
+    assert probe.words_read(tokens, batch) == (3, 3)
+    tokens[1] = tokens[1].roll(1, dims=-1)  # the second word's tokens now say the next word
+    assert probe.words_read(tokens, batch) == (2, 3)
+    without = next(s for s in SCENES if s.word is None)
+    assert probe.words_read(tokens[:1], [targets(without, GRID)]) == (0, 0)
+    assert VisionProbe(len(WORDS)).words_read(tokens, batch) == (0, 0)  # no head, nothing read
+
+
 def test_letter_inks_split_the_words_ink_left_to_right_and_name_each_patchs_main_letter():
     with_word = [s for s in SCENES if s.word is not None]
     centre = (np.arange(GRID) * CELL + CELL / 2)[None, :].repeat(GRID, 0).reshape(-1)  # patch x centres
