@@ -14,7 +14,9 @@
      language model to look, wherever the answer writes an object's box or mask (or reads the word), at
      that object's image tokens (docs/demo.md, "An attention target, tried"). The probe also asks each
      object's patches for its box, at a tenth of its weight while the tower trains alone (docs/demo.md,
-     "Where the box target's cost is paid").
+     "Where the box target's cost is paid"). To read, it asks each inked patch for its main letter and the
+     mean of the word's tokens for the word, and the tower's own phase draws a word into every scene
+     (docs/demo.md, "A tower that reads").
    - AdamW, linear warm-up then cosine decay, gradient clipping. The seed fixes the batches and the
      initial weights. On one torch thread (the default) a rerun is the same bit for bit; on two the CPU
      kernels add in another order from run to run (the mask VQ-VAE's loss differs between two runs of the
@@ -55,7 +57,6 @@ from app.demo.examples import TASK_WEIGHTS, format_task_weights, parse_task_weig
 from app.demo.mask_vqvae import MaskTokenizer, save_npz, train_mask_vqvae
 from app.demo.pointing import AttentionPointer
 from app.demo.probe import VisionProbe, add_capped_gradient
-from app.demo.world import WORD_PROBABILITY
 from app.model import presets
 from app.model.inputs import ImageTransform, PromptEncoder
 
@@ -85,7 +86,7 @@ ARCHITECTURES = {
 class TrainConfig:
     seed: int = 0
     architecture: str = "demo"
-    steps: int = 4400
+    steps: int = 4200
     images: int = 8  # scenes per step
     prompts: int = 6  # prompts per scene
     lr: float = 2e-3
@@ -117,17 +118,19 @@ class TrainConfig:
     # app.demo.probe.add_capped_gradient says why).
     probe_box_share: float = 0.0
     probe_words: bool = False  # and every patch of the word which word it is
-    probe_letters: bool = False  # and which letter has most ink in it
-    probe_word_mean: bool = False  # and the mean of the word's tokens which word it is
+    # Reading (docs/demo.md, "A tower that reads"): each inked patch which letter has most ink in it, and
+    # the mean of the word's tokens which word it is.
+    probe_letters: bool = True
+    probe_word_mean: bool = True
     pointing_weight: float = 0.5  # the attention target of app.demo.pointing (0: off)
     pointing_layer: int = -2  # the language model layer whose first head it trains
     point_vqa: bool = False  # it also points a VQA answer about one object at that object
-    vision_steps: int = 600  # the vision tower alone on the probe first
+    vision_steps: int = 3000  # the vision tower alone on the probe first (0.31 s a step here)
     single_object_steps: int = 0  # scenes of one object only at first
     vision_images: int = 32
     # The share of the tower phase's scenes that hold a word (the world's is 0.5): reading is what that
     # phase learns slowest (docs/demo.md), and the objects come with every scene either way.
-    vision_word_probability: float = WORD_PROBABILITY
+    vision_word_probability: float = 1.0
     # The mixture of tasks among a scene's prompts, `task=weight,...` (relative weights)
     task_weights: str = format_task_weights(TASK_WEIGHTS)
 

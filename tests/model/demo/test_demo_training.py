@@ -88,8 +88,8 @@ def test_batches_use_the_servers_prompt_encoding_and_image_preprocessing(vqvae_f
 
 
 def test_every_config_field_is_a_flag_and_switches_turn_off():
-    config, out, _ = parse_args(["--out", "x", "--steps", "12", "--no-autocast", "--probe-letters"])
-    assert (config.steps, config.autocast, config.probe_letters, config.probe_words) == (12, False, True, False)
+    config, out, _ = parse_args(["--out", "x", "--steps", "12", "--no-autocast", "--no-probe-letters", "--probe-words"])
+    assert (config.steps, config.autocast, config.probe_letters, config.probe_words) == (12, False, False, True)
     assert str(out) == "x"
     assert parse_args([])[0] == TrainConfig()
 
