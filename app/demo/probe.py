@@ -177,8 +177,10 @@ class VisionProbe(nn.Module):
     def words_read(self, tokens: torch.Tensor, batch: list[ProbeTargets]) -> tuple[int, int]:
         """(words the word-mean head names right, words) in a batch: with fresh scenes every step, as the
         tower's phase draws them, a held-out measure of how well the tokens read, logged as it trains."""
+        if self.word_mean is None:
+            return 0, 0
         means = _word_means(tokens.float(), torch.stack([t.word_class for t in batch]))
-        if self.word_mean is None or means is None:
+        if means is None:
             return 0, 0
         pooled, words = means
         return int((self.word_mean(pooled).argmax(-1) == words).sum()), len(words)
