@@ -125,7 +125,7 @@ class TrainConfig:
     pointing_weight: float = 0.5  # the attention target of app.demo.pointing (0: off)
     pointing_layer: int = -2  # the language model layer whose first head it trains
     point_vqa: bool = False  # it also points a VQA answer about one object at that object
-    vision_steps: int = 3000  # the vision tower alone on the probe first (0.31 s a step here)
+    vision_steps: int = 3000  # the vision tower alone on the probe first (0.33-0.37 s a step here)
     single_object_steps: int = 0  # scenes of one object only at first
     vision_images: int = 32
     # The share of the tower phase's scenes that hold a word (the world's is 0.5): reading is what that
