@@ -90,9 +90,10 @@ class BatchMaker:
 
     def __init__(self, encoder: PromptEncoder, transform: ImageTransform, codes: MaskCodes, seed: int,
                  images: int, prompts: int, augment: bool = True, point_vqa: bool = False,
-                 task_weights: dict[str, float] | None = None) -> None:
+                 task_weights: dict[str, float] | None = None, wordless_ocr: float = 1.0) -> None:
         self.encoder = encoder
         self.task_weights = task_weights  # None: examples.TASK_WEIGHTS
+        self.wordless_ocr = wordless_ocr  # OCR's weight on a scene without a word, times the mixture's
         self.point_vqa = point_vqa
         self.transform = transform
         self.codes = codes
@@ -124,7 +125,8 @@ class BatchMaker:
             pixels.append(self.transform(image))
             probe.append(targets(scene, self.grid))
             rows += [(i, ex, self.regions(scene, ex))
-                     for ex in examples(scene, self.prompts, rng, self.codes, self.task_weights)]
+                     for ex in examples(scene, self.prompts, rng, self.codes, self.task_weights,
+                                              self.wordless_ocr)]
         return replace(self.collate(torch.stack(pixels), rows), probe=probe)
 
     def regions(self, scene: Scene, example: Example) -> list[np.ndarray]:

@@ -128,8 +128,12 @@ def parse_task_weights(text: str) -> dict[str, float]:
 
 
 def examples(scene: Scene, count: int, rng: np.random.Generator, codes: MaskCodes,
-             task_weights: dict[str, float] | None = None) -> list[Example]:
-    mixture = TASK_WEIGHTS if task_weights is None else task_weights
+             task_weights: dict[str, float] | None = None, wordless_ocr: float = 1.0) -> list[Example]:
+    """`count` prompts for `scene`, drawn from the mixture; on a scene without a word OCR's weight is
+    `wordless_ocr` times the mixture's (its answer there, empty, is learnt long before any word is read)."""
+    mixture = dict(TASK_WEIGHTS if task_weights is None else task_weights)
+    if scene.word is None:
+        mixture["ocr"] *= wordless_ocr
     tasks = list(mixture)
     weights = np.array([mixture[t] for t in tasks])
     picked = rng.choice(len(tasks), size=count, p=weights / weights.sum())

@@ -133,12 +133,17 @@ class TrainConfig:
     vision_word_probability: float = 1.0
     # The mixture of tasks among a scene's prompts, `task=weight,...` (relative weights)
     task_weights: str = format_task_weights(TASK_WEIGHTS)
+    # OCR's weight on a scene without a word, as a share of its weight in the mixture: the empty answer
+    # is learnt early, and reading is what the language model learns slowest.
+    ocr_wordless_weight: float = 1.0
 
     def __post_init__(self) -> None:
         _ = self.mixture  # a bad mixture fails here, not after the tower's phase
         share = self.vision_word_probability
         if not 0.0 <= share <= 1.0:
             raise ValueError(f"vision_word_probability must be within [0, 1], not {share}")
+        if not 0.0 < self.ocr_wordless_weight <= 1.0:  # above 0: a mixture of OCR alone stays drawable
+            raise ValueError(f"ocr_wordless_weight must be within (0, 1], not {self.ocr_wordless_weight}")
 
     @property
     def mixture(self) -> dict[str, float]:
@@ -293,7 +298,7 @@ def train_model(config: TrainConfig, codes: MaskTokenizer, evaluate_every=None,
     model, processor = build(config.architecture, config.seed)
     maker = BatchMaker(PromptEncoder.from_processor(processor), ImageTransform.from_processor(processor),
                        codes, config.seed, config.images, config.prompts, point_vqa=config.point_vqa,
-                       task_weights=config.mixture)
+                       task_weights=config.mixture, wordless_ocr=config.ocr_wordless_weight)
     objective = Objective(loc_ids(processor), config.loc_sigma, config.loc_peak)
     probe = VisionProbe(model.config.text_config.hidden_size,  # type: ignore[union-attr]
                         max(config.vision_box_weight, config.probe_box_weight, config.probe_box_weight_after),

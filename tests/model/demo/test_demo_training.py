@@ -103,6 +103,11 @@ def test_a_bad_task_mixture_is_refused_on_the_command_line_before_anything_train
     with pytest.raises(SystemExit):
         parse_args(["--vision-word-probability", "1.5"])
     assert "within [0, 1], not 1.5" in capsys.readouterr().err
+    for bad in ("0", "1.5"):
+        with pytest.raises(SystemExit):
+            parse_args(["--ocr-wordless-weight", bad])
+        assert f"within (0, 1], not {float(bad)}" in capsys.readouterr().err
+    assert parse_args(["--ocr-wordless-weight", "0.2"])[0].ocr_wordless_weight == 0.2
 
 
 def test_the_box_target_can_weigh_differently_while_the_vision_tower_trains_alone_and_later(vqvae_file):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from app.demo.examples import TASK_WEIGHTS, examples, format_task_weights, parse_task_weights
-from app.demo.world import COLORS, Scene, SceneObject
+from app.demo.world import COLORS, Scene, SceneObject, Word
 
 
 def test_the_default_mixture_reads_back_as_itself():
@@ -32,3 +32,21 @@ def test_prompts_are_drawn_in_the_mixtures_proportions():
     drawn = [ex.task for ex in examples(scene, 4000, np.random.default_rng(0), codes=None, task_weights=weights)]
     assert set(drawn) == {"caption", "vqa"}
     assert drawn.count("vqa") / len(drawn) == pytest.approx(0.75, abs=0.03)
+
+
+def _scene(word: Word | None) -> Scene:
+    return Scene((230, 230, 230), (SceneObject("circle", "red", COLORS["red"], 10, 100, 40),), word)
+
+
+def test_ocr_weighs_less_on_a_scene_without_a_word_only():
+    weights = parse_task_weights("detect=0,segment=0,caption=1,vqa=0,ocr=1")
+    worded, blank = _scene(Word("FISH", 24, 120, 20, (120, 26, 170, 44))), _scene(None)
+
+    def ocr_share(scene: Scene, wordless: float) -> float:
+        drawn = [ex.task for ex in examples(scene, 4000, np.random.default_rng(0), codes=None,
+                                            task_weights=weights, wordless_ocr=wordless)]
+        return drawn.count("ocr") / len(drawn)
+
+    assert ocr_share(blank, 0.25) == pytest.approx(0.2, abs=0.03)  # 0.25 against caption's 1
+    assert ocr_share(worded, 0.25) == pytest.approx(0.5, abs=0.03)
+    assert ocr_share(blank, 1.0) == ocr_share(worded, 1.0)  # 1: the mixture as it is, draw for draw
