@@ -124,9 +124,8 @@ class BatchMaker:
                 image = as_sent(image, rng)
             pixels.append(self.transform(image))
             probe.append(targets(scene, self.grid))
-            rows += [(i, ex, self.regions(scene, ex))
-                     for ex in examples(scene, self.prompts, rng, self.codes, self.task_weights,
-                                              self.wordless_ocr)]
+            drawn = examples(scene, self.prompts, rng, self.codes, self.task_weights, self.wordless_ocr)
+            rows += [(i, ex, self.regions(scene, ex)) for ex in drawn]
         return replace(self.collate(torch.stack(pixels), rows), probe=probe)
 
     def regions(self, scene: Scene, example: Example) -> list[np.ndarray]:

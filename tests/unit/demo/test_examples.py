@@ -26,16 +26,16 @@ def test_a_bad_mixture_says_what_is_wrong(text, says):
         parse_task_weights(text)
 
 
+def _scene(word: Word | None) -> Scene:
+    return Scene((230, 230, 230), (SceneObject("circle", "red", COLORS["red"], 10, 100, 40),), word)
+
+
 def test_prompts_are_drawn_in_the_mixtures_proportions():
-    scene = Scene((230, 230, 230), (SceneObject("circle", "red", COLORS["red"], 10, 100, 40),), None)
+    scene = _scene(None)
     weights = parse_task_weights("detect=0,segment=0,caption=1,vqa=3,ocr=0")
     drawn = [ex.task for ex in examples(scene, 4000, np.random.default_rng(0), codes=None, task_weights=weights)]
     assert set(drawn) == {"caption", "vqa"}
     assert drawn.count("vqa") / len(drawn) == pytest.approx(0.75, abs=0.03)
-
-
-def _scene(word: Word | None) -> Scene:
-    return Scene((230, 230, 230), (SceneObject("circle", "red", COLORS["red"], 10, 100, 40),), word)
 
 
 def test_ocr_weighs_less_on_a_scene_without_a_word_only():
