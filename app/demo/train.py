@@ -84,7 +84,9 @@ ARCHITECTURES = {
 
 @dataclass(frozen=True)
 class TrainConfig:
-    seed: int = 0
+    # The shipped weights' seed: of three seeds of this recipe it met the most targets (docs/demo.md,
+    # "OCR at 0.2, three seeds"); on one thread a seed gives the same weights bit for bit.
+    seed: int = 1
     architecture: str = "demo"
     steps: int = 4200
     images: int = 8  # scenes per step

@@ -1,6 +1,7 @@
 """Training the demo model and its mask VQ-VAE, in a few steps: the loss falls, and what is saved loads
 through the server's own paths."""
 
+import json
 import logging
 import math
 from dataclasses import replace
@@ -92,6 +93,17 @@ def test_every_config_field_is_a_flag_and_switches_turn_off():
     assert (config.steps, config.autocast, config.probe_letters, config.probe_words) == (12, False, False, True)
     assert str(out) == "x"
     assert parse_args([])[0] == TrainConfig()
+
+
+def test_the_shipped_weights_were_trained_with_the_recipe_s_defaults():
+    # docs/demo.md says `TrainConfig`'s defaults are the shipped weights' recipe (seed included), so that
+    # `make demo-model` trains what is shipped; the training record says what they were trained with.
+    from dataclasses import asdict
+
+    from app.demo import WEIGHTS_DIR
+
+    shipped = json.loads((WEIGHTS_DIR / "training.json").read_text())["config"]
+    assert shipped == asdict(TrainConfig())
 
 
 def test_a_bad_task_mixture_is_refused_on_the_command_line_before_anything_trains(capsys):
