@@ -4,12 +4,13 @@ through the server's own paths."""
 import json
 import logging
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
 import torch
 
+from app.demo import WEIGHTS_DIR
 from app.demo.batches import BatchMaker
 from app.demo.mask_vqvae import MaskTokenizer, all_crops, save_npz, train_mask_vqvae
 from app.demo.train import (
@@ -98,10 +99,6 @@ def test_every_config_field_is_a_flag_and_switches_turn_off():
 def test_the_shipped_weights_were_trained_with_the_recipe_s_defaults():
     # docs/demo.md says `TrainConfig`'s defaults are the shipped weights' recipe (seed included), so that
     # `make demo-model` trains what is shipped; the training record says what they were trained with.
-    from dataclasses import asdict
-
-    from app.demo import WEIGHTS_DIR
-
     shipped = json.loads((WEIGHTS_DIR / "training.json").read_text())["config"]
     assert shipped == asdict(TrainConfig())
 
