@@ -102,8 +102,9 @@ class TrainConfig:
     loc_peak: float = 0.5  # share of a loc target on the true bin (see Objective)
     vq_steps: int = 400
     # One thread, as the shipped weights were trained (each run on a core of its own; docs/demo.md): a
-    # rerun is then the same bit for bit. Two, alone on a 2-core machine, ran at 0.7-0.8 s a step against
-    # ~1.0 for one beside another run, but add their sums in another order from run to run.
+    # rerun is then the same bit for bit. Two, alone on a 2-core machine, ran a whole-model step in 0.72 s
+    # against ~1.0 on one; short runs on two threads repeated bit for bit as well, a whole one is unchecked
+    # (docs/demo.md, "A longer tower phase"). Two threads give other weights than one.
     threads: int = 1
     eval_every: int = 400
     eval_scenes: int = 12
