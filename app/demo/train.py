@@ -102,9 +102,8 @@ class TrainConfig:
     loc_peak: float = 0.5  # share of a loc target on the true bin (see Objective)
     vq_steps: int = 400
     # One thread, as the shipped weights were trained (each run on a core of its own; docs/demo.md): a
-    # rerun is then the same bit for bit. Two, alone on a 2-core machine, ran a whole-model step in 0.72 s
-    # against ~1.0 on one; short runs on two threads repeated bit for bit as well, a whole one is unchecked
-    # (docs/demo.md, "A longer tower phase"). Two threads give other weights than one.
+    # rerun is then the same bit for bit. Two ran short runs faster and repeatably, but a real run no faster
+    # than one (docs/demo.md, "A longer tower phase"); they give other weights than one.
     threads: int = 1
     eval_every: int = 400
     eval_scenes: int = 12
