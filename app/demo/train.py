@@ -18,9 +18,10 @@
      mean of the word's tokens for the word, and the tower's own phase draws a word into every scene
      (docs/demo.md, "A tower that reads").
    - AdamW, linear warm-up then cosine decay, gradient clipping. The seed fixes the batches and the
-     initial weights. On one torch thread (the default) a rerun is the same bit for bit; on two the CPU
-     kernels add in another order from run to run (the mask VQ-VAE's loss differs between two runs of the
-     same seed within 100 steps), and scores may differ (docs/demo.md, "How it was made").
+     initial weights; a process of its own draws them ahead of the step (`made_ahead`), the same either
+     way. On one torch thread (the default) a rerun is the same bit for bit; on two the CPU kernels may
+     add in another order from run to run (the mask VQ-VAE's loss differed between two runs of the same
+     seed within 100 steps), and scores may differ (docs/demo.md, "How it was made").
 3. `save_pretrained` (safetensors, model + processor) into the output directory with the decoder beside it.
 
 The run logs every task's loss, and a quick held-out evaluation now and then (`evaluate`).
@@ -54,6 +55,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from app.demo import MASK_DECODER_FILE, WEIGHTS_DIR
 from app.demo.batches import Batch, BatchMaker
 from app.demo.examples import TASK_WEIGHTS, format_task_weights, parse_task_weights
+from app.demo.made_ahead import made_ahead
 from app.demo.mask_vqvae import MaskTokenizer, save_npz, train_mask_vqvae
 from app.demo.pointing import AttentionPointer
 from app.demo.probe import VisionProbe, add_capped_gradient
@@ -105,6 +107,9 @@ class TrainConfig:
     # rerun is then the same bit for bit. Two ran short runs faster and repeatably, but a real run no faster
     # than one (docs/demo.md, "A longer tower phase"); they give other weights than one.
     threads: int = 1
+    # Processes that draw the batches ahead of the step (app.demo.made_ahead; 0: the training process
+    # draws them): the same batches, so the same weights, either way.
+    batch_workers: int = 1
     eval_every: int = 400
     eval_scenes: int = 12
     weights_dtype: str = "float16"
@@ -257,11 +262,12 @@ def _pretrain_vision(model: PaliGemmaForConditionalGeneration, probe: VisionProb
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     started = time.perf_counter()
     read, words = 0, 0  # since the last log line
-    for step in range(config.vision_steps):
+    scenes = made_ahead(lambda step: maker.images_only(step, config.vision_images,
+                                                       config.vision_word_probability),
+                        config.vision_steps, config.batch_workers)
+    for step, (pixels, probe_targets) in enumerate(scenes):
         for group in optimizer.param_groups:
             group["lr"] = config.lr * min(1.0, (step + 1) / 50) * (1 - step / config.vision_steps)
-        pixels, probe_targets = maker.images_only(step, config.vision_images,
-                                                     config.vision_word_probability)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.autocast):
             features = model.model.get_image_features(pixels).pooler_output
         loss = probe.loss(features, probe_targets)
@@ -325,10 +331,11 @@ def train_model(config: TrainConfig, codes: MaskTokenizer, evaluate_every=None,
     grad_norms: list[float] = []
     box_shares: list[float] = []  # the box term's gradient norm at the image tokens over the rest's, uncapped
     started = time.perf_counter()
-    for step in range(config.steps):
+    batches = made_ahead(lambda step: maker.batch(step, 1 if step < config.single_object_steps else 3),
+                         config.steps, config.batch_workers)
+    for step, batch in enumerate(batches):
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(config, step)
-        batch = maker.batch(step, 1 if step < config.single_object_steps else 3)
         logits, patches, pointing_loss = batch_logits(model, batch, config.autocast, pointer)
         token_losses = objective.token_losses(logits, batch.targets)
         if config.probe_box_drop_step and step == config.probe_box_drop_step:
