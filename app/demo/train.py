@@ -151,6 +151,8 @@ class TrainConfig:
             raise ValueError(f"vision_word_probability must be within [0, 1], not {share}")
         if not 0.0 < self.ocr_wordless_weight <= 1.0:  # above 0: a mixture of OCR alone stays drawable
             raise ValueError(f"ocr_wordless_weight must be within (0, 1], not {self.ocr_wordless_weight}")
+        if self.batch_workers < 0:
+            raise ValueError(f"batch_workers must be 0 or more, not {self.batch_workers}")
 
     @property
     def mixture(self) -> dict[str, float]:

@@ -123,6 +123,9 @@ def test_a_bad_task_mixture_is_refused_on_the_command_line_before_anything_train
             parse_args(["--ocr-wordless-weight", bad])
         assert f"within (0, 1], not {float(bad)}" in capsys.readouterr().err
     assert parse_args(["--ocr-wordless-weight", "0.2"])[0].ocr_wordless_weight == 0.2
+    with pytest.raises(SystemExit):
+        parse_args(["--batch-workers", "-1"])
+    assert "batch_workers must be 0 or more, not -1" in capsys.readouterr().err
 
 
 def test_the_box_target_can_weigh_differently_while_the_vision_tower_trains_alone_and_later(vqvae_file):
