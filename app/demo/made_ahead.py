@@ -8,8 +8,12 @@ training process little while a core is free. Batch `step` depends on the seed a
 
 from __future__ import annotations
 
+import ctypes
 import io
+import os
 import pickle
+import signal
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -57,6 +61,19 @@ def _as_is(item: Any) -> Any:  # with batch_size=None, one item at a time
     return item
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _end_with_the_trainer(parent: int) -> None:
+    """Runs first in each worker. Killed (a SIGTERM or SIGKILL), the training process runs no `finally`,
+    and a worker left behind would not end on its own: it waits forever on its result pipe's feeder
+    thread. Linux kills it with its parent instead."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+
+
 def made_ahead(make: Callable[[int], T], count: int, workers: int) -> Iterator[T]:
     """`make(0)`, `make(1)`, ... `make(count - 1)` in order, made by `workers` processes ahead of the
     caller (0: by the caller, when asked for). The workers end with the iteration: at its end, when an
@@ -66,8 +83,10 @@ def made_ahead(make: Callable[[int], T], count: int, workers: int) -> Iterator[T
     if workers == 0:
         return (make(step) for step in range(count))
     # Forked workers inherit `make` (nothing of it is pickled); each runs torch on one thread.
+    parent = os.getpid()
     loader = DataLoader(_Steps(make, count), batch_size=None, shuffle=False, num_workers=workers,
-                        collate_fn=_as_is, prefetch_factor=_AHEAD, multiprocessing_context="fork")
+                        collate_fn=_as_is, prefetch_factor=_AHEAD, multiprocessing_context="fork",
+                        worker_init_fn=lambda _: _end_with_the_trainer(parent))
     return _unpacked(iter(loader))
 
 

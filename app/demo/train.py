@@ -119,6 +119,10 @@ class TrainConfig:
     # Its weight while the tower trains alone (< 0: the same). A tenth there: at full weight the tower's
     # first steps lay the image tokens out so that VQA and captions learn slowly ever after (docs/demo.md).
     vision_probe_box_weight: float = 0.1
+    # From this step of the tower phase on, the box term weighs `vision_box_weight_after` (0: never): a long
+    # tower phase at a tenth of it loses boxes (docs/demo.md), and late its layout of the tokens is set.
+    vision_box_step: int = 0
+    vision_box_weight_after: float = 1.0
     probe_box_drop_step: int = 0  # from this step of the whole model on, it weighs the next (0: never)
     probe_box_weight_after: float = 0.0
     # The box term's gradient at the image tokens at most this share of the rest's there (0: uncapped;
@@ -268,6 +272,8 @@ def _pretrain_vision(model: PaliGemmaForConditionalGeneration, probe: VisionProb
                                                        config.vision_word_probability),
                         config.vision_steps, config.batch_workers)
     for step, (pixels, probe_targets) in enumerate(scenes):
+        if config.vision_box_step and step == config.vision_box_step:
+            probe.box_weight = config.vision_box_weight_after
         for group in optimizer.param_groups:
             group["lr"] = config.lr * min(1.0, (step + 1) / 50) * (1 - step / config.vision_steps)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.autocast):
@@ -311,7 +317,8 @@ def train_model(config: TrainConfig, codes: MaskTokenizer, evaluate_every=None,
                        task_weights=config.mixture, wordless_ocr=config.ocr_wordless_weight)
     objective = Objective(loc_ids(processor), config.loc_sigma, config.loc_peak)
     probe = VisionProbe(model.config.text_config.hidden_size,  # type: ignore[union-attr]
-                        max(config.vision_box_weight, config.probe_box_weight, config.probe_box_weight_after),
+                        max(config.vision_box_weight, config.probe_box_weight, config.probe_box_weight_after,
+                            config.vision_box_weight_after if config.vision_box_step else 0.0),
                         config.probe_words, config.probe_letters, config.probe_word_mean)
     probe.box_weight = config.vision_box_weight
     _pretrain_vision(model, probe, maker, config)

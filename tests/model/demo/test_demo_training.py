@@ -106,6 +106,10 @@ def test_the_shipped_weights_were_trained_with_the_recipe_s_defaults():
     for same_weights_either_way in ("batch_workers",):
         shipped.pop(same_weights_either_way, None)
         recipe.pop(same_weights_either_way)
+    # A record from before the late tower box weight existed trained without it: the recipe's must be off.
+    if "vision_box_step" not in shipped:
+        assert recipe.pop("vision_box_step") == 0
+        recipe.pop("vision_box_weight_after")
     assert shipped == recipe
 
 
@@ -138,6 +142,30 @@ def test_the_box_target_can_weigh_differently_while_the_vision_tower_trains_alon
     config = replace(config, steps=2, images=2, prompts=2, vision_steps=2, vision_images=2, eval_every=0)
     _, _, losses = train_model(config, MaskTokenizer(vqvae_file))
     assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+def test_late_in_the_tower_phase_the_box_term_can_weigh_more_and_only_from_its_step_on(vqvae_file):
+    config, _, _ = parse_args(["--vision-box-step", "2", "--vision-box-weight-after", "1.0"])
+    assert (config.vision_box_step, config.vision_box_weight_after) == (2, 1.0)
+    assert TrainConfig().vision_box_step == 0  # the recipe's: never
+    small = dict(steps=1, images=2, prompts=2, vision_steps=3, vision_images=2, eval_every=0, batch_workers=0)
+    codes = MaskTokenizer(vqvae_file)
+
+    def tower_after(**changes) -> torch.Tensor:
+        model, _, _ = train_model(TrainConfig(**small, **changes), codes)
+        return torch.cat([p.detach().flatten() for p in model.model.vision_tower.parameters()])
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # a run is the same bit for bit on one thread
+    try:
+        plain = tower_after()
+        # Off (step 0), its weight changes nothing; from the tower's last step, that step learns otherwise.
+        assert torch.equal(tower_after(vision_box_weight_after=5.0), plain)
+        assert not torch.equal(tower_after(vision_box_step=2, vision_box_weight_after=5.0), plain)
+        # From a step past the tower phase, nothing changes either.
+        assert torch.equal(tower_after(vision_box_step=3, vision_box_weight_after=5.0), plain)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_capped_box_target_trains_and_logs_its_gradients_share_before_the_cap(vqvae_file, caplog):

@@ -1,10 +1,17 @@
 import multiprocessing
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from app.demo.made_ahead import made_ahead
+
+_ROOT = Path(__file__).resolve().parents[3]
 
 
 def _item(step: int) -> tuple[int, int, torch.Tensor]:
@@ -46,3 +53,47 @@ def test_a_failing_item_raises_in_the_caller_and_leaves_no_worker_behind():
 def test_a_negative_worker_count_is_refused():
     with pytest.raises(ValueError, match="workers"):
         made_ahead(_item, 3, -1)
+
+
+_TRAINER = """
+import os, sys, time
+from app.demo.made_ahead import made_ahead
+
+def item(step):
+    print(os.getpid(), flush=True)  # from the worker
+    return bytes(1 << 20)  # items as big as a step's scenes fill the pipe the worker hands them over in
+
+for step in made_ahead(item, 10_000, 1):
+    time.sleep(60)  # the trainer's long step; the worker waits with its items made ahead
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+@pytest.mark.parametrize("kill", [signal.SIGTERM, signal.SIGKILL])
+def test_a_killed_trainer_takes_its_workers_with_it(kill):
+    worker = 0
+    trainer = subprocess.Popen([sys.executable, "-c", _TRAINER], cwd=_ROOT, stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(_ROOT)})
+    try:
+        assert trainer.stdout is not None
+        worker = int(trainer.stdout.readline())
+        assert worker != trainer.pid and _alive(worker)
+        trainer.send_signal(kill)
+        trainer.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(worker)
+    finally:
+        trainer.kill()
+        trainer.wait()
+        if worker and _alive(worker):  # left behind: end it here, not with the test run
+            os.kill(worker, signal.SIGKILL)
