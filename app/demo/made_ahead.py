@@ -77,7 +77,8 @@ def _end_with_the_trainer(parent: int) -> None:
 def made_ahead(make: Callable[[int], T], count: int, workers: int) -> Iterator[T]:
     """`make(0)`, `make(1)`, ... `make(count - 1)` in order, made by `workers` processes ahead of the
     caller (0: by the caller, when asked for). The workers end with the iteration: at its end, when an
-    item fails (its error raised here), or when the caller closes or drops it."""
+    item fails (its error raised here), or when the caller closes or drops it; and, on Linux, with the
+    calling process when it is killed."""
     if workers < 0:
         raise ValueError(f"workers must be 0 or more, not {workers}")
     if workers == 0:
