@@ -84,6 +84,15 @@ ARCHITECTURES = {
 }
 
 
+# TrainConfig's fields that have a floor: below it a value would not fail, it would train silently without
+# what it names (`vision_probe_box_weight` < 0 means something: the same as `probe_box_weight`).
+_AT_LEAST_ONE = ("images", "prompts", "threads", "vision_images")
+_AT_LEAST_ZERO = ("steps", "lr", "warmup", "weight_decay", "clip", "vq_steps", "batch_workers", "eval_every",
+                  "eval_scenes", "probe_weight", "probe_box_weight", "vision_box_step", "vision_box_weight_after",
+                  "probe_box_drop_step", "probe_box_weight_after", "probe_box_share", "pointing_weight",
+                  "vision_steps", "single_object_steps")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     # The shipped weights' seed: of three seeds of this recipe it met the most targets (docs/demo.md,
@@ -155,8 +164,13 @@ class TrainConfig:
             raise ValueError(f"vision_word_probability must be within [0, 1], not {share}")
         if not 0.0 < self.ocr_wordless_weight <= 1.0:  # above 0: a mixture of OCR alone stays drawable
             raise ValueError(f"ocr_wordless_weight must be within (0, 1], not {self.ocr_wordless_weight}")
-        if self.batch_workers < 0:
-            raise ValueError(f"batch_workers must be 0 or more, not {self.batch_workers}")
+        for floor, names in ((1, _AT_LEAST_ONE), (0, _AT_LEAST_ZERO)):
+            for name in names:
+                if getattr(self, name) < floor:
+                    raise ValueError(f"{name} must be {floor} or more, not {getattr(self, name)}")
+        if not self.loc_sigma > 0.0 or not 0.0 <= self.loc_peak <= 1.0:
+            raise ValueError(f"loc_sigma must be above 0 and loc_peak within [0, 1], not {self.loc_sigma}, "
+                             f"{self.loc_peak}")
 
     @property
     def mixture(self) -> dict[str, float]:

@@ -132,6 +132,23 @@ def test_a_bad_task_mixture_is_refused_on_the_command_line_before_anything_train
     assert "batch_workers must be 0 or more, not -1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value, says", [
+    ("--vision-box-step", "-1", "vision_box_step must be 0 or more, not -1"),
+    ("--vision-box-weight-after", "-0.5", "vision_box_weight_after must be 0 or more, not -0.5"),
+    ("--steps", "-10", "steps must be 0 or more, not -10"),
+    ("--threads", "0", "threads must be 1 or more, not 0"),
+    ("--images", "0", "images must be 1 or more, not 0"),
+    ("--loc-sigma", "0", "loc_sigma must be above 0"),
+    ("--loc-peak", "1.5", "loc_peak within [0, 1]"),
+])
+def test_a_step_or_weight_out_of_its_range_is_refused_before_anything_trains(capsys, flag, value, says):
+    with pytest.raises(SystemExit) as exited:
+        parse_args([flag, value])
+    assert exited.value.code == 2 and says in capsys.readouterr().err
+    # At its floor it is a setting: a tower phase without a late box weight, no vision-only steps
+    assert parse_args(["--vision-box-step", "0", "--vision-steps", "0"])[0].vision_steps == 0
+
+
 def test_the_box_target_can_weigh_differently_while_the_vision_tower_trains_alone_and_later(vqvae_file):
     assert TrainConfig(probe_box_weight=0.3, vision_probe_box_weight=-1).vision_box_weight == 0.3  # < 0: the same
     assert TrainConfig().vision_box_weight == 0.1 and TrainConfig().probe_box_weight == 1.0  # the recipe's
