@@ -86,11 +86,12 @@ ARCHITECTURES = {
 
 # TrainConfig's fields that have a floor: below it a value would not fail, it would train silently without
 # what it names (`vision_probe_box_weight` < 0 means something: the same as `probe_box_weight`).
+_ATTENTIONS = ("sdpa", "eager")
 _AT_LEAST_ONE = ("images", "prompts", "threads", "vision_images")
 _AT_LEAST_ZERO = ("steps", "lr", "warmup", "weight_decay", "clip", "vq_steps", "batch_workers", "eval_every",
-                  "eval_scenes", "probe_weight", "probe_box_weight", "vision_box_step", "vision_box_weight_after",
-                  "probe_box_drop_step", "probe_box_weight_after", "probe_box_share", "pointing_weight",
-                  "vision_steps", "single_object_steps")
+                  "eval_scenes", "probe_weight", "probe_box_weight", "vision_box_step",
+                  "vision_box_weight_after", "probe_box_drop_step", "probe_box_weight_after",
+                  "probe_box_share", "pointing_weight", "vision_steps", "single_object_steps")
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,11 @@ class TrainConfig:
     eval_scenes: int = 12
     weights_dtype: str = "float16"
     autocast: bool = True  # bfloat16 matmuls (see batch_logits)
+    # Attention as transformers implements it while training ("sdpa" or "eager"; serving reads nothing of it
+    # from the checkpoint's weights). At these lengths (64 image tokens, prompts of ~100 tokens, head width
+    # 32) torch's CPU flash-attention backward is a third of a whole-model step; the eager one's matmuls
+    # take a quarter less per step (docs/demo.md, "Eager attention in training"). The shipped weights: sdpa.
+    attention: str = "sdpa"
     probe_weight: float = 1.0  # the vision probe's loss (app.demo.probe) beside the model's
     probe_box_weight: float = 1.0  # the probe also asks every patch of an object for its box (0: off)
     # Its weight while the tower trains alone (< 0: the same). A tenth there: at full weight the tower's
@@ -168,6 +174,8 @@ class TrainConfig:
             for name in names:
                 if getattr(self, name) < floor:
                     raise ValueError(f"{name} must be {floor} or more, not {getattr(self, name)}")
+        if self.attention not in _ATTENTIONS:
+            raise ValueError(f"attention must be one of {', '.join(_ATTENTIONS)}, not {self.attention!r}")
         if not self.loc_sigma > 0.0 or not 0.0 <= self.loc_peak <= 1.0:
             raise ValueError(f"loc_sigma must be above 0 and loc_peak within [0, 1], not {self.loc_sigma}, "
                              f"{self.loc_peak}")
@@ -183,11 +191,13 @@ class TrainConfig:
         return self.probe_box_weight if self.vision_probe_box_weight < 0 else self.vision_probe_box_weight
 
 
-def build(architecture: str, seed: int) -> tuple[PaliGemmaForConditionalGeneration, PaliGemmaProcessor]:
+def build(architecture: str, seed: int, attention: str = "sdpa",
+          ) -> tuple[PaliGemmaForConditionalGeneration, PaliGemmaProcessor]:
     preset = ARCHITECTURES[architecture]
     processor = presets.build_processor(preset)
     torch.manual_seed(seed)
     model = presets.build_model(preset, processor)
+    model.set_attn_implementation(attention)  # the tower's and the language model's
     _smooth_loc_embeddings(model, loc_ids(processor)[0])
     return model, processor
 
@@ -325,7 +335,7 @@ def _learning_rate(config: TrainConfig, step: int) -> float:
 def train_model(config: TrainConfig, codes: MaskTokenizer, evaluate_every=None,
                 ) -> tuple[PaliGemmaForConditionalGeneration, PaliGemmaProcessor, list[float]]:
     """The training loop; returns the model, its processor and the loss of every step."""
-    model, processor = build(config.architecture, config.seed)
+    model, processor = build(config.architecture, config.seed, config.attention)
     maker = BatchMaker(PromptEncoder.from_processor(processor), ImageTransform.from_processor(processor),
                        codes, config.seed, config.images, config.prompts, point_vqa=config.point_vqa,
                        task_weights=config.mixture, wordless_ocr=config.ocr_wordless_weight)

@@ -16,6 +16,7 @@ from app.demo.mask_vqvae import MaskTokenizer, all_crops, save_npz, train_mask_v
 from app.demo.train import (
     ARCHITECTURES,
     TrainConfig,
+    batch_logits,
     build,
     clip_gradients,
     loc_ids,
@@ -75,6 +76,28 @@ def test_the_model_is_built_as_the_presets_are_and_saves_as_an_ordinary_checkpoi
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "processor_config.json").is_file()
 
 
+def test_eager_attention_trains_the_same_model_as_sdpa_and_stays_out_of_the_checkpoint(vqvae_file, tmp_path):
+    # The same weights from the seed, the same logits (float32: only the summation order differs), and a
+    # run trains with what its config names.
+    (eager, processor), (sdpa, _) = build("demo", seed=0, attention="eager"), build("demo", seed=0)
+    assert (eager.config.text_config._attn_implementation, sdpa.config.text_config._attn_implementation,
+            eager.config.vision_config._attn_implementation) == ("eager", "sdpa", "eager")
+    maker = BatchMaker(PromptEncoder.from_processor(processor), ImageTransform.from_processor(processor),
+                       MaskTokenizer(vqvae_file), seed=3, images=2, prompts=4)
+    batch = maker.batch(0)
+    with torch.no_grad():
+        assert torch.allclose(batch_logits(eager, batch, autocast=False)[0],
+                              batch_logits(sdpa, batch, autocast=False)[0], atol=1e-4)
+    config = TrainConfig(steps=1, images=1, prompts=2, vision_steps=0, eval_every=0, attention="eager")
+    trained, _, _ = train_model(config, MaskTokenizer(vqvae_file))
+    assert trained.config.text_config._attn_implementation == "eager"
+    # Serving chooses its own: the saved config names none.
+    save_checkpoint(trained, processor, tmp_path, "float16")
+    assert "attn_implementation" not in (tmp_path / "config.json").read_text()
+    with pytest.raises(SystemExit):
+        parse_args(["--attention", "flash_attention_2"])
+
+
 def test_batches_use_the_servers_prompt_encoding_and_image_preprocessing(vqvae_file):
     _, processor = build("demo", seed=0)
     encoder = PromptEncoder.from_processor(processor)
@@ -110,6 +133,8 @@ def test_the_shipped_weights_were_trained_with_the_recipe_s_defaults():
     if "vision_box_step" not in shipped:
         assert recipe.pop("vision_box_step") == 0
         recipe.pop("vision_box_weight_after")
+    if "attention" not in shipped:  # and one from before the choice of attention trained with sdpa
+        assert recipe.pop("attention") == "sdpa"
     assert shipped == recipe
 
 
