@@ -84,9 +84,9 @@ ARCHITECTURES = {
 }
 
 
+_ATTENTIONS = ("sdpa", "eager")  # transformers' implementations that train on a CPU
 # TrainConfig's fields that have a floor: below it a value would not fail, it would train silently without
 # what it names (`vision_probe_box_weight` < 0 means something: the same as `probe_box_weight`).
-_ATTENTIONS = ("sdpa", "eager")
 _AT_LEAST_ONE = ("images", "prompts", "threads", "vision_images")
 _AT_LEAST_ZERO = ("steps", "lr", "warmup", "weight_decay", "clip", "vq_steps", "batch_workers", "eval_every",
                   "eval_scenes", "probe_weight", "probe_box_weight", "vision_box_step",
@@ -124,10 +124,11 @@ class TrainConfig:
     eval_scenes: int = 12
     weights_dtype: str = "float16"
     autocast: bool = True  # bfloat16 matmuls (see batch_logits)
-    # Attention as transformers implements it while training ("sdpa" or "eager"; serving reads nothing of it
-    # from the checkpoint's weights). At these lengths (64 image tokens, prompts of ~100 tokens, head width
-    # 32) torch's CPU flash-attention backward is a third of a whole-model step; the eager one's matmuls
-    # take a quarter less per step (docs/demo.md, "Eager attention in training"). The shipped weights: sdpa.
+    # The attention implementation training runs ("sdpa" or "eager"; the checkpoint does not record it, so
+    # serving chooses its own). At these lengths (64 image tokens, prompts of ~100 tokens, heads 32 wide)
+    # torch's CPU flash-attention backward is a third of a whole-model step; eager attention (matmuls and a
+    # softmax) takes a quarter off every step (docs/demo.md, "Eager attention in training"). The shipped
+    # weights: sdpa.
     attention: str = "sdpa"
     probe_weight: float = 1.0  # the vision probe's loss (app.demo.probe) beside the model's
     probe_box_weight: float = 1.0  # the probe also asks every patch of an object for its box (0: off)
