@@ -70,8 +70,9 @@ def main() -> None:
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}: the recipe's `TrainConfig` cut to "
         f"{args.tower_steps} tower steps, then {args.whole_steps} whole-model steps, one thread, batches "
         f"drawn ahead; wall time of each call over its steps (the model's build and the batch worker's start "
-        f"included), median of {args.rounds} rounds taken in turns. Other processes took "
-        f"{cpu['other_cores']:.2f} of the 2 cores (load average {os.getloadavg()[0]:.1f} at the end).",
+        f"included), median of {args.rounds} rounds taken in turns. Other processes, the batch workers among "
+        f"them, took {cpu['other_cores']:.2f} of the 2 cores (load average {os.getloadavg()[0]:.1f} at the "
+        f"end).",
         "",
         f"| attention | s a tower step | s a whole-model step | the recipe's {recipe.vision_steps} + "
         f"{recipe.steps} steps at that speed |",
