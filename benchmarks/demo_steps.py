@@ -39,11 +39,13 @@ def seconds_per_step(attention: str, tower_steps: int, whole_steps: int) -> floa
 
 
 def main() -> None:
+    from app.demo.train import ATTENTIONS, TrainConfig
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tower-steps", type=int, default=200)
     parser.add_argument("--whole-steps", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--attention", nargs="+", default=["sdpa", "eager"], choices=["sdpa", "eager"])
+    parser.add_argument("--attention", nargs="+", default=list(ATTENTIONS), choices=ATTENTIONS)
     report.add_section_arguments(parser, "demo_steps", quiet_wait_s=60.0)
     args = parser.parse_args()
     report.wait_if_asked(args)
@@ -59,8 +61,6 @@ def main() -> None:
                 print(f"[demo_steps] {attention} {phase}: {times[attention][phase][-1]:.3f} s a step",
                       flush=True)
     cpu = meter.stop()
-    from app.demo.train import TrainConfig
-
     recipe = TrainConfig()
     median = {a: {p: statistics.median(v) for p, v in by.items()} for a, by in times.items()}
     report.save_raw("demo_steps", {"args": vars(args), "cpu": cpu, "rounds": times, "median": median})

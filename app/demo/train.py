@@ -84,7 +84,7 @@ ARCHITECTURES = {
 }
 
 
-_ATTENTIONS = ("sdpa", "eager")  # transformers' implementations that train on a CPU
+ATTENTIONS = ("sdpa", "eager")  # transformers' implementations that train on a CPU
 # TrainConfig's fields that have a floor: below it a value would not fail, it would train silently without
 # what it names (`vision_probe_box_weight` < 0 means something: the same as `probe_box_weight`).
 _AT_LEAST_ONE = ("images", "prompts", "threads", "vision_images")
@@ -175,8 +175,8 @@ class TrainConfig:
             for name in names:
                 if getattr(self, name) < floor:
                     raise ValueError(f"{name} must be {floor} or more, not {getattr(self, name)}")
-        if self.attention not in _ATTENTIONS:
-            raise ValueError(f"attention must be one of {', '.join(_ATTENTIONS)}, not {self.attention!r}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, not {self.attention!r}")
         if not self.loc_sigma > 0.0 or not 0.0 <= self.loc_peak <= 1.0:
             raise ValueError(f"loc_sigma must be above 0 and loc_peak within [0, 1], not {self.loc_sigma}, "
                              f"{self.loc_peak}")
