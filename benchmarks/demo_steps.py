@@ -26,7 +26,7 @@ def seconds_per_step(attention: str, tower_steps: int, whole_steps: int) -> floa
     """Wall seconds per step of one phase of the recipe, cut short (the other phase's steps 0)."""
     import torch
 
-    from app.demo import WEIGHTS_DIR
+    from app.demo import MASK_DECODER_FILE, WEIGHTS_DIR
     from app.demo.mask_vqvae import MaskTokenizer
     from app.demo.train import TrainConfig, train_model
 
@@ -34,7 +34,7 @@ def seconds_per_step(attention: str, tower_steps: int, whole_steps: int) -> floa
                          eval_every=0, attention=attention)
     torch.set_num_threads(config.threads)
     started = time.perf_counter()
-    train_model(config, MaskTokenizer(WEIGHTS_DIR / "vae-demo.npz"))
+    train_model(config, MaskTokenizer(WEIGHTS_DIR / MASK_DECODER_FILE))
     return (time.perf_counter() - started) / max(tower_steps, whole_steps)
 
 

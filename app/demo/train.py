@@ -192,7 +192,7 @@ class TrainConfig:
         return self.probe_box_weight if self.vision_probe_box_weight < 0 else self.vision_probe_box_weight
 
 
-def build(architecture: str, seed: int, attention: str = "sdpa",
+def build(architecture: str, seed: int, attention: str = TrainConfig.attention,
           ) -> tuple[PaliGemmaForConditionalGeneration, PaliGemmaProcessor]:
     preset = ARCHITECTURES[architecture]
     processor = presets.build_processor(preset)
