@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 from app.demo import MASK_DECODER_FILE, WEIGHTS_DIR, answers
 from app.demo.batches import as_sent
 from app.demo.scoring import Tally, best_iou, box_iou, caption_mistake, detect_outcome, edge_errors, mask_iou
+from app.demo.train import loc_ids
 from app.demo.world import (
     CANVAS,
     SHAPES,
@@ -40,6 +42,16 @@ EVAL_STREAM = 3
 _BATCH = 32
 
 
+@dataclass(frozen=True)
+class Answer:
+    """A greedy answer, and its first token's distribution as two classes: the end of the answer (an
+    empty one) against every `<loc>` token together (a box starts)."""
+
+    text: str
+    first_end: float
+    first_loc: float
+
+
 class Answerer:
     """Greedy answers of a model to (image, prefix) pairs, batched with left padding as serving does."""
 
@@ -48,10 +60,15 @@ class Answerer:
         self.encoder = PromptEncoder.from_processor(processor)
         self.transform = ImageTransform.from_processor(processor)
         self.pad_id = int(processor.tokenizer.pad_token_id)
+        self.end_id = int(processor.tokenizer.eos_token_id)
+        self.first_loc, self.end_loc = loc_ids(processor)
+
+    def __call__(self, pairs: Sequence[tuple[Image.Image, str]], max_new_tokens: int = 96) -> list[str]:
+        return [answer.text for answer in self.answers(pairs, max_new_tokens)]
 
     @torch.inference_mode()
-    def __call__(self, pairs: Sequence[tuple[Image.Image, str]], max_new_tokens: int = 96) -> list[str]:
-        texts: list[str] = []
+    def answers(self, pairs: Sequence[tuple[Image.Image, str]], max_new_tokens: int = 96) -> list[Answer]:
+        answered: list[Answer] = []
         for start in range(0, len(pairs), _BATCH):
             chunk = pairs[start:start + _BATCH]
             prompts = [self.encoder.encode(prefix) for _, prefix in chunk]
@@ -61,9 +78,14 @@ class Answerer:
             pixels = torch.stack([self.transform(image) for image, _ in chunk])
             out = self.model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels,
                                       token_type_ids=torch.zeros_like(ids), max_new_tokens=max_new_tokens,
-                                      do_sample=False)
-            texts += [self.encoder.decode(row[length:].tolist()) for row in out]
-        return texts
+                                      do_sample=False, output_scores=True, return_dict_in_generate=True)
+            # Greedy without processors: the first step's scores are its logits.
+            first = out.scores[0].float().softmax(-1)
+            ends = first[:, self.end_id].tolist()
+            locs = first[:, self.first_loc:self.end_loc].sum(-1).tolist()
+            answered += [Answer(self.encoder.decode(row[length:].tolist()), end, loc)
+                         for row, end, loc in zip(out.sequences, ends, locs, strict=True)]
+        return answered
 
 
 def scene_box(obj: SceneObject, width: int, height: int) -> tuple[float, float, float, float]:
@@ -116,7 +138,8 @@ def in_process(model: PaliGemmaForConditionalGeneration, processor: PaliGemmaPro
         pairs.append((image, answers.ocr_prompt()))
         checks.append(("ocr", scene, answers.ocr_answer(scene), image))
     tally = Tally()
-    for text, (task, scene, what, image) in zip(answer(pairs), checks, strict=True):
+    for answered, (task, scene, what, image) in zip(answer.answers(pairs), checks, strict=True):
+        text = answered.text
         width, height = image.size
         if task in ("detect", "segment"):
             parsed = parse_objects(text).objects
@@ -125,7 +148,10 @@ def in_process(model: PaliGemmaForConditionalGeneration, processor: PaliGemmaPro
             if task == "detect":
                 tally.detect_ious.append(best_iou(truth, boxes))
                 others = [scene_box(obj, width, height) for obj in scene.objects if obj is not what]
-                tally.detect_outcomes[detect_outcome(truth, others, boxes)] += 1
+                outcome = detect_outcome(truth, others, boxes)
+                tally.detect_outcomes[outcome] += 1
+                if outcome == "empty":
+                    tally.empty_first_steps.append((answered.first_end, answered.first_loc))
                 if boxes:
                     best = max(boxes, key=lambda box: box_iou(truth, box))
                     tally.edge_errors.append(edge_errors(truth, best, CANVAS / width, CANVAS / height))

@@ -83,6 +83,10 @@ class Tally:
     exact: dict[str, list[bool]] = field(default_factory=dict)
     detect_outcomes: Counter[str] = field(default_factory=Counter)
     caption_mistakes: Counter[str] = field(default_factory=Counter)
+    # Of each present object's detect answer left empty: the first token's probability of the end and of
+    # any `<loc>` (app.demo.evaluate.Answer). Greedy ends there when the end beats the single likeliest
+    # bin, even with most of the mass on the bins together.
+    empty_first_steps: list[tuple[float, float]] = field(default_factory=list)
 
     def add_exact(self, task: str, answer: str, expected: str) -> None:
         self.exact.setdefault(task, []).append(answer.strip() == expected)
@@ -99,6 +103,11 @@ class Tally:
         objects = self.detect_outcomes.total()
         for outcome in ("empty", "other_object", "loose") if objects else ():
             out[f"detect_missed_{outcome}"] = round(self.detect_outcomes[outcome] / objects, 4)
+        if self.empty_first_steps:
+            ends, locs = np.array(self.empty_first_steps).T
+            out["detect_empty_median_end"] = round(float(np.median(ends)), 4)
+            out["detect_empty_median_loc"] = round(float(np.median(locs)), 4)
+            out["detect_empty_loc_above_end"] = round(float((locs > ends).mean()), 4)
         if self.caption_mistakes:
             captions = self.caption_mistakes.total()
             out["caption_wrong_order"] = round(self.caption_mistakes["order"] / captions, 4)

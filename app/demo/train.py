@@ -23,6 +23,11 @@
      add in another order from run to run (the mask VQ-VAE's loss differed between two runs of the same
      seed within 100 steps), and scores may differ (docs/demo.md, "How it was made").
 3. `save_pretrained` (safetensors, model + processor) into the output directory with the decoder beside it.
+4. With `polish_steps`: that checkpoint read back and trained further (`polish_model`): a fresh AdamW, a
+   short warm-up and cosine decay again, on scenes the main phase never drew, without the vision probe
+   (whose heads the checkpoint does not hold), then saved over it. Starting from what was read back, the
+   phase trains the same weights whether it runs at the end of the run or later on a saved checkpoint
+   (`--polish-from`), so a recipe's polish can be tried on one main phase without rerunning it.
 
 The run logs every task's loss, and a quick held-out evaluation now and then (`evaluate`).
 """
@@ -38,6 +43,7 @@ import shutil
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -91,16 +97,18 @@ _AT_LEAST_ONE = ("images", "prompts", "threads", "vision_images")
 _AT_LEAST_ZERO = ("steps", "lr", "warmup", "weight_decay", "clip", "vq_steps", "batch_workers", "eval_every",
                   "eval_scenes", "probe_weight", "probe_box_weight", "vision_box_step",
                   "vision_box_weight_after", "probe_box_drop_step", "probe_box_weight_after",
-                  "probe_box_share", "pointing_weight", "vision_steps", "single_object_steps")
+                  "probe_box_share", "pointing_weight", "vision_steps", "single_object_steps",
+                  "polish_steps", "polish_lr", "polish_warmup")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # The shipped weights' seed: of three seeds of this recipe it met the most targets (docs/demo.md,
+    # The shipped weights' seed: of three seeds of an earlier recipe it met the most targets (docs/demo.md,
     # "OCR at 0.2, three seeds"); on one thread a seed gives the same weights bit for bit.
+    # The shipped recipe is these defaults (docs/demo.md, "A polish phase").
     seed: int = 1
     architecture: str = "demo"
-    steps: int = 4200
+    steps: int = 4800
     images: int = 8  # scenes per step
     prompts: int = 6  # prompts per scene
     lr: float = 2e-3
@@ -127,9 +135,9 @@ class TrainConfig:
     # The attention implementation training runs ("sdpa" or "eager"; the checkpoint does not record it, so
     # serving chooses its own). At these lengths (64 image tokens, prompts of ~100 tokens, heads 32 wide)
     # torch's CPU flash-attention backward is a third of a whole-model step; eager attention (matmuls and a
-    # softmax) takes a quarter off every step (docs/demo.md, "Eager attention in training"). The shipped
-    # weights: sdpa.
-    attention: str = "sdpa"
+    # softmax) takes a quarter off every step (docs/demo.md, "Eager attention in training"), and buys the
+    # recipe its 4800 whole-model steps.
+    attention: str = "eager"
     probe_weight: float = 1.0  # the vision probe's loss (app.demo.probe) beside the model's
     probe_box_weight: float = 1.0  # the probe also asks every patch of an object for its box (0: off)
     # Its weight while the tower trains alone (< 0: the same). A tenth there: at full weight the tower's
@@ -137,7 +145,7 @@ class TrainConfig:
     vision_probe_box_weight: float = 0.1
     # From this step of the tower phase on, the box term weighs `vision_box_weight_after` (0: never): a long
     # tower phase at a tenth of it loses boxes (docs/demo.md), and late its layout of the tokens is set.
-    vision_box_step: int = 0
+    vision_box_step: int = 3000
     vision_box_weight_after: float = 1.0
     probe_box_drop_step: int = 0  # from this step of the whole model on, it weighs the next (0: never)
     probe_box_weight_after: float = 0.0
@@ -152,7 +160,7 @@ class TrainConfig:
     pointing_weight: float = 0.5  # the attention target of app.demo.pointing (0: off)
     pointing_layer: int = -2  # the language model layer whose first head it trains
     point_vqa: bool = False  # it also points a VQA answer about one object at that object
-    vision_steps: int = 3000  # the vision tower alone on the probe first (0.33-0.37 s a step here)
+    vision_steps: int = 4000  # the vision tower alone on the probe first (0.18 s a step here, eager)
     single_object_steps: int = 0  # scenes of one object only at first
     vision_images: int = 32
     # The share of the tower phase's scenes that hold a word (the world's is 0.5): reading is what that
@@ -163,9 +171,20 @@ class TrainConfig:
     # OCR's weight on a scene without a word, as a share of its weight in the mixture: the empty answer
     # is learnt early, and reading is what the language model learns slowest.
     ocr_wordless_weight: float = 1.0
+    # After the main phase (whose learning rate has decayed to 0): this many more whole-model steps from
+    # the saved checkpoint, warm-up to `polish_lr` and cosine decay again (`polish_model`; 0: none), with
+    # this mixture of tasks (empty: `task_weights`). OCR's weight doubled there: on the main mixture a
+    # polish finds more objects and reads fewer words; with more reading it does both (docs/demo.md, "A
+    # polish phase").
+    polish_steps: int = 600
+    polish_lr: float = 2e-4
+    polish_warmup: int = 50
+    polish_task_weights: str = format_task_weights({**TASK_WEIGHTS, "ocr": 0.4})
 
     def __post_init__(self) -> None:
         _ = self.mixture  # a bad mixture fails here, not after the tower's phase
+        if self.polish_task_weights:
+            parse_task_weights(self.polish_task_weights)
         share = self.vision_word_probability
         if not 0.0 <= share <= 1.0:
             raise ValueError(f"vision_word_probability must be within [0, 1], not {share}")
@@ -326,21 +345,31 @@ def clip_gradients(model: nn.Module, probe: nn.Module, clip: float, probe_apart:
     return float(torch.nn.utils.clip_grad_norm_([*model.parameters(), *probe.parameters()], clip))
 
 
+def _cosine(peak: float, warmup: int, steps: int, step: int) -> float:
+    """Linear warm-up over `warmup` steps to `peak`, then cosine decay to 0 at `steps`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
 def _learning_rate(config: TrainConfig, step: int) -> float:
-    if step < config.warmup:
-        return config.lr * (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
-    return config.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return _cosine(config.lr, config.warmup, config.steps, step)
+
+
+def _adamw(named: list[tuple[str, nn.Parameter]], config: TrainConfig, lr: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on embeddings, norms or biases)."""
+    decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
+    rest = [p for n, p in named if not (p.dim() >= 2 and "embed" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
 
 
 def train_model(config: TrainConfig, codes: MaskTokenizer, evaluate_every=None,
                 ) -> tuple[PaliGemmaForConditionalGeneration, PaliGemmaProcessor, list[float]]:
     """The training loop; returns the model, its processor and the loss of every step."""
     model, processor = build(config.architecture, config.seed, config.attention)
-    maker = BatchMaker(PromptEncoder.from_processor(processor), ImageTransform.from_processor(processor),
-                       codes, config.seed, config.images, config.prompts, point_vqa=config.point_vqa,
-                       task_weights=config.mixture, wordless_ocr=config.ocr_wordless_weight)
-    objective = Objective(loc_ids(processor), config.loc_sigma, config.loc_peak)
+    maker = _batch_maker(config, processor, codes)
     probe = VisionProbe(model.config.text_config.hidden_size,  # type: ignore[union-attr]
                         max(config.vision_box_weight, config.probe_box_weight, config.probe_box_weight_after,
                             config.vision_box_weight_after if config.vision_box_step else 0.0),
@@ -348,12 +377,38 @@ def train_model(config: TrainConfig, codes: MaskTokenizer, evaluate_every=None,
     probe.box_weight = config.vision_box_weight
     _pretrain_vision(model, probe, maker, config)
     probe.box_weight = config.probe_box_weight
+    optimizer = _adamw([*model.named_parameters(), *probe.named_parameters()], config, config.lr)
+    losses = _whole_model_steps(model, processor, maker, optimizer, config, _Phase(
+        "step", config.steps, 0, lambda step: _learning_rate(config, step)), probe, evaluate_every)
+    return model, processor, losses
+
+
+@dataclass(frozen=True)
+class _Phase:
+    """A stretch of whole-model steps: its name in the log, its length, the index of the batch it starts
+    at (a later phase draws scenes the earlier never saw) and its learning rate by step."""
+    name: str
+    steps: int
+    first_batch: int
+    learning_rate: Callable[[int], float]
+
+
+def _batch_maker(config: TrainConfig, processor: PaliGemmaProcessor, codes: MaskTokenizer,
+                 task_weights: str = "") -> BatchMaker:
+    return BatchMaker(PromptEncoder.from_processor(processor), ImageTransform.from_processor(processor),
+                      codes, config.seed, config.images, config.prompts, point_vqa=config.point_vqa,
+                      task_weights=parse_task_weights(task_weights) if task_weights else config.mixture,
+                      wordless_ocr=config.ocr_wordless_weight)
+
+
+def _whole_model_steps(model: PaliGemmaForConditionalGeneration, processor: PaliGemmaProcessor,
+                       maker: BatchMaker, optimizer: torch.optim.Optimizer, config: TrainConfig,
+                       phase: _Phase, probe: VisionProbe | None = None, evaluate_every=None) -> list[float]:
+    """`phase.steps` steps of the whole model on the answers' tokens, the pointing target and (when given)
+    the vision probe; returns the loss of every step and leaves the model in eval mode."""
+    objective = Objective(loc_ids(processor), config.loc_sigma, config.loc_peak)
     pointer = AttentionPointer(model, config.pointing_layer) if config.pointing_weight else None
-    named = [*model.named_parameters(), *probe.named_parameters()]
-    decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
-    rest = [p for n, p in named if not (p.dim() >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": rest, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
+    probe_weight = config.probe_weight if probe is not None else 0.0
     model.train()
     losses: list[float] = []
     window: dict[str, list[float]] = defaultdict(list)
@@ -365,49 +420,56 @@ def train_model(config: TrainConfig, codes: MaskTokenizer, evaluate_every=None,
     grad_norms: list[float] = []
     box_shares: list[float] = []  # the box term's gradient norm at the image tokens over the rest's, uncapped
     started = time.perf_counter()
-    batches = made_ahead(lambda step: maker.batch(step, 1 if step < config.single_object_steps else 3),
-                         config.steps, config.batch_workers)
+    first = phase.first_batch
+    batches = made_ahead(lambda step: maker.batch(first + step,
+                                                  1 if first + step < config.single_object_steps else 3),
+                         phase.steps, config.batch_workers)
     for step, batch in enumerate(batches):
         for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(config, step)
+            group["lr"] = phase.learning_rate(step)
         logits, patches, pointing_loss = batch_logits(model, batch, config.autocast, pointer)
         token_losses = objective.token_losses(logits, batch.targets)
-        if config.probe_box_drop_step and step == config.probe_box_drop_step:
+        if probe is not None and config.probe_box_drop_step and step == config.probe_box_drop_step:
             probe.box_weight = config.probe_box_weight_after
         optimizer.zero_grad(set_to_none=True)
-        capped = config.probe_box_share > 0 and probe.box is not None and config.probe_weight > 0
+        capped = (probe is not None and config.probe_box_share > 0 and probe.box is not None
+                  and probe_weight > 0)
         if capped:
+            assert probe is not None
             # Its own backward first, from a copy of the tokens: the probe's box head learns from it as is,
             # and what it asks of the tokens joins the rest's gradient there, capped, in the main backward.
             loose = patches.detach().float().requires_grad_()
-            box_loss = config.probe_weight * probe.box_loss(loose, batch.probe)
+            box_loss = probe_weight * probe.box_loss(loose, batch.probe)
             box_loss.backward()
             assert loose.grad is not None
             add_capped_gradient(patches, loose.grad, config.probe_box_share, box_shares)
-        probe_loss = (probe.loss(patches, batch.probe, box=not capped) if config.probe_weight
+        probe_loss = (probe.loss(patches, batch.probe, box=not capped) if probe is not None and probe_weight
                       else torch.zeros(()))
-        loss = token_losses.mean() + config.probe_weight * probe_loss + config.pointing_weight * pointing_loss
+        loss = token_losses.mean() + probe_weight * probe_loss + config.pointing_weight * pointing_loss
         if capped:
-            probe_loss = probe_loss + box_loss.detach() / config.probe_weight
+            probe_loss = probe_loss + box_loss.detach() / probe_weight
         is_loc = objective.is_loc(batch.targets)
         if bool(is_loc.any()):
             guessed = logits[is_loc, objective.first:objective.end].argmax(-1)
             truth = batch.targets[is_loc] - objective.first
             loc_errors.append(float((guessed - truth).abs().float().mean()))
         loss.backward()
-        grad_norms.append(clip_gradients(model, probe, config.clip, config.clip_probe_apart))
+        if probe is not None:
+            grad_norms.append(clip_gradients(model, probe, config.clip, config.clip_probe_apart))
+        else:
+            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(list(model.parameters()), config.clip)))
         optimizer.step()
         losses.append(token_losses.mean().item())
         probe_losses.append(probe_loss.item())
         pointing_losses.append(pointing_loss.item())
         for task, value in zip(batch.tasks, token_losses.detach().tolist(), strict=True):
             window[task].append(value)
-        if (step + 1) % 50 == 0 or step + 1 == config.steps:
+        if (step + 1) % 50 == 0 or step + 1 == phase.steps:
             per_task = " ".join(f"{t} {np.mean(v):.3f}" for t, v in sorted(window.items()))
             elapsed = time.perf_counter() - started
             shares = f", box/rest gradient {np.mean(box_shares[-50:]):.2f}" if box_shares else ""
-            logger.info("step %d/%d loss %.4f (%s) loc error %.1f bins, probe %.3f, pointing %.3f, "
-                        "grad norm %.1f%s, lr %.2e, %.0f s, %.2f s/step", step + 1, config.steps,
+            logger.info("%s %d/%d loss %.4f (%s) loc error %.1f bins, probe %.3f, pointing %.3f, "
+                        "grad norm %.1f%s, lr %.2e, %.0f s, %.2f s/step", phase.name, step + 1, phase.steps,
                         np.mean(losses[-50:]), per_task, np.mean(loc_errors[-50:]),
                         np.mean(probe_losses[-50:]), np.mean(pointing_losses[-50:]),
                         np.mean(grad_norms[-50:]), shares,
@@ -420,7 +482,30 @@ def train_model(config: TrainConfig, codes: MaskTokenizer, evaluate_every=None,
     if pointer is not None:
         pointer.remove()
     model.eval()
-    return model, processor, losses
+    return losses
+
+
+def load_for_training(directory: Path, attention: str,
+                      ) -> tuple[PaliGemmaForConditionalGeneration, PaliGemmaProcessor]:
+    """A saved checkpoint in float32, to train on: the same model whether it was just saved by this
+    process or by an earlier one (saving rounds the weights to `weights_dtype`, and every buffer with them,
+    so the polish phase always starts from what was read back)."""
+    model = PaliGemmaForConditionalGeneration.from_pretrained(directory, dtype=torch.float32)
+    model.set_attn_implementation(attention)
+    return model, PaliGemmaProcessor.from_pretrained(directory)
+
+
+def polish_model(model: PaliGemmaForConditionalGeneration, processor: PaliGemmaProcessor,
+                 config: TrainConfig, codes: MaskTokenizer) -> list[float]:
+    """`polish_steps` more steps of the whole model, after the main phase's cosine has reached 0: a fresh
+    AdamW, warm-up to `polish_lr` and cosine decay again, on scenes the main phase never drew, with the
+    answers' tokens and the pointing target (the vision probe's heads are not saved with the checkpoint, so
+    it is left out: the phase is then the same from a checkpoint on disk as at the end of a run)."""
+    maker = _batch_maker(config, processor, codes, config.polish_task_weights)
+    optimizer = _adamw(list(model.named_parameters()), config, config.polish_lr)
+    phase = _Phase("polish step", config.polish_steps, config.steps,
+                   lambda step: _cosine(config.polish_lr, config.polish_warmup, config.polish_steps, step))
+    return _whole_model_steps(model, processor, maker, optimizer, config, phase)
 
 
 def save_checkpoint(model: PaliGemmaForConditionalGeneration, processor: PaliGemmaProcessor,
@@ -431,8 +516,10 @@ def save_checkpoint(model: PaliGemmaForConditionalGeneration, processor: PaliGem
     processor.save_pretrained(directory)
 
 
-def run(config: TrainConfig, out: Path, mask_vqvae: Path | None = None) -> dict[str, object]:
-    """Both trainings into `out`; `mask_vqvae` reuses a trained mask VQ-VAE instead (for experiments)."""
+def run(config: TrainConfig, out: Path, mask_vqvae: Path | None = None,
+        polish_from: Path | None = None) -> dict[str, object]:
+    """Both trainings into `out`; `mask_vqvae` reuses a trained mask VQ-VAE instead (for experiments), and
+    `polish_from` skips the main phase and polishes that checkpoint (a run's own main phase saved there)."""
     torch.set_num_threads(config.threads)
     started = time.perf_counter()
     npz = out / MASK_DECODER_FILE
@@ -451,22 +538,44 @@ def run(config: TrainConfig, out: Path, mask_vqvae: Path | None = None) -> dict[
                                      count=config.eval_scenes)
         logger.info("eval at step %d: %s", step, json.dumps(scores))
 
-    model, processor, losses = train_model(config, codes, quick_eval)
-    save_checkpoint(model, processor, out, config.weights_dtype)
+    record: dict[str, object] = {"config": asdict(config), "mask_vqvae_seconds": round(vq_seconds, 1)}
+    if polish_from is None:
+        model, processor, losses = train_model(config, codes, quick_eval)
+        save_checkpoint(model, processor, out, config.weights_dtype)
+        polish_from = out
+        record["main_seconds"] = round(time.perf_counter() - started - vq_seconds, 1)
+    else:
+        record["polished_from"] = str(polish_from)
+    if config.polish_steps:
+        polish_started = time.perf_counter()
+        model, processor = load_for_training(polish_from, config.attention)
+        # The polish changes weights only: its checkpoint keeps the main phase's config and processor files
+        # byte for byte (a checkpoint read back writes loading details into them when saved again).
+        kept = {path.name: path.read_bytes() for path in polish_from.glob("*.json")
+                if path.name != "training.json"}
+        losses = polish_model(model, processor, config, codes)
+        save_checkpoint(model, processor, out, config.weights_dtype)
+        for name, data in kept.items():
+            (out / name).write_bytes(data)
+        record["polish_seconds"] = round(time.perf_counter() - polish_started, 1)
+    elif "polished_from" in record:
+        raise ValueError("polishing a checkpoint needs polish_steps above 0")
     total = time.perf_counter() - started
-    record = {"config": asdict(config), "mask_vqvae_seconds": round(vq_seconds, 1),
-              "total_seconds": round(total, 1), "final_loss": float(np.mean(losses[-50:]))}
+    record.update({"total_seconds": round(total, 1), "final_loss": float(np.mean(losses[-50:]))})
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     logger.info("trained in %.1f min: %s", total / 60, out)
     return record
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, Path | None]:
-    """(config, checkpoint directory, mask VQ-VAE to reuse) from the command line: a flag per field."""
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, Path | None, Path | None]:
+    """(config, checkpoint directory, mask VQ-VAE to reuse, checkpoint to polish) from the command line:
+    a flag per field."""
     parser = argparse.ArgumentParser(prog="python -m app.demo.train", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR,
                         help="checkpoint directory (default: %(default)s)")
     parser.add_argument("--mask-vqvae", type=Path, help="reuse this trained mask VQ-VAE (.npz) instead")
+    parser.add_argument("--polish-from", type=Path,
+                        help="skip the main phase: polish this checkpoint (its config's --polish-steps)")
     defaults = TrainConfig()
     for name, value in asdict(defaults).items():
         flag = f"--{name.replace('_', '-')}"
@@ -479,13 +588,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, Path |
         config = replace(defaults, **{k: getattr(args, k) for k in asdict(defaults)})
     except ValueError as error:
         parser.error(str(error))
-    return config, args.out, args.mask_vqvae
+    if args.polish_from is not None and not config.polish_steps:
+        parser.error("--polish-from needs --polish-steps above 0")
+    return config, args.out, args.mask_vqvae, args.polish_from
 
 
 def main(argv: list[str] | None = None) -> None:
-    config, out, mask_vqvae = parse_args(argv)
+    config, out, mask_vqvae, polish_from = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
-    run(config, out, mask_vqvae)
+    run(config, out, mask_vqvae, polish_from)
 
 
 if __name__ == "__main__":

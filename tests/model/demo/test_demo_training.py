@@ -1,6 +1,7 @@
 """Training the demo model and its mask VQ-VAE, in a few steps: the loss falls, and what is saved loads
 through the server's own paths."""
 
+import hashlib
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ from app.demo.train import (
     clip_gradients,
     loc_ids,
     parse_args,
+    run,
     save_checkpoint,
     train_model,
 )
@@ -79,7 +81,7 @@ def test_the_model_is_built_as_the_presets_are_and_saves_as_an_ordinary_checkpoi
 def test_eager_attention_trains_the_same_model_as_sdpa_and_stays_out_of_the_checkpoint(vqvae_file, tmp_path):
     # The same weights from the seed, the same logits (float32: only the summation order differs), and a
     # run trains with what its config names.
-    (eager, processor), (sdpa, _) = build("demo", seed=0, attention="eager"), build("demo", seed=0)
+    (eager, processor), (sdpa, _) = build("demo", seed=0, attention="eager"), build("demo", seed=0, attention="sdpa")
     assert (eager.config.text_config._attn_implementation, sdpa.config.text_config._attn_implementation,
             eager.config.vision_config._attn_implementation) == ("eager", "sdpa", "eager")
     maker = BatchMaker(PromptEncoder.from_processor(processor), ImageTransform.from_processor(processor),
@@ -98,6 +100,37 @@ def test_eager_attention_trains_the_same_model_as_sdpa_and_stays_out_of_the_chec
         parse_args(["--attention", "flash_attention_2"])
 
 
+def test_polishing_a_saved_checkpoint_trains_the_same_weights_as_polishing_within_the_run(vqvae_file, tmp_path,
+                                                                                          request):
+    # The polish phase starts from what was saved either way, so a main phase's checkpoint on disk can be
+    # polished later with the same result as one command doing both (the shipped recipe's claim).
+    config = TrainConfig(steps=2, images=1, prompts=2, warmup=1, vision_steps=2, vision_images=2, eval_every=0,
+                         batch_workers=0, threads=1, polish_steps=2, polish_warmup=1, polish_lr=1e-3)
+    threads = torch.get_num_threads()  # run() sets the process's (one thread: the same sums every run)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+
+    def weights(directory):
+        return hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()
+
+    at_once = run(config, tmp_path / "at-once", vqvae_file)
+    assert at_once["polish_seconds"] > 0 and "polished_from" not in at_once
+    run(replace(config, polish_steps=0), tmp_path / "main", vqvae_file)
+    later = run(config, tmp_path / "later", vqvae_file, polish_from=tmp_path / "main")
+    assert later["polished_from"] == str(tmp_path / "main") and "main_seconds" not in later
+    assert weights(tmp_path / "at-once") == weights(tmp_path / "later") != weights(tmp_path / "main")
+    for name in ("config.json", "generation_config.json", "processor_config.json", "tokenizer_config.json"):
+        assert (tmp_path / "at-once" / name).read_bytes() == (tmp_path / "main" / name).read_bytes(), name
+        assert (tmp_path / "later" / name).read_bytes() == (tmp_path / "main" / name).read_bytes(), name
+    with pytest.raises(ValueError, match="polish_steps"):
+        run(replace(config, polish_steps=0), tmp_path / "none", vqvae_file, polish_from=tmp_path / "main")
+    with pytest.raises(SystemExit):
+        parse_args(["--polish-from", "x", "--polish-steps", "0"])
+    with pytest.raises(ValueError, match="polish_steps"):
+        TrainConfig(polish_steps=-1)
+    with pytest.raises(ValueError):
+        TrainConfig(polish_task_weights="vqa=1")
+
+
 def test_batches_use_the_servers_prompt_encoding_and_image_preprocessing(vqvae_file):
     _, processor = build("demo", seed=0)
     encoder = PromptEncoder.from_processor(processor)
@@ -113,7 +146,7 @@ def test_batches_use_the_servers_prompt_encoding_and_image_preprocessing(vqvae_f
 
 
 def test_every_config_field_is_a_flag_and_switches_turn_off():
-    config, out, _ = parse_args(["--out", "x", "--steps", "12", "--no-autocast", "--no-probe-letters", "--probe-words"])
+    config, out, _, _ = parse_args(["--out", "x", "--steps", "12", "--no-autocast", "--no-probe-letters", "--probe-words"])
     assert (config.steps, config.autocast, config.probe_letters, config.probe_words) == (12, False, False, True)
     assert str(out) == "x"
     assert parse_args([])[0] == TrainConfig()
@@ -135,6 +168,10 @@ def test_the_shipped_weights_were_trained_with_the_recipe_s_defaults():
         recipe.pop("vision_box_weight_after")
     if "attention" not in shipped:  # and one from before the choice of attention trained with sdpa
         assert recipe.pop("attention") == "sdpa"
+    if "polish_steps" not in shipped:  # and one from before the polish phase had none
+        assert recipe.pop("polish_steps") == 0
+        for unused in ("polish_lr", "polish_warmup", "polish_task_weights"):
+            recipe.pop(unused)
     assert shipped == recipe
 
 
@@ -142,7 +179,7 @@ def test_a_bad_task_mixture_is_refused_on_the_command_line_before_anything_train
     with pytest.raises(SystemExit) as exited:
         parse_args(["--task-weights", "vqa=1"])
     assert exited.value.code == 2 and "detect, segment, caption, ocr missing" in capsys.readouterr().err
-    config, _, _ = parse_args(["--task-weights", "detect=1,segment=1,caption=1,vqa=2,ocr=0"])
+    config, _, _, _ = parse_args(["--task-weights", "detect=1,segment=1,caption=1,vqa=2,ocr=0"])
     assert config.task_weights == "detect=1,segment=1,caption=1,vqa=2,ocr=0"
     with pytest.raises(SystemExit):
         parse_args(["--vision-word-probability", "1.5"])
@@ -177,7 +214,7 @@ def test_a_step_or_weight_out_of_its_range_is_refused_before_anything_trains(cap
 def test_the_box_target_can_weigh_differently_while_the_vision_tower_trains_alone_and_later(vqvae_file):
     assert TrainConfig(probe_box_weight=0.3, vision_probe_box_weight=-1).vision_box_weight == 0.3  # < 0: the same
     assert TrainConfig().vision_box_weight == 0.1 and TrainConfig().probe_box_weight == 1.0  # the recipe's
-    config, _, _ = parse_args(["--probe-box-weight", "0", "--vision-probe-box-weight", "1",
+    config, _, _, _ = parse_args(["--probe-box-weight", "0", "--vision-probe-box-weight", "1",
                                "--probe-box-drop-step", "1", "--probe-box-weight-after", "0.5"])
     assert (config.vision_box_weight, config.probe_box_weight, config.probe_box_weight_after) == (1.0, 0, 0.5)
     # The box head exists for the phases that ask for it, and the one between runs without the term.
@@ -187,14 +224,15 @@ def test_the_box_target_can_weigh_differently_while_the_vision_tower_trains_alon
 
 
 def test_late_in_the_tower_phase_the_box_term_can_weigh_more_and_only_from_its_step_on(vqvae_file):
-    config, _, _ = parse_args(["--vision-box-step", "2", "--vision-box-weight-after", "1.0"])
+    config, _, _, _ = parse_args(["--vision-box-step", "2", "--vision-box-weight-after", "1.0"])
     assert (config.vision_box_step, config.vision_box_weight_after) == (2, 1.0)
-    assert TrainConfig().vision_box_step == 0  # the recipe's: never
-    small = dict(steps=1, images=2, prompts=2, vision_steps=3, vision_images=2, eval_every=0, batch_workers=0)
+    assert TrainConfig().vision_box_step == 3000  # the recipe's: the tower's last 1000 steps of 4000
+    small = dict(steps=1, images=2, prompts=2, vision_steps=3, vision_images=2, eval_every=0, batch_workers=0,
+                 vision_box_step=0)
     codes = MaskTokenizer(vqvae_file)
 
     def tower_after(**changes) -> torch.Tensor:
-        model, _, _ = train_model(TrainConfig(**small, **changes), codes)
+        model, _, _ = train_model(TrainConfig(**{**small, **changes}), codes)
         return torch.cat([p.detach().flatten() for p in model.model.vision_tower.parameters()])
 
     before = torch.get_num_threads()

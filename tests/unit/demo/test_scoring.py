@@ -61,3 +61,12 @@ def test_a_caption_with_the_right_objects_in_another_order_is_counted_apart():
     assert summary["caption_wrong_order"] == 0.5
     assert (summary["detect_missed_empty"], summary["detect_missed_loose"]) == (0.25, 0.25)
     assert summary["detect_missed_other_object"] == 0.0
+
+
+def test_the_summary_tells_how_empty_answers_began():
+    # (P(end), P(any loc)) of the first token of each detect answer left empty
+    tally = Tally(empty_first_steps=[(0.1, 0.85), (0.6, 0.3), (0.05, 0.9)])
+    summary = tally.summary()
+    assert summary["detect_empty_median_end"] == 0.1 and summary["detect_empty_median_loc"] == 0.85
+    assert summary["detect_empty_loc_above_end"] == round(2 / 3, 4)
+    assert "detect_empty_median_end" not in Tally(detect_ious=[0.9]).summary()
