@@ -21,7 +21,6 @@ from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 from app.demo import MASK_DECODER_FILE, WEIGHTS_DIR, answers
 from app.demo.batches import as_sent
 from app.demo.scoring import Tally, best_iou, box_iou, caption_mistake, detect_outcome, edge_errors, mask_iou
-from app.demo.train import loc_ids
 from app.demo.world import (
     CANVAS,
     SHAPES,
@@ -36,6 +35,7 @@ from app.demo.world import (
 from app.masks.decoder import MaskDecoder
 from app.masks.placement import place_mask
 from app.model.inputs import ImageTransform, PromptEncoder
+from app.model.presets import loc_ids
 from app.tasks.parsing import parse_objects, strip_location_tokens
 
 EVAL_STREAM = 3

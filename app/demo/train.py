@@ -67,6 +67,7 @@ from app.demo.pointing import AttentionPointer
 from app.demo.probe import VisionProbe, add_capped_gradient
 from app.model import presets
 from app.model.inputs import ImageTransform, PromptEncoder
+from app.model.presets import loc_ids
 
 logger = logging.getLogger("app.demo.train")
 
@@ -220,14 +221,6 @@ def build(architecture: str, seed: int, attention: str = TrainConfig.attention,
     model.set_attn_implementation(attention)  # the tower's and the language model's
     _smooth_loc_embeddings(model, loc_ids(processor)[0])
     return model, processor
-
-
-def loc_ids(processor: PaliGemmaProcessor) -> tuple[int, int]:
-    """(first, last + 1) token ids of `<loc0000>`..`<loc1023>` (contiguous in every preset)."""
-    first = int(processor.tokenizer.convert_tokens_to_ids(presets.LOC_TOKENS[0]))
-    last = int(processor.tokenizer.convert_tokens_to_ids(presets.LOC_TOKENS[-1]))
-    assert last - first == len(presets.LOC_TOKENS) - 1
-    return first, last + 1
 
 
 def _smooth_loc_embeddings(model: PaliGemmaForConditionalGeneration, first: int) -> None:

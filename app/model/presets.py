@@ -209,3 +209,11 @@ def build_model(preset: Preset, processor: PaliGemmaProcessor) -> PaliGemmaForCo
     model.generation_config.bos_token_id = config.bos_token_id
     model.generation_config.eos_token_id = config.eos_token_id
     return model
+
+
+def loc_ids(processor: PaliGemmaProcessor) -> tuple[int, int]:
+    """(first, last + 1) token ids of `<loc0000>`..`<loc1023>` (contiguous in every preset)."""
+    first = int(processor.tokenizer.convert_tokens_to_ids(LOC_TOKENS[0]))
+    last = int(processor.tokenizer.convert_tokens_to_ids(LOC_TOKENS[-1]))
+    assert last - first == len(LOC_TOKENS) - 1
+    return first, last + 1
