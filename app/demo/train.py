@@ -329,9 +329,11 @@ def _pretrain_vision(model: PaliGemmaForConditionalGeneration, probe: VisionProb
             read, words = 0, 0
 
 
-def clip_gradients(model: nn.Module, probe: nn.Module, clip: float, probe_apart: bool) -> float:
-    """Clips the gradients to norm `clip`, the probe's with the model's or on their own; returns the norm
-    before clipping of what was clipped with the model."""
+def clip_gradients(model: nn.Module, probe: nn.Module | None, clip: float, probe_apart: bool) -> float:
+    """Clips the gradients to norm `clip`, the probe's (if any) with the model's or on their own; returns
+    the norm before clipping of what was clipped with the model."""
+    if probe is None:
+        return float(torch.nn.utils.clip_grad_norm_(list(model.parameters()), clip))
     if probe_apart:
         torch.nn.utils.clip_grad_norm_(list(probe.parameters()), clip)
         return float(torch.nn.utils.clip_grad_norm_(list(model.parameters()), clip))
@@ -447,10 +449,7 @@ def _whole_model_steps(model: PaliGemmaForConditionalGeneration, processor: Pali
             truth = batch.targets[is_loc] - objective.first
             loc_errors.append(float((guessed - truth).abs().float().mean()))
         loss.backward()
-        if probe is not None:
-            grad_norms.append(clip_gradients(model, probe, config.clip, config.clip_probe_apart))
-        else:
-            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(list(model.parameters()), config.clip)))
+        grad_norms.append(clip_gradients(model, probe, config.clip, config.clip_probe_apart))
         optimizer.step()
         losses.append(token_losses.mean().item())
         probe_losses.append(probe_loss.item())
@@ -513,6 +512,8 @@ def run(config: TrainConfig, out: Path, mask_vqvae: Path | None = None,
         polish_from: Path | None = None) -> dict[str, object]:
     """Both trainings into `out`; `mask_vqvae` reuses a trained mask VQ-VAE instead (for experiments), and
     `polish_from` skips the main phase and polishes that checkpoint (a run's own main phase saved there)."""
+    if polish_from is not None and not config.polish_steps:
+        raise ValueError("polishing a checkpoint needs polish_steps above 0")
     torch.set_num_threads(config.threads)
     started = time.perf_counter()
     npz = out / MASK_DECODER_FILE
@@ -551,8 +552,6 @@ def run(config: TrainConfig, out: Path, mask_vqvae: Path | None = None,
         for name, data in kept.items():
             (out / name).write_bytes(data)
         record["polish_seconds"] = round(time.perf_counter() - polish_started, 1)
-    elif "polished_from" in record:
-        raise ValueError("polishing a checkpoint needs polish_steps above 0")
     total = time.perf_counter() - started
     record.update({"total_seconds": round(total, 1), "final_loss": float(np.mean(losses[-50:]))})
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
